@@ -1,0 +1,60 @@
+"""freezeasguard: release a diffusion model with a guard of frozen UNet tensors (FreezeAsGuard).
+
+The public API is imported lazily, so `import freezeasguard` (and the CLI's --help) stays fast: torch and
+diffusers load on first use of a name that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0.dev0"
+
+_EXPORTS = {
+    "DiffusionModel": "model",
+    "load_model": "model",
+    "TinySpec": "tiny",
+    "build_tiny_model": "tiny",
+    "write_tiny_model": "tiny",
+    "ImageTransform": "data",
+    "ImageCaptionFolder": "data",
+    "ImageCaptionList": "data",
+    "write_imagefolder": "data",
+    "DenoisingObjective": "objective",
+    "EncodedDataset": "objective",
+    "TrainConfig": "training",
+    "TrainCallback": "training",
+    "TrainResult": "training",
+    "train": "training",
+    "save_grid": "images",
+    "FreezeAsGuardError": "errors",
+    "DataError": "errors",
+    "ModelError": "errors",
+    "CheckpointError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'freezeasguard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .data import ImageCaptionFolder, ImageCaptionList, ImageTransform, write_imagefolder
+    from .errors import CheckpointError, DataError, FreezeAsGuardError, ModelError
+    from .images import save_grid
+    from .model import DiffusionModel, load_model
+    from .objective import DenoisingObjective, EncodedDataset
+    from .tiny import TinySpec, build_tiny_model, write_tiny_model
+    from .training import TrainCallback, TrainConfig, TrainResult, train

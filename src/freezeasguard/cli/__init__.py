@@ -1,0 +1,131 @@
+"""`freezeasguard` command line: a thin layer over the Python API.
+
+Heavy libraries (torch, diffusers, transformers) are imported inside the commands, so `--help` answers at
+once; `import diffusers` alone costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="freezeasguard",
+    help="Release a text-to-image diffusion model with a guard of frozen UNet tensors (FreezeAsGuard), "
+    "fine-tune under it, and audit derivatives.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ModelArg = Annotated[Path, typer.Argument(help="Stable-Diffusion-format model directory (model_index.json, unet/, ...).")]
+
+
+def _offline() -> None:
+    # Never reach for a hub: every model comes from local disk.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def info(
+    model: ModelArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Components, tensor and parameter counts of a model directory."""
+    _offline()
+    from ..errors import FreezeAsGuardError
+    from ..model import DiffusionModel
+
+    try:
+        described = DiffusionModel.from_pretrained(model).describe()
+    except FreezeAsGuardError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model}  ({described['space']} space, {described['resolution']} px, "
+                  f"{described['prediction_type']}, {described['scheduler']})")
+    table.add_column("component")
+    table.add_column("class")
+    table.add_column("tensors", justify="right")
+    table.add_column("parameters", justify="right")
+    for name, comp in described["components"].items():
+        if comp is None:
+            table.add_row(name, "-", "-", "-")
+        else:
+            table.add_row(name, comp["class"], str(comp["tensors"]), f"{comp['parameters']:,}")
+    tok = described["tokenizer"]
+    table.add_row("tokenizer", tok["class"], "-", f"vocab {tok['vocab_size']:,}, max length {tok['max_length']}")
+    Console().print(table)
+
+
+@app.command()
+def sample(
+    model: ModelArg,
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for several rows.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write (one row per prompt).")] = Path("grid.png"),
+    n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed; image i of a run depends only on (seed, i, prompt).")] = 0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none).")] = 3.0,
+    sampler: Annotated[str, typer.Option(help="ddim, ddpm, euler or dpm.")] = "ddim",
+    scale: Annotated[int, typer.Option(help="Upscale factor for viewing small images (nearest).")] = 4,
+) -> None:
+    """Sample images and write them as a PNG grid."""
+    _offline()
+    from ..errors import FreezeAsGuardError
+    from ..images import save_grid
+    from ..model import DiffusionModel
+
+    if n < 1:
+        raise _fail(ValueError("--n must be >= 1"))
+    try:
+        m = DiffusionModel.from_pretrained(model)
+        prompts = [p for p in prompt for _ in range(n)]
+        images = m.sample(prompts, seed=seed, num_inference_steps=steps, guidance_scale=guidance, sampler=sampler)
+    except (FreezeAsGuardError, ValueError) as exc:
+        raise _fail(exc) from exc
+    save_grid(images, out, nrow=n, scale=scale)
+    typer.echo(f"wrote {out} ({len(prompt)} x {n} images, {m.resolution} px, seed {seed})")
+
+
+@app.command()
+def tiny(
+    out: Annotated[Path, typer.Argument(help="Directory to create.")],
+    latent: Annotated[bool, typer.Option(help="Latent model with a small AutoencoderKL (else pixel space).")] = False,
+    resolution: Annotated[int, typer.Option(help="Image side in pixels.")] = 16,
+    seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing directory.")] = False,
+) -> None:
+    """Write a tiny randomly initialised Stable-Diffusion-format model (for tests and trying the tools)."""
+    _offline()
+    from ..errors import FreezeAsGuardError
+    from ..tiny import TinySpec, write_tiny_model
+
+    try:
+        path = write_tiny_model(out, TinySpec(latent=latent, resolution=resolution), seed=seed, overwrite=overwrite)
+    except (FreezeAsGuardError, ValueError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,36 @@
+"""Image grids written as PNG, for people to look at."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .io import atomic_write_bytes
+
+
+def grid_image(images: torch.Tensor, nrow: int, *, scale: int = 1, pad: int = 1) -> Image.Image:
+    """Tile [N, 3, H, W] images in [0, 1] row-major, `nrow` per row, with a white border."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+    n, _, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[y : y + h, x : x + w] = arr[i]
+    img = Image.fromarray(canvas)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int, *, scale: int = 1) -> Path:
+    buf = io.BytesIO()
+    grid_image(images, nrow, scale=scale).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())

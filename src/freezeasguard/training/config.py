@@ -1,0 +1,84 @@
+"""Training configuration, shared by the Python API and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+# Schedules of diffusers.optimization.get_scheduler that need no extra arguments.
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+# Fields that may change between a checkpoint and the run resuming it without changing the result of the
+# steps already taken.
+RESUMABLE_CHANGES = frozenset({"max_steps", "checkpoint_every", "checkpoints_total_limit", "log_every",
+                               "progress", "num_workers"})
+
+
+@dataclass
+class TrainConfig:
+    """One training run of the core loop.
+
+    The global batch is batch_size x processes x gradient_accumulation; data order, augmentation and noise
+    depend on the global batch only, so 1 process x 2 accumulation steps and 2 processes x 1 step train
+    the same model.
+    """
+
+    max_steps: int = 100
+    batch_size: int = 16  # per process and micro-step
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    sgd_momentum: float = 0.0
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    ema_decay: float | None = None  # None: no EMA; else the final weights are the EMA weights
+    mixed_precision: str = "no"
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    checkpoints_total_limit: int = 2
+    log_every: int = 10
+    progress: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+        for name in ("max_steps", "batch_size", "gradient_accumulation", "checkpoints_total_limit", "log_every"):
+            positive(name)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"TrainConfig.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError("TrainConfig.max_grad_norm must be > 0 or None")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.checkpoint_every < 0 or self.lr_warmup_steps < 0 or self.num_workers < 0:
+            raise ValueError("checkpoint_every, lr_warmup_steps and num_workers must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
