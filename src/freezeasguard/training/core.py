@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..data import collate_examples
@@ -137,6 +138,18 @@ class _Examples(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------- helpers
+def make_accelerator(mixed_precision: str = "no") -> Any:
+    """An Accelerator for this machine; on a machine with no accelerator, torchrun's processes join as MULTI_CPU.
+
+    accelerate only takes the gloo CPU path when told cpu=True, so say it when there is nothing else.
+    """
+    from accelerate import Accelerator
+
+    current = getattr(torch, "accelerator", None)
+    has_device = current.is_available() if current is not None else torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not has_device)
+
+
 def _build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -238,7 +251,7 @@ def _load_checkpoint(ckpt: Path, cfg: TrainConfig, trainable: dict[str, torch.nn
         meta = json.loads((ckpt / "state.json").read_text())
         weights = load_file(str(ckpt / "trainable.safetensors"))
         tensors = load_file(str(ckpt / "state.safetensors"))
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"{ckpt}: unreadable checkpoint ({exc}); delete it to start over") from exc
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{ckpt}: not a {CHECKPOINT_FORMAT} v{CHECKPOINT_VERSION} checkpoint")
@@ -286,7 +299,6 @@ def train(
     `checkpoints_total_limit` kept) and metrics to output_dir/metrics.json; with `resume`, the latest
     checkpoint there is continued.
     """
-    from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -301,7 +313,7 @@ def train(
         p.requires_grad_(id(p) in keep)
     params = list(trainable.values())
 
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(output_dir) if output_dir is not None else None
 

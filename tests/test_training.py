@@ -1,0 +1,196 @@
+"""The training core: learning, freezing, accumulation, EMA, checkpoints and bit-exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from freezeasguard.errors import CheckpointError
+from freezeasguard.objective import DenoisingObjective
+from freezeasguard.tiny import TinySpec, build_tiny_model
+from freezeasguard.training import TrainCallback, TrainConfig, train
+
+
+def _setup(seed: int = 0):
+    model = build_tiny_model(TinySpec(), seed=seed)
+    objective = DenoisingObjective(model, caption_dropout=0.2)
+    unet = {f"unet.{n}": p for n, p in model.unet.named_parameters()}
+    return model, objective, unet
+
+
+def _cfg(**kw):
+    base = dict(max_steps=6, batch_size=4, learning_rate=2e-3, progress=False, lr_schedule="cosine",
+                lr_warmup_steps=2, ema_decay=0.9, seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    different = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_loss_decreases(toy_data):
+    _, objective, unet = _setup()
+    result = train(objective, toy_data(8), unet, _cfg(max_steps=40, lr_schedule="constant", lr_warmup_steps=0,
+                                                       ema_decay=None))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+
+
+def test_only_the_trainable_tensors_move(toy_data):
+    model, objective, unet = _setup()
+    names = sorted(unet)
+    trainable = {n: unet[n] for n in names[::3]}
+    before = {n: p.detach().clone() for n, p in objective.named_parameters()}
+    result = train(objective, toy_data(8), trainable, _cfg(max_steps=3, ema_decay=None))
+    after = dict(objective.named_parameters())
+    for name, p in after.items():
+        moved = not torch.equal(before[name], p.detach())
+        assert moved == (name in trainable), name
+        assert p.requires_grad == (name in trainable)
+    assert result.metrics["trainable_tensors"] == len(trainable)
+    assert result.metrics["trainable_parameters"] == sum(p.numel() for p in trainable.values())
+    # AdamW keeps two moments per trainable element (plus a step counter per tensor)
+    expected = 2 * 4 * result.metrics["trainable_parameters"] + 4 * len(trainable)
+    assert result.metrics["optimizer_state_bytes"] == expected
+
+
+def test_trainable_must_belong_to_the_objective(toy_data):
+    _, objective, _ = _setup()
+    stray = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="not a parameter of the objective"):
+        train(objective, toy_data(4), {"stray": stray}, _cfg(max_steps=1))
+    with pytest.raises(ValueError, match="empty"):
+        train(objective, toy_data(4), {}, _cfg(max_steps=1))
+
+
+def test_gradient_accumulation_matches_a_larger_batch(toy_data):
+    runs = []
+    for batch, accum in ((4, 1), (2, 2)):
+        model, objective, unet = _setup()
+        train(objective, toy_data(8), unet, _cfg(batch_size=batch, gradient_accumulation=accum, max_steps=3,
+                                                   optimizer="sgd", ema_decay=None))
+        runs.append(_weights(model))
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_after_a_crash_is_bit_identical(toy_data, tmp_path):
+    model, objective, unet = _setup()
+    full = train(objective, toy_data(8), unet, _cfg(checkpoint_every=2), output_dir=tmp_path / "full")
+    reference = _weights(model)
+
+    class Crash(TrainCallback):
+        name = "crash"
+
+        def on_step_end(self, ctx):
+            if ctx.step == 5:
+                raise RuntimeError("simulated crash")
+
+    _, objective, unet = _setup()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(objective, toy_data(8), unet, _cfg(checkpoint_every=2), output_dir=tmp_path / "run", callbacks=[Crash()])
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+
+    model, objective, unet = _setup()
+    with torch.no_grad():  # the trained tensors must come from the checkpoint, not from the initialisation
+        for p in unet.values():
+            p.add_(1.0)
+    resumed = train(objective, toy_data(8), unet, _cfg(checkpoint_every=2), output_dir=tmp_path / "run")
+    assert resumed.resumed_from == 4
+    _assert_identical(reference, _weights(model))
+    assert resumed.losses == full.losses
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["resumed_from"] == 4 and metrics["steps_run"] == 2
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(toy_data, tmp_path):
+    model, objective, unet = _setup()
+    train(objective, toy_data(8), unet, _cfg())
+    reference = _weights(model)
+
+    class CtrlC(TrainCallback):
+        name = "ctrl-c"
+
+        def on_step_end(self, ctx):
+            if ctx.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    _, objective, unet = _setup()
+    with pytest.raises(KeyboardInterrupt):
+        train(objective, toy_data(8), unet, _cfg(), output_dir=tmp_path / "run", callbacks=[CtrlC()])
+    assert (tmp_path / "run" / "checkpoints" / "step-00000003" / "state.json").is_file()
+    model, objective, unet = _setup()
+    train(objective, toy_data(8), unet, _cfg(), output_dir=tmp_path / "run")
+    _assert_identical(reference, _weights(model))
+
+
+def test_callback_state_is_checkpointed(toy_data, tmp_path):
+    class Counter(TrainCallback):
+        name = "counter"
+
+        def __init__(self):
+            self.calls, self.tensor = 0, torch.zeros(2)
+
+        def on_step_end(self, ctx):
+            self.calls += 1
+            self.tensor += 1
+
+        def state_dict(self):
+            return {"calls": self.calls, "tensor": self.tensor}
+
+        def load_state_dict(self, state):
+            self.calls, self.tensor = state["calls"], state["tensor"].clone()
+
+    _, objective, unet = _setup()
+    train(objective, toy_data(4), unet, _cfg(max_steps=2), output_dir=tmp_path, callbacks=[Counter()])
+    counter = Counter()
+    _, objective, unet = _setup()
+    train(objective, toy_data(4), unet, _cfg(max_steps=2), output_dir=tmp_path, callbacks=[counter])
+    assert counter.calls == 2 and torch.equal(counter.tensor, torch.full((2,), 2.0))  # restored, no step re-run
+
+
+def test_resume_refuses_another_configuration(toy_data, tmp_path):
+    _, objective, unet = _setup()
+    train(objective, toy_data(4), unet, _cfg(max_steps=2), output_dir=tmp_path)
+    _, objective, unet = _setup()
+    with pytest.raises(CheckpointError, match="learning_rate"):
+        train(objective, toy_data(4), unet, _cfg(max_steps=2, learning_rate=1.0), output_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="max_steps changed"):
+        train(objective, toy_data(4), unet, _cfg(max_steps=4), output_dir=tmp_path)
+    few = dict(list(unet.items())[:5])
+    with pytest.raises(CheckpointError, match="other tensors"):
+        train(objective, toy_data(4), few, _cfg(max_steps=2), output_dir=tmp_path)
+    (tmp_path / "checkpoints" / "step-00000002" / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        train(objective, toy_data(4), unet, _cfg(max_steps=2), output_dir=tmp_path)
+
+
+def test_metrics_are_recorded(toy_data, tmp_path):
+    _, objective, unet = _setup()
+    train(objective, toy_data(4), unet, _cfg(max_steps=3), output_dir=tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("trainable_parameters", "optimizer_state_bytes", "peak_memory_bytes", "step_time_s", "global_batch"):
+        assert metrics[key], key
+    assert metrics["peak_memory_kind"] in ("rss_peak", "rss_peak_process_lifetime", "cuda_max_allocated")
+    assert metrics["global_batch"] == 4
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"max_step": 3})
