@@ -38,6 +38,18 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def load_model_arg(model: str | Path):  # type: ignore[no-untyped-def]
+    """The model a command names: a Stable-Diffusion-format directory."""
+    _offline()
+    from ..errors import FreezeAsGuardError
+    from ..model import DiffusionModel
+
+    try:
+        return DiffusionModel.from_pretrained(Path(model))
+    except FreezeAsGuardError as exc:
+        raise _fail(exc) from exc
+
+
 @app.command()
 def info(
     model: ModelArg,
@@ -126,6 +138,10 @@ def tiny(
 
 def main() -> None:
     app()
+
+
+# Commands defined in sibling modules register themselves on `app` (their heavy imports stay inside them).
+from . import finetune_cmd, guard_cmds  # noqa: E402,F401
 
 
 __all__ = ["app", "main"]

@@ -1,0 +1,207 @@
+"""Guarded fine-tuning: the publisher's path for users, full or LoRA, on the one training core.
+
+The guard is enforced three times: frozen tensors never reach the optimizer (and have requires_grad off),
+LoRA adapters are never placed on a module that owns a frozen tensor, and after training every frozen
+tensor is checked bit-identical to the guard's record before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .audit import AuditReport, check_lora, check_tensors
+from .errors import FreezeAsGuardError
+from .guard import Guard, unet_tensors
+from .io import atomic_directory, atomic_write_json
+from .model import DiffusionModel
+from .objective import DenoisingObjective, EncodedDataset
+from .training import TrainConfig, TrainResult, train
+
+METHODS = ("full", "lora")
+# diffusers' own LoRA recipe for SD (train_text_to_image_lora.py) adapts the attention projections.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class GuardViolation(FreezeAsGuardError):
+    """Fine-tuning would break the guard (or did, and nothing was written)."""
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "full"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # None: equal to the rank (scale 1)
+    lora_targets: tuple[str, ...] | None = None  # None: DEFAULT_LORA_TARGETS, frozen modules skipped
+    skip_frozen_targets: bool = False  # with explicit lora_targets: skip frozen modules instead of failing
+    caption_dropout: float = 0.0
+    cache_encodings: bool = True  # encode images and captions once (the VAE and text encoder are frozen)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        if self.method not in METHODS:
+            raise ValueError(f"fine-tuning method must be one of {METHODS}, got {self.method!r}")
+        if self.lora_rank < 1:
+            raise ValueError("lora_rank must be >= 1")
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    train: TrainResult
+    audit: AuditReport | None
+    trainable_tensors: int
+    trainable_parameters: int
+    unet_parameters: int
+    lora_modules: list[str]
+    skipped_modules: list[str]
+    output: Path | None
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "trainable_tensors": self.trainable_tensors,
+            "trainable_parameters": self.trainable_parameters,
+            "unet_parameters": self.unet_parameters,
+            "trainable_fraction": self.trainable_parameters / self.unet_parameters,
+            "lora_modules": self.lora_modules,
+            "skipped_modules": self.skipped_modules,
+            "audit": self.audit.to_dict() if self.audit is not None else None,
+            "metrics": self.train.metrics,
+        }
+
+
+def resolve_lora_targets(unet: Any, targets: tuple[str, ...] | None, guard: Guard | None,
+                         skip_frozen: bool) -> tuple[list[str], list[str]]:
+    """Full module names to adapt, and those skipped because they own frozen tensors.
+
+    Matching follows peft: a target matches a module whose name equals it or ends with '.' + target.
+    """
+    explicit = targets is not None
+    wanted = tuple(targets) if explicit else DEFAULT_LORA_TARGETS
+    adaptable = (torch.nn.Linear, torch.nn.Conv2d)
+    candidates = [
+        name for name, module in unet.named_modules()
+        if isinstance(module, adaptable) and any(name == t or name.endswith("." + t) for t in wanted)
+    ]
+    if not candidates:
+        raise ValueError(f"no Linear/Conv2d module of the UNet matches the LoRA targets {list(wanted)}")
+    frozen_owners = set()
+    if guard is not None:
+        frozen_owners = {n.rpartition(".")[0] for n in guard.frozen}
+    skipped = [n for n in candidates if n in frozen_owners]
+    if skipped and explicit and not skip_frozen:
+        raise GuardViolation(
+            f"{len(skipped)} LoRA target module(s) own tensors the guard freezes, e.g. {skipped[:5]}; "
+            "choose other targets or allow skipping them (skip_frozen_targets=True / --skip-frozen-targets)"
+        )
+    chosen = [n for n in candidates if n not in frozen_owners]
+    if not chosen:
+        raise GuardViolation("every LoRA target module owns a frozen tensor: nothing is left to adapt")
+    return chosen, skipped
+
+
+def lora_state_dict(unet: Any) -> dict[str, torch.Tensor]:
+    """The adapter weights in the format diffusers' `load_lora_weights` reads (`unet.<module>.lora.down.weight`)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return {f"unet.{k}": v.detach().contiguous() for k, v in state.items()}
+
+
+def finetune(
+    model: DiffusionModel,
+    data: Any,
+    *,
+    guard: Guard | None = None,
+    config: FinetuneConfig | None = None,
+    output_dir: str | Path | None = None,
+    accelerator: Any = None,
+) -> FinetuneResult:
+    """Fine-tune `model` in place on `data` (a dataset of images and captions) under `guard`.
+
+    Writes to `output_dir` (if given): checkpoints/ while training (rerun to resume), then `model/` (full)
+    or `lora/pytorch_lora_weights.safetensors` (LoRA), `finetune.json` and `metrics.json`; nothing is
+    written if the post-training audit finds a frozen tensor changed.
+    """
+    cfg = config or FinetuneConfig()
+    unet = model.unet
+    if guard is not None:
+        guard.apply(unet)  # fingerprint and frozen values must match the guard's base
+    frozen = set(guard.frozen) if guard is not None else set()
+    base = unet_tensors(unet)
+    unet_params = sum(p.numel() for p in base.values())
+
+    lora_modules: list[str] = []
+    skipped: list[str] = []
+    if cfg.method == "full":
+        trainable = {f"unet.{n}": p for n, p in base.items() if n not in frozen}
+    else:
+        from peft import LoraConfig
+
+        lora_modules, skipped = resolve_lora_targets(unet, cfg.lora_targets, guard, cfg.skip_frozen_targets)
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                    init_lora_weights="gaussian", target_modules=lora_modules))
+        trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if ".lora_" in n}
+        if guard is not None:
+            landed = check_lora(guard, list(lora_state_dict(unet)))
+            if not landed.compliant:  # peft placed an adapter we did not ask for
+                raise GuardViolation("LoRA adapter on a frozen module: " + landed.describe(limit=5))
+    if not trainable:
+        raise GuardViolation("the guard freezes every UNet tensor: nothing can be fine-tuned")
+
+    train_data = data
+    if cfg.cache_encodings:
+        with torch.no_grad():
+            train_data = EncodedDataset(model, data)
+    objective = DenoisingObjective(model, caption_dropout=cfg.caption_dropout)
+    out = Path(output_dir) if output_dir is not None else None
+    result = train(objective, train_data, trainable, cfg.train, output_dir=out, accelerator=accelerator,
+                   desc=f"finetune ({cfg.method}{', guarded' if guard is not None else ''})")
+
+    report = None
+    if guard is not None:
+        report = check_tensors(guard, unet_tensors(unet), derivative="fine-tuned UNet")
+        if cfg.method == "lora":
+            lora_report = check_lora(guard, list(lora_state_dict(unet)), derivative="fine-tuned LoRA")
+            report.findings.extend(lora_report.findings)
+        if not report.compliant:
+            raise GuardViolation("post-training audit failed, nothing written: " + report.describe(limit=5))
+
+    ft = FinetuneResult(
+        train=result, audit=report, trainable_tensors=len(trainable),
+        trainable_parameters=sum(p.numel() for p in trainable.values()), unet_parameters=unet_params,
+        lora_modules=lora_modules, skipped_modules=skipped, output=None,
+    )
+    if out is not None:
+        is_main = getattr(accelerator, "is_main_process", True) if accelerator is not None else True
+        if is_main:
+            ft.output = _save(model, cfg, guard, out)
+            atomic_write_json(out / "finetune.json", {"config": cfg.to_dict(), "guard": guard.summary() if guard else None,
+                                                      **ft.record()})
+    return ft
+
+
+def _save(model: DiffusionModel, cfg: FinetuneConfig, guard: Guard | None, out: Path) -> Path:
+    if cfg.method == "full":
+        dest = model.save_pretrained(out / "model", overwrite=True)
+    else:
+        from safetensors.torch import save_file
+
+        with atomic_directory(out / "lora", overwrite=True) as tmp:
+            save_file(lora_state_dict(model.unet), str(tmp / "pytorch_lora_weights.safetensors"),
+                      metadata={"format": "pt", "lora_rank": str(cfg.lora_rank),
+                                "lora_alpha": str(cfg.lora_alpha or cfg.lora_rank)})
+        dest = out / "lora"
+    if guard is not None:
+        guard.save(out / "guard.json")
+    return dest

@@ -1,0 +1,369 @@
+"""The guard: which UNet tensors are frozen, keyed by name, with what it takes to check a derivative.
+
+A guard file is one JSON document (format `freezeasguard-guard`, version 1):
+
+- `frozen`: sorted UNet tensor names (as in `unet.named_parameters()`);
+- `fingerprint`: name -> [shape, dtype] of every UNet tensor of the base, and its digest, so a guard applied
+  to another model fails loudly instead of freezing the wrong tensors (the authors' mask is 0/1 by position);
+- `tensors`: for each frozen tensor, SHA-256 digests of its bytes in float32, float16 and bfloat16 and its
+  L2 norm, so a derivative can be checked without the base weights, including one saved in lower precision;
+- `scores`: optional per-name soft scores (learned mask, importance) the frozen set was chosen from;
+- `ratio`: frozen fraction by tensor count and by parameter count;
+- `method`, `provenance` (config, data manifests, seeds, library versions), `created`;
+- `checksum`: SHA-256 of the canonical JSON of everything else; a corrupted or hand-edited file is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FreezeAsGuardError
+from .io import atomic_write_text
+
+GUARD_FORMAT = "freezeasguard-guard"
+GUARD_VERSION = 1
+CAST_DTYPES = ("float32", "float16", "bfloat16")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class GuardError(FreezeAsGuardError, ValueError):
+    """A guard file is malformed, or does not belong to the model it is used with."""
+
+
+# ---------------------------------------------------------------------------- tensor digests
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes (bit-exact identity)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{dtype_name(t.dtype)}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensor_record(t: torch.Tensor) -> dict[str, Any]:
+    """What a guard stores per frozen tensor: digests of its value cast to each float dtype, and its norm."""
+    t = t.detach().cpu()
+    record: dict[str, Any] = {"dtype": dtype_name(t.dtype), "norm": float(t.double().norm())}
+    if t.is_floating_point():
+        record["digests"] = {name: tensor_digest(t.to(_DTYPES[name])) for name in CAST_DTYPES}
+    else:
+        record["digests"] = {dtype_name(t.dtype): tensor_digest(t)}
+    return record
+
+
+def fingerprint_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    entries = {n: [list(t.shape), dtype_name(t.dtype)] for n, t in sorted(tensors.items())}
+    return {"digest": fingerprint_digest(entries), "tensors": entries}
+
+
+def unet_tensors(unet: Any) -> dict[str, torch.Tensor]:
+    """Base UNet tensors by name. On a UNet carrying peft adapters, adapter tensors are left out and wrapped
+    layers keep their original names (`to_q.base_layer.weight` -> `to_q.weight`)."""
+    out = {}
+    for name, p in unet.named_parameters():
+        if any(part.startswith("lora_") for part in name.split(".")):
+            continue
+        out[name.replace(".base_layer.", ".")] = p
+    return out
+
+
+def _tensors(unet_or_mapping: Any) -> dict[str, torch.Tensor]:
+    return dict(unet_or_mapping) if isinstance(unet_or_mapping, Mapping) else unet_tensors(unet_or_mapping)
+
+
+def block_of(name: str, depth: int = 2) -> str:
+    """Group a UNet tensor name by block: depth 2 gives 'down_blocks.1', 'mid_block', 'conv_in'; depth 3
+    splits a block into 'down_blocks.1.attentions', 'down_blocks.1.resnets', ..."""
+    parts = name.split(".")
+    if parts[0] in ("down_blocks", "up_blocks"):
+        return ".".join(parts[:depth])
+    if parts[0] == "mid_block":
+        return ".".join(parts[: depth - 1])
+    return parts[0]
+
+
+# ---------------------------------------------------------------------------- the guard
+@dataclass
+class Guard:
+    frozen: tuple[str, ...]
+    fingerprint: dict[str, Any]
+    tensors: dict[str, dict[str, Any]]
+    method: str = "list"
+    scores: dict[str, float] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def from_names(cls, unet: Any, names: Iterable[str], *, method: str = "list",
+                   scores: Mapping[str, float] | None = None, provenance: Mapping[str, Any] | None = None) -> Guard:
+        tensors = _tensors(unet)
+        frozen = tuple(sorted(set(names)))
+        unknown = [n for n in frozen if n not in tensors]
+        if unknown:
+            raise GuardError(f"{len(unknown)} name(s) are not UNet tensors of this model, e.g. {unknown[:5]}")
+        if scores is not None:
+            missing = [n for n in tensors if n not in scores]
+            if missing:
+                raise GuardError(f"scores missing for {len(missing)} tensor(s), e.g. {missing[:5]}")
+            scores = {n: float(scores[n]) for n in sorted(tensors)}
+        return cls(
+            frozen=frozen,
+            fingerprint=fingerprint_of(tensors),
+            tensors={n: tensor_record(tensors[n]) for n in frozen},
+            method=method,
+            scores=scores,
+            provenance=dict(provenance or {}),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+
+    @classmethod
+    def from_scores(cls, unet: Any, scores: Mapping[str, float], ratio: float, *, by: str = "count",
+                    method: str = "scores", provenance: Mapping[str, Any] | None = None) -> Guard:
+        """Freeze the highest-scoring tensors: exactly round(ratio x N) by count, or the most that fit in
+        ratio x total parameters by parameter budget (greedy in score order)."""
+        tensors = _tensors(unet)
+        names = select_top(scores, {n: t.numel() for n, t in tensors.items()}, ratio, by=by)
+        prov = {"ratio_requested": ratio, "ratio_by": by, **dict(provenance or {})}
+        return cls.from_names(tensors, names, method=method, scores=scores, provenance=prov)
+
+    @classmethod
+    def random(cls, unet: Any, ratio: float, *, seed: int = 0, by: str = "count",
+               provenance: Mapping[str, Any] | None = None) -> Guard:
+        """Random freezing at a ratio: the random baseline, seeded."""
+        tensors = _tensors(unet)
+        g = torch.Generator().manual_seed(seed)
+        order = sorted(tensors)
+        noise = torch.rand(len(order), generator=g, dtype=torch.float64).tolist()
+        scores = dict(zip(order, noise))
+        return cls.from_scores(tensors, scores, ratio, by=by, method="random",
+                               provenance={"seed": seed, **dict(provenance or {})})
+
+    # -------------------------------------------------------------- ratios and views
+    @property
+    def names(self) -> list[str]:
+        return list(self.fingerprint["tensors"])
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.fingerprint["tensors"][name][0])
+
+    @property
+    def ratio_by_count(self) -> float:
+        return len(self.frozen) / len(self.fingerprint["tensors"])
+
+    @property
+    def ratio_by_params(self) -> float:
+        total = sum(self.numel(n) for n in self.names)
+        return sum(self.numel(n) for n in self.frozen) / total
+
+    def is_frozen(self, name: str) -> bool:
+        return name in self._frozen_set
+
+    @property
+    def _frozen_set(self) -> frozenset[str]:
+        return frozenset(self.frozen)
+
+    def per_block(self, depth: int = 2) -> list[dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        frozen = self._frozen_set
+        for name in self.names:
+            row = rows.setdefault(block_of(name, depth), {"block": block_of(name, depth), "tensors": 0, "frozen": 0,
+                                                           "parameters": 0, "frozen_parameters": 0})
+            n = self.numel(name)
+            row["tensors"] += 1
+            row["parameters"] += n
+            if name in frozen:
+                row["frozen"] += 1
+                row["frozen_parameters"] += n
+        return list(rows.values())
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "frozen_tensors": len(self.frozen),
+            "total_tensors": len(self.names),
+            "ratio_by_count": self.ratio_by_count,
+            "ratio_by_params": self.ratio_by_params,
+            "fingerprint": self.fingerprint["digest"],
+        }
+
+    # -------------------------------------------------------------- set algebra
+    def _same_base(self, other: Guard, op: str) -> None:
+        if self.fingerprint["digest"] != other.fingerprint["digest"]:
+            raise GuardError(f"cannot {op} guards of different models (fingerprints "
+                             f"{self.fingerprint['digest'][:12]} and {other.fingerprint['digest'][:12]})")
+        for n in set(self.frozen) & set(other.frozen):
+            if self.tensors[n]["digests"] != other.tensors[n]["digests"]:
+                raise GuardError(f"cannot {op} guards whose frozen tensor {n!r} has different values")
+
+    def _combine(self, other: Guard, names: set[str], op: str) -> Guard:
+        records = {**other.tensors, **self.tensors}
+        return Guard(frozen=tuple(sorted(names)), fingerprint=self.fingerprint,
+                     tensors={n: records[n] for n in sorted(names)}, method=op, scores=None,
+                     provenance={"op": op, "of": [self.summary(), other.summary()]},
+                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def union(self, other: Guard) -> Guard:
+        self._same_base(other, "union")
+        return self._combine(other, set(self.frozen) | set(other.frozen), "union")
+
+    def intersection(self, other: Guard) -> Guard:
+        self._same_base(other, "intersect")
+        return self._combine(other, set(self.frozen) & set(other.frozen), "intersection")
+
+    def diff(self, other: Guard) -> dict[str, list[str]]:
+        """Names frozen only here, only in `other`, and in both."""
+        self._same_base(other, "diff")
+        a, b = set(self.frozen), set(other.frozen)
+        return {"only_self": sorted(a - b), "only_other": sorted(b - a), "both": sorted(a & b)}
+
+    # -------------------------------------------------------------- model checks
+    def check_fingerprint(self, unet: Any) -> None:
+        """Raise GuardError naming the tensors that differ if `unet` is not the model this guard was made for."""
+        tensors = _tensors(unet)
+        ours = self.fingerprint["tensors"]
+        theirs = fingerprint_of(tensors)["tensors"]
+        if theirs == ours:
+            return
+        missing = sorted(set(ours) - set(theirs))
+        extra = sorted(set(theirs) - set(ours))
+        shape = sorted(n for n in set(ours) & set(theirs) if ours[n] != theirs[n])
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} guard tensor(s) missing from the model, e.g. {missing[:5]}")
+        if extra:
+            parts.append(f"{len(extra)} model tensor(s) unknown to the guard, e.g. {extra[:5]}")
+        if shape:
+            parts.append("shape/dtype differs for " + ", ".join(f"{n}: guard {ours[n]} vs model {theirs[n]}" for n in shape[:5]))
+        raise GuardError("the guard was made for another model: " + "; ".join(parts))
+
+    def apply(self, unet: Any) -> list[str]:
+        """Check the fingerprint and the frozen values, turn off requires_grad on frozen tensors, and return
+        the names left trainable."""
+        self.check_fingerprint(unet)
+        from .audit import check_tensors
+
+        report = check_tensors(self, _tensors(unet))
+        if not report.compliant:
+            raise GuardError("the model's frozen tensors differ from the guard's record, so it is not the base this "
+                             "guard was made for: " + report.describe(limit=5))
+        trainable = []
+        for name, p in unet_tensors(unet).items():
+            frozen = name in self._frozen_set
+            p.requires_grad_(not frozen)
+            if not frozen:
+                trainable.append(name)
+        return trainable
+
+    # -------------------------------------------------------------- files
+    def to_dict(self) -> dict[str, Any]:
+        body = {
+            "format": GUARD_FORMAT,
+            "version": GUARD_VERSION,
+            "method": self.method,
+            "created": self.created,
+            "frozen": list(self.frozen),
+            "ratio": {"by_count": self.ratio_by_count, "by_params": self.ratio_by_params},
+            "fingerprint": self.fingerprint,
+            "tensors": self.tensors,
+            "scores": self.scores,
+            "provenance": self.provenance,
+        }
+        body["checksum"] = _checksum(body)
+        return body
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Guard:
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError as exc:
+            raise GuardError(f"{p}: no such guard file") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GuardError(f"{p}: not a readable JSON guard file ({exc})") from exc
+        return cls.from_dict(data, source=str(p))
+
+    @classmethod
+    def from_dict(cls, data: Any, *, source: str = "<guard>") -> Guard:
+        def bad(msg: str) -> GuardError:
+            return GuardError(f"{source}: {msg}")
+
+        if not isinstance(data, dict) or data.get("format") != GUARD_FORMAT:
+            raise bad(f"not a {GUARD_FORMAT} file (missing or wrong 'format')")
+        if data.get("version") != GUARD_VERSION:
+            raise bad(f"guard format version {data.get('version')!r}; this freezeasguard reads version {GUARD_VERSION}")
+        for key, kind in (("frozen", list), ("fingerprint", dict), ("tensors", dict), ("provenance", dict),
+                          ("ratio", dict), ("checksum", str)):
+            if not isinstance(data.get(key), kind):
+                raise bad(f"field {key!r} missing or not a {kind.__name__}")
+        body = {k: v for k, v in data.items() if k != "checksum"}
+        if _checksum(body) != data["checksum"]:
+            raise bad("checksum mismatch: the file was corrupted or edited by hand (make guards with the API or CLI)")
+        fp = data["fingerprint"]
+        if fingerprint_digest(fp.get("tensors", {})) != fp.get("digest"):
+            raise bad("fingerprint digest does not match its tensor list")
+        names = fp["tensors"]
+        unknown = [n for n in data["frozen"] if n not in names]
+        if unknown:
+            raise bad(f"frozen names not in the fingerprint: {unknown[:5]}")
+        if sorted(set(data["frozen"])) != data["frozen"]:
+            raise bad("'frozen' must be sorted and without duplicates")
+        if set(data["tensors"]) != set(data["frozen"]):
+            raise bad("'tensors' must hold one record per frozen name")
+        scores = data.get("scores")
+        if scores is not None and (not isinstance(scores, dict) or set(scores) != set(names)):
+            raise bad("'scores' must give one score per UNet tensor")
+        guard = cls(frozen=tuple(data["frozen"]), fingerprint=fp, tensors=data["tensors"], method=data.get("method", "?"),
+                    scores=scores, provenance=data["provenance"], created=data.get("created", ""))
+        for key, value in (("by_count", guard.ratio_by_count), ("by_params", guard.ratio_by_params)):
+            if not math.isclose(float(data["ratio"].get(key, -1)), value, rel_tol=1e-9, abs_tol=1e-12):
+                raise bad(f"recorded ratio {key}={data['ratio'].get(key)} does not match the frozen list ({value})")
+        return guard
+
+
+def fingerprint_digest(entries: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(dict(sorted(entries.items())), sort_keys=True).encode()).hexdigest()
+
+
+def _checksum(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def select_top(scores: Mapping[str, float], sizes: Mapping[str, int], ratio: float, *, by: str = "count") -> list[str]:
+    """Names of the highest scores: round(ratio x N) of them (by='count'), or greedily in score order all that
+    fit within ratio x total parameters (by='params'). Ties break by name, so the result is deterministic."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"freeze ratio must be in [0, 1], got {ratio}")
+    missing = [n for n in sizes if n not in scores]
+    if missing:
+        raise ValueError(f"no score for {len(missing)} tensor(s), e.g. {missing[:5]}")
+    bad = [n for n in sizes if not math.isfinite(float(scores[n]))]
+    if bad:
+        raise ValueError(f"non-finite score for {bad[:5]}")
+    order = sorted(sizes, key=lambda n: (-float(scores[n]), n))
+    if by == "count":
+        return sorted(order[: round(ratio * len(order))])
+    if by == "params":
+        budget = ratio * sum(sizes.values())
+        chosen, used = [], 0
+        for n in order:
+            if used + sizes[n] <= budget + 1e-9:
+                chosen.append(n)
+                used += sizes[n]
+        return sorted(chosen)
+    raise ValueError(f"ratio must be counted by 'count' or 'params', got {by!r}")

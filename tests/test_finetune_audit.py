@@ -1,0 +1,200 @@
+"""Guarded fine-tuning (full and LoRA) keeps frozen tensors bit-identical; verify catches what breaks a guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from freezeasguard.audit import AuditError, verify
+from freezeasguard.cli import app
+from freezeasguard.finetune import FinetuneConfig, GuardViolation, finetune
+from freezeasguard.guard import Guard
+from freezeasguard.model import DiffusionModel
+from freezeasguard.tiny import TinySpec, build_tiny_model
+from freezeasguard.training import TrainConfig
+
+runner = CliRunner()
+
+
+def _cfg(method="full", **kw):
+    return FinetuneConfig(method=method, train=TrainConfig(max_steps=3, batch_size=4, learning_rate=5e-3, progress=False),
+                          **kw)
+
+
+def _frozen_values(model, guard):
+    params = dict(model.unet.named_parameters())
+    return {n: params[n].detach().clone() for n in guard.frozen}
+
+
+@pytest.fixture
+def base_and_guard(tmp_path):
+    model = build_tiny_model(TinySpec(), seed=0)
+    base = model.save_pretrained(tmp_path / "base")
+    # freeze every to_q / to_k projection (so LoRA's default targets hit frozen modules) plus random others
+    names = [n for n, _ in model.unet.named_parameters()]
+    chosen = {n for n in names if ".to_q." in n or ".to_k." in n}
+    chosen |= set(Guard.random(model.unet, 0.2, seed=0).frozen)
+    guard = Guard.from_names(model.unet, chosen, method="test")
+    guard.save(tmp_path / "guard.json")
+    return base, guard
+
+
+def test_full_finetune_keeps_frozen_tensors_and_moves_the_rest(base_and_guard, toy_data, tmp_path):
+    base, guard = base_and_guard
+    model = DiffusionModel.from_pretrained(base)
+    before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    result = finetune(model, toy_data(8), guard=guard, config=_cfg(), output_dir=tmp_path / "ft")
+    after = dict(model.unet.named_parameters())
+    for name in before:
+        same = torch.equal(before[name], after[name].detach())
+        assert same == (name in guard.frozen), name
+    assert result.audit is not None and result.audit.compliant
+    assert result.trainable_tensors == len(before) - len(guard.frozen)
+    assert verify(tmp_path / "ft" / "model", guard).compliant
+    record = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert record["trainable_parameters"] < record["unet_parameters"]
+
+
+def test_lora_never_lands_on_a_frozen_module(base_and_guard, toy_data, tmp_path):
+    base, guard = base_and_guard
+    model = DiffusionModel.from_pretrained(base)
+    frozen = _frozen_values(model, guard)
+    result = finetune(model, toy_data(8), guard=guard, config=_cfg("lora"), output_dir=tmp_path / "ft")
+    owners = {n.rpartition(".")[0] for n in guard.frozen}
+    assert result.skipped_modules and all(m in owners for m in result.skipped_modules)
+    assert result.lora_modules and not (set(result.lora_modules) & owners)
+    adapted = {n.split(".lora_")[0] for n, _ in model.unet.named_parameters() if ".lora_" in n}
+    assert adapted == set(result.lora_modules)
+    params = {n.replace(".base_layer.", "."): p for n, p in model.unet.named_parameters()}
+    assert all(torch.equal(frozen[n], params[n].detach()) for n in guard.frozen)
+    lora_file = tmp_path / "ft" / "lora" / "pytorch_lora_weights.safetensors"
+    assert verify(lora_file, guard).compliant
+    # the adapter trained (lora_B starts at zero under gaussian init? no: it starts at zero for LoRA, so it moved)
+    assert any(v.abs().max() > 0 for k, v in load_file(str(lora_file)).items() if "lora.up" in k)
+
+
+def test_explicit_lora_targets_on_frozen_modules_are_an_error_unless_skipped(base_and_guard, toy_data):
+    base, guard = base_and_guard
+    model = DiffusionModel.from_pretrained(base)
+    with pytest.raises(GuardViolation, match="own tensors the guard freezes"):
+        finetune(model, toy_data(4), guard=guard, config=_cfg("lora", lora_targets=("to_q", "to_v")))
+    model = DiffusionModel.from_pretrained(base)
+    result = finetune(model, toy_data(4), guard=guard,
+                      config=_cfg("lora", lora_targets=("to_q", "to_v"), skip_frozen_targets=True))
+    assert all(m.endswith("to_v") for m in result.lora_modules)
+
+
+def test_guard_from_another_model_is_refused(base_and_guard, toy_data):
+    _, guard = base_and_guard
+    other = build_tiny_model(TinySpec(), seed=9)
+    with pytest.raises(Exception, match="frozen tensors differ"):
+        finetune(other, toy_data(4), guard=guard, config=_cfg())
+
+
+def test_verify_catches_one_changed_element(base_and_guard, tmp_path):
+    base, guard = base_and_guard
+    weights = load_file(str(next((base / "unet").glob("*.safetensors"))))
+    assert verify(base, guard).compliant
+    victim = guard.frozen[len(guard.frozen) // 2]
+    tampered = dict(weights)
+    t = tampered[victim].clone()
+    t.view(-1)[0] += 1e-6 if t.view(-1)[0] != 0 else 1e-3
+    tampered[victim] = t
+    save_file(tampered, str(tmp_path / "tampered.safetensors"))
+    report = verify(tmp_path / "tampered.safetensors", guard)
+    assert not report.compliant
+    assert [f.name for f in report.violations] == [victim]
+    # a change to an unfrozen tensor is allowed
+    free = next(n for n in weights if n not in guard.frozen)
+    allowed = dict(weights)
+    allowed[free] = allowed[free] + 1
+    save_file(allowed, str(tmp_path / "allowed.safetensors"))
+    assert verify(tmp_path / "allowed.safetensors", guard).compliant
+
+
+def test_verify_catches_an_adapter_on_a_frozen_module(base_and_guard, tmp_path):
+    _, guard = base_and_guard
+    module = next(n for n in guard.frozen if ".to_q." in n).rpartition(".")[0]
+    free = next(n for n in guard.names if ".to_v." in n and n not in guard.frozen).rpartition(".")[0]
+    peft_style = {f"unet.{module}.lora_A.weight": torch.zeros(4, 32), f"unet.{module}.lora_B.weight": torch.zeros(32, 4)}
+    save_file(peft_style, str(tmp_path / "bad.safetensors"))
+    report = verify(tmp_path / "bad.safetensors", guard)
+    assert report.kind == "lora" and not report.compliant
+    assert report.violations[0].name == module and report.violations[0].status == "adapter_on_frozen"
+    kohya = {f"lora_unet_{m.replace('.', '_')}.lora_down.weight": torch.zeros(4, 32) for m in (module, free)}
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    report = verify(tmp_path / "kohya.safetensors", guard)
+    assert [f.name for f in report.violations] == [module]
+    save_file({f"unet.{free}.lora_A.weight": torch.zeros(4, 32)}, str(tmp_path / "good.safetensors"))
+    assert verify(tmp_path / "good.safetensors", guard).compliant
+
+
+def test_lower_precision_derivative_is_reported_not_silently_passed(base_and_guard, tmp_path):
+    base, guard = base_and_guard
+    weights = load_file(str(next((base / "unet").glob("*.safetensors"))))
+    half = {k: v.half() for k, v in weights.items()}
+    save_file(half, str(tmp_path / "half.safetensors"))
+    report = verify(tmp_path / "half.safetensors", guard)
+    assert report.compliant
+    assert {f.status for f in report.findings} == {"ok_lower_precision"}
+    # fp16 with one frozen value nudged by more than rounding: changed, unless a tolerance accepts it
+    victim = guard.frozen[0]
+    nudged = dict(half)
+    nudged[victim] = (half[victim].float() * 1.01).half()
+    save_file(nudged, str(tmp_path / "nudged.safetensors"))
+    report = verify(tmp_path / "nudged.safetensors", guard)
+    assert [f.name for f in report.violations] == [victim] and "float16" in report.violations[0].detail
+    assert verify(tmp_path / "nudged.safetensors", guard, base=base, tolerance=0.05).compliant
+    assert not verify(tmp_path / "nudged.safetensors", guard, base=base, tolerance=1e-6).compliant
+
+
+def test_verify_refuses_pickles_and_names_the_file(tmp_path, base_and_guard):
+    _, guard = base_and_guard
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    with pytest.raises(AuditError, match="never loaded"):
+        verify(tmp_path / "model.ckpt", guard)
+    (tmp_path / "junk.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AuditError, match="junk.safetensors"):
+        verify(tmp_path / "junk.safetensors", guard)
+
+
+def test_cli_verify_exit_codes(base_and_guard, tmp_path):
+    base, guard = base_and_guard
+    ok = runner.invoke(app, ["verify", str(base), "--guard", str(tmp_path / "guard.json"), "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["compliant"] is True
+    weights = load_file(str(next((base / "unet").glob("*.safetensors"))))
+    weights[guard.frozen[0]] = weights[guard.frozen[0]] + 1
+    save_file(weights, str(tmp_path / "bad.safetensors"))
+    bad = runner.invoke(app, ["verify", str(tmp_path / "bad.safetensors"), "--guard", str(tmp_path / "guard.json")])
+    assert bad.exit_code == 1
+    assert guard.frozen[0] in bad.output
+
+
+def test_cli_finetune_lora_then_verify_and_inspect(base_and_guard, tmp_path):
+    from PIL import Image
+
+    from freezeasguard.data import write_imagefolder
+    from conftest import CAPTIONS, toy_images
+
+    base, guard = base_and_guard
+    data = write_imagefolder(tmp_path / "data", toy_images(6, 16), [CAPTIONS[i % 4] for i in range(6)])
+    args = ["finetune", str(base), str(data), "--out", str(tmp_path / "ft"), "--guard", str(tmp_path / "guard.json"),
+            "--method", "lora", "--steps", "2", "--batch-size", "2", "--lr", "1e-3"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "LoRA skipped" in result.output and "compliant" in result.output
+    lora = tmp_path / "ft" / "lora"
+    assert runner.invoke(app, ["verify", str(lora), "--guard", str(tmp_path / "guard.json")]).exit_code == 0
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "guard.json"), "--png", str(tmp_path / "blocks.png")])
+    assert shown.exit_code == 0, shown.output
+    assert "down_blocks.0" in shown.output
+    assert Image.open(tmp_path / "blocks.png").size[0] > 100
+    # explicit targets on frozen modules: a clear error, exit 2, nothing written
+    bad = runner.invoke(app, args[:4] + [str(tmp_path / "ft2")] + args[5:] + ["--lora-target", "to_q"])
+    assert bad.exit_code == 2 and "own tensors the guard freezes" in bad.output
+    assert not (tmp_path / "ft2" / "lora").exists()
