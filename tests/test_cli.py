@@ -38,25 +38,25 @@ def test_console_script_help():
 
 
 def test_info(tiny_latent_dir):
-    result = runner.invoke(app, ["info", str(tiny_latent_dir), "--json"])
+    result = runner.invoke(app, ["info", "--model", str(tiny_latent_dir), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
     assert info["space"] == "latent" and info["resolution"] == 32
     assert info["components"]["unet"]["tensors"] > 0
     assert info["components"]["unet"]["parameters"] > info["components"]["unet"]["tensors"]
-    table = runner.invoke(app, ["info", str(tiny_latent_dir)])
+    table = runner.invoke(app, ["info", "-m", str(tiny_latent_dir)])
     assert table.exit_code == 0 and "UNet2DConditionModel" in table.output
 
 
 def test_info_on_a_bad_directory(tmp_path):
-    result = runner.invoke(app, ["info", str(tmp_path)])
+    result = runner.invoke(app, ["info", "--model", str(tmp_path)])
     assert result.exit_code == 2
     assert "model_index.json" in result.output
 
 
 def test_sample_writes_a_grid(tiny_dir, tmp_path):
     out = tmp_path / "grid.png"
-    args = ["sample", str(tiny_dir), "-p", "a red cat", "-p", "a dog", "--n", "3", "--steps", "3",
+    args = ["sample", "--model", str(tiny_dir), "-p", "a red cat", "-p", "a dog", "--n", "3", "--steps", "3",
             "--out", str(out), "--scale", "2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -183,7 +183,7 @@ def test_cli_finetune_lora_then_verify_and_inspect(base_and_guard, tmp_path):
 
     base, guard = base_and_guard
     data = write_imagefolder(tmp_path / "data", toy_images(6, 16), [CAPTIONS[i % 4] for i in range(6)])
-    args = ["finetune", str(base), str(data), "--out", str(tmp_path / "ft"), "--guard", str(tmp_path / "guard.json"),
+    args = ["finetune", str(data), "--model", str(base), "--out", str(tmp_path / "ft"), "--guard", str(tmp_path / "guard.json"),
             "--method", "lora", "--steps", "2", "--batch-size", "2", "--lr", "1e-3"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -195,6 +195,6 @@ def test_cli_finetune_lora_then_verify_and_inspect(base_and_guard, tmp_path):
     assert "down_blocks.0" in shown.output
     assert Image.open(tmp_path / "blocks.png").size[0] > 100
     # explicit targets on frozen modules: a clear error, exit 2, nothing written
-    bad = runner.invoke(app, args[:4] + [str(tmp_path / "ft2")] + args[5:] + ["--lora-target", "to_q"])
+    bad = runner.invoke(app, args[:5] + [str(tmp_path / "ft2")] + args[6:] + ["--lora-target", "to_q"])
     assert bad.exit_code == 2 and "own tensors the guard freezes" in bad.output
     assert not (tmp_path / "ft2" / "lora").exists()

@@ -113,7 +113,7 @@ class EncodedDataset:
     exactly as the pixel path would. Random crops cannot be cached and are refused.
     """
 
-    def __init__(self, model: DiffusionModel, dataset: Any, *, batch_size: int = 32) -> None:
+    def __init__(self, model: DiffusionModel, dataset: Any, *, batch_size: int = 32, encode_text: bool = True) -> None:
         transform = getattr(dataset, "transform", None)
         if transform is not None and not transform.center_crop:
             raise ValueError("cannot cache latents of a dataset with random crops; use center_crop=True")
@@ -138,11 +138,14 @@ class EncodedDataset:
             position = {c: i for i, c in enumerate(self.unique_captions)}
             self.caption_index = [position[c] for c in captions]
             self.captions = captions
-            chunks = [
-                model.encode_prompts(self.unique_captions[s : s + batch_size]).cpu()
-                for s in range(0, len(self.unique_captions), batch_size)
-            ]
-            self.embeddings = torch.cat(chunks)
+            # With a text encoder that trains, embeddings go stale after one step: keep captions only.
+            self.embeddings: torch.Tensor | None = None
+            if encode_text:
+                chunks = [
+                    model.encode_prompts(self.unique_captions[s : s + batch_size]).cpu()
+                    for s in range(0, len(self.unique_captions), batch_size)
+                ]
+                self.embeddings = torch.cat(chunks)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -151,10 +154,11 @@ class EncodedDataset:
         variant = 1 if (self.flips and seed is not None and self.transform.draw(seed).flip) else 0
         out: dict[str, Any] = {
             "latent_mean": self.latent_mean[index, variant],
-            "encoder_hidden_states": self.embeddings[self.caption_index[index]],
             "caption": self.captions[index],
             "index": index,
         }
+        if self.embeddings is not None:
+            out["encoder_hidden_states"] = self.embeddings[self.caption_index[index]]
         if self.latent_std is not None:
             out["latent_std"] = self.latent_std[index, variant]
         return out

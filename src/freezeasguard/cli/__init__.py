@@ -22,7 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ModelArg = Annotated[Path, typer.Argument(help="Stable-Diffusion-format model directory (model_index.json, unet/, ...).")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'embedded' (the shipped tiny default) or a "
+                                       "Stable-Diffusion-format model directory (model_index.json, unet/, ...).")]
 
 
 def _offline() -> None:
@@ -39,12 +40,15 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def load_model_arg(model: str | Path):  # type: ignore[no-untyped-def]
-    """The model a command names: a Stable-Diffusion-format directory."""
+    """The model a command names: 'embedded' or a Stable-Diffusion-format directory."""
     _offline()
     from ..errors import FreezeAsGuardError
     from ..model import DiffusionModel
+    from ..zoo import EMBEDDED, load_base
 
     try:
+        if str(model) == EMBEDDED:
+            return load_base()
         return DiffusionModel.from_pretrained(Path(model))
     except FreezeAsGuardError as exc:
         raise _fail(exc) from exc
@@ -52,18 +56,11 @@ def load_model_arg(model: str | Path):  # type: ignore[no-untyped-def]
 
 @app.command()
 def info(
-    model: ModelArg,
+    model: ModelOpt = "embedded",
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Components, tensor and parameter counts of a model directory."""
-    _offline()
-    from ..errors import FreezeAsGuardError
-    from ..model import DiffusionModel
-
-    try:
-        described = DiffusionModel.from_pretrained(model).describe()
-    except FreezeAsGuardError as exc:
-        raise _fail(exc) from exc
+    described = load_model_arg(model).describe()
     if as_json:
         typer.echo(json.dumps(described, indent=2))
         return
@@ -88,8 +85,8 @@ def info(
 
 @app.command()
 def sample(
-    model: ModelArg,
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for several rows.")],
+    model: ModelOpt = "embedded",
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG grid to write (one row per prompt).")] = Path("grid.png"),
     n: Annotated[int, typer.Option("--n", help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed; image i of a run depends only on (seed, i, prompt).")] = 0,
@@ -99,15 +96,13 @@ def sample(
     scale: Annotated[int, typer.Option(help="Upscale factor for viewing small images (nearest).")] = 4,
 ) -> None:
     """Sample images and write them as a PNG grid."""
-    _offline()
     from ..errors import FreezeAsGuardError
     from ..images import save_grid
-    from ..model import DiffusionModel
 
     if n < 1:
         raise _fail(ValueError("--n must be >= 1"))
+    m = load_model_arg(model)
     try:
-        m = DiffusionModel.from_pretrained(model)
         prompts = [p for p in prompt for _ in range(n)]
         images = m.sample(prompts, seed=seed, num_inference_steps=steps, guidance_scale=guidance, sampler=sampler)
     except (FreezeAsGuardError, ValueError) as exc:
@@ -141,7 +136,7 @@ def main() -> None:
 
 
 # Commands defined in sibling modules register themselves on `app` (their heavy imports stay inside them).
-from . import finetune_cmd, guard_cmds  # noqa: E402,F401
+from . import finetune_cmd, guard_cmds, zoo_cmds  # noqa: E402,F401
 
 
 __all__ = ["app", "main"]

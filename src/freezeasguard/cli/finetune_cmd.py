@@ -8,15 +8,15 @@ from typing import Annotated
 
 import typer
 
-from . import _fail, _offline, app, load_model_arg
+from . import ModelOpt, _fail, _offline, app, load_model_arg
 
 
 @app.command()
 def finetune(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="Model directory to fine-tune.")],
     data: Annotated[Path, typer.Argument(help="Image folder with metadata.jsonl/.csv captions or .txt sidecars.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (checkpoints, model or LoRA, records).")],
+    model: ModelOpt = "embedded",
     guard: Annotated[Path | None, typer.Option("--guard", "-g", help="Guard JSON; omit for unguarded fine-tuning.")] = None,
     method: Annotated[str, typer.Option(help="'full' or 'lora'.")] = "full",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,

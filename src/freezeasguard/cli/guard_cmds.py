@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from . import _fail, _offline, app, load_model_arg
+from . import ModelOpt, _fail, _offline, app, load_model_arg
 
 guard_app = typer.Typer(help="Make, combine and compare guard files.", no_args_is_help=True)
 app.add_typer(guard_app, name="guard")
@@ -38,9 +38,9 @@ def _report(guard, out: Path) -> None:  # type: ignore[no-untyped-def]
 
 @guard_app.command("random")
 def guard_random(
-    model: Annotated[str, typer.Argument(help="Model directory.")],
     ratio: Annotated[float, typer.Option(help="Fraction to freeze.")],
     out: OutOpt,
+    model: ModelOpt = "embedded",
     seed: Annotated[int, typer.Option(help="Seed of the random choice.")] = 0,
     by: Annotated[str, typer.Option(help="'count' (exact tensor count) or 'params' (parameter budget).")] = "count",
 ) -> None:
@@ -58,9 +58,9 @@ def guard_random(
 
 @guard_app.command("names")
 def guard_names(
-    model: Annotated[str, typer.Argument(help="Model directory.")],
     names: Annotated[Path, typer.Argument(help="Text file, one UNet tensor name per line (or a JSON list).")],
     out: OutOpt,
+    model: ModelOpt = "embedded",
 ) -> None:
     """Freeze exactly the listed UNet tensors."""
     _offline()

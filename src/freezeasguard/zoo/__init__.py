@@ -1,0 +1,75 @@
+"""The embedded default: a tiny Stable-Diffusion-format model, its recogniser and the emoji scenarios.
+
+`load_base()`, `load_recogniser()` and `scenario(name)` give everything the demo and the tests need with
+one call each; `resolve_model("embedded" | path)` is what the CLI's `--model` goes through. The shipped
+files live in `freezeasguard/zoo/embedded/` with `manifest.json` recording their SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+
+EMBEDDED = "embedded"
+EMBEDDED_DIR = Path(__file__).with_name("embedded")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(root: Path = EMBEDDED_DIR) -> dict[str, Any]:
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise ModelError(f"{path}: the embedded default is not in this installation (no manifest)")
+    return json.loads(path.read_text())
+
+
+def check_files(root: Path = EMBEDDED_DIR) -> list[str]:
+    """Shipped files whose SHA-256 differs from the manifest (empty when all is intact)."""
+    bad = []
+    for rel, digest in manifest(root)["files"].items():
+        p = Path(root) / rel
+        if not p.is_file() or _sha256(p) != digest:
+            bad.append(rel)
+    return bad
+
+
+def base_dir() -> Path:
+    manifest()
+    return EMBEDDED_DIR / "base"
+
+
+def load_base(**kwargs: Any):  # type: ignore[no-untyped-def]
+    """The shipped base model, in float32 (its weights are stored in float16 to keep the package small)."""
+    import torch
+
+    from ..model import DiffusionModel
+
+    kwargs.setdefault("torch_dtype", torch.float32)
+    return DiffusionModel.from_pretrained(base_dir(), **kwargs)
+
+
+def load_recogniser():  # type: ignore[no-untyped-def]
+    from ..recogniser import Recogniser
+
+    manifest()
+    return Recogniser.load(EMBEDDED_DIR / "recogniser")
+
+
+def scenario(name: str, seed: int = 0):  # type: ignore[no-untyped-def]
+    from ..emoji import scenario as _scenario
+
+    return _scenario(name, seed)
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    return base_dir() if str(model) == EMBEDDED else Path(model)

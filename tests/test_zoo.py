@@ -1,0 +1,84 @@
+"""The embedded default: recipe stages on a tiny config, shipping with hashes, the shipped files, the recogniser."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from freezeasguard import emoji, zoo
+from freezeasguard.recogniser import Recogniser, RecogniserConfig, augment
+from freezeasguard.zoo.recipe import ZooRecipe, build_untrained, run, vocabulary
+from freezeasguard.zoo.ship import ship
+
+TINY = dict(vae_channels=(16, 32, 32), unet_channels=(16, 32), cross_attention=(False, True), unet_layers_per_block=1,
+            norm_groups=8, text_hidden=32, vae_steps=2, unet_steps=2, rec_steps=2, vae_batch=4, unet_batch=4,
+            rec_batch=8, finetune_steps=1, finetune_batch=4, limit_items=12, eval_per_family=1, eval_steps=2,
+            progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FREEZEASGUARD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_recipe_runs_resumes_and_ships(tmp_path):
+    recipe = ZooRecipe(**TINY)
+    record = run(tmp_path / "work", recipe)
+    assert set(record["stages"]) == {"vae", "unet", "recogniser", "evaluate"}
+    assert record["stages"]["vae"]["scaling_factor"] > 0
+    assert "full_finetune_illegal" in record["stages"]["evaluate"]
+    # a finished run is not redone; another recipe in the same directory is refused
+    mtime = (tmp_path / "work" / "record.json").stat().st_mtime_ns
+    run(tmp_path / "work", recipe)
+    assert (tmp_path / "work" / "record.json").stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="another recipe"):
+        run(tmp_path / "work", ZooRecipe(**{**TINY, "unet_steps": 3}))
+
+    dest = ship(tmp_path / "work", tmp_path / "embedded")
+    assert zoo.check_files(dest) == []
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "freezeasguard zoo pretrain" in card and "recogniser" in card
+    (dest / "recogniser" / "config.json").write_text("{}")
+    assert zoo.check_files(dest) == ["recogniser/config.json"]
+
+
+def test_every_caption_word_is_one_token():
+    model = build_untrained(ZooRecipe(**TINY))
+    words = vocabulary()
+    assert len(words) > 200
+    tok = model.tokenizer
+    for item in list(emoji.scenario("figures").items("illegal", "user"))[:5]:
+        ids = tok(item.caption).input_ids[1:-1]
+        pieces = [w for w in item.caption.replace(",", " , ").split()]
+        assert len(ids) == len(pieces), (item.caption, tok.convert_ids_to_tokens(ids))
+
+
+def test_recogniser_round_trip_and_augment_determinism(tmp_path):
+    rec = Recogniser(RecogniserConfig(identities=["a", "b", "c"], resolution=32))
+    x = torch.rand(4, 3, 32, 32)
+    before = rec.predict(x)
+    rec.save(tmp_path / "rec")
+    again = Recogniser.load(tmp_path / "rec")
+    after = again.predict(x)
+    assert torch.equal(before["identity"], after["identity"]) and again.config.identities == ["a", "b", "c"]
+    imgs = torch.rand(3, 3, 32, 32) * 2 - 1
+    assert torch.equal(augment(imgs, [1, 2, 3]), augment(imgs, [1, 2, 3]))
+    assert not torch.equal(augment(imgs, [1, 2, 3]), augment(imgs, [4, 5, 6]))
+
+
+shipped = pytest.mark.skipif(not (zoo.EMBEDDED_DIR / "manifest.json").exists(), reason="no embedded default shipped")
+
+
+@shipped
+def test_shipped_files_match_their_hashes_and_load():
+    assert zoo.check_files() == []
+    model = zoo.load_base()
+    assert model.vae is not None and next(model.unet.parameters()).dtype == torch.float32
+    rec = zoo.load_recogniser()
+    assert set(emoji.FIGURES_ILLEGAL) <= set(rec.config.identities)
+    record = zoo.manifest()["record"]
+    held = record["stages"]["recogniser"]["heldout"]
+    assert held["identity"] is not None and held["style"] is not None
+    assert json.dumps(record)  # plain JSON
