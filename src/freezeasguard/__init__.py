@@ -28,6 +28,15 @@ _EXPORTS = {
     "TrainResult": "training",
     "train": "training",
     "save_grid": "images",
+    "Guard": "guard",
+    "GuardError": "guard",
+    "FinetuneConfig": "finetune",
+    "finetune": "finetune",
+    "verify": "audit",
+    "AuditReport": "audit",
+    "LearnConfig": "learn",
+    "learn_guard": "learn",
+    "Recogniser": "recogniser",
     "FreezeAsGuardError": "errors",
     "DataError": "errors",
     "ModelError": "errors",
@@ -53,7 +62,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .data import ImageCaptionFolder, ImageCaptionList, ImageTransform, write_imagefolder
     from .errors import CheckpointError, DataError, FreezeAsGuardError, ModelError
+    from .audit import AuditReport, verify
+    from .finetune import FinetuneConfig, finetune
+    from .guard import Guard, GuardError
     from .images import save_grid
+    from .learn import LearnConfig, learn_guard
+    from .recogniser import Recogniser
     from .model import DiffusionModel, load_model
     from .objective import DenoisingObjective, EncodedDataset
     from .tiny import TinySpec, build_tiny_model, write_tiny_model

@@ -35,7 +35,8 @@ class DenoisingObjective(torch.nn.Module):
     """forward(batch) -> mean denoising loss of the batch.
 
     A batch holds `seeds` (one int per sample) and either `pixel_values` or cached `latent_mean`/`latent_std`,
-    and either `caption` (list of str) or cached `encoder_hidden_states`.
+    and either `caption` (list of str) or cached `encoder_hidden_states`; optional `weights` turn the mean
+    into a weighted sum of per-sample losses.
     """
 
     def __init__(self, model: DiffusionModel, *, caption_dropout: float = 0.0) -> None:
@@ -103,7 +104,13 @@ class DenoisingObjective(torch.nn.Module):
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = target_for(self.noise_scheduler, latents, noise, timesteps)
         pred = self.unet(noisy, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        self.last_per_sample = per_sample.detach()
+        weights = batch.get("weights")
+        if weights is None:
+            return per_sample.mean()
+        # Signed per-sample weights: guard learning's upper level is (-L_illegal + L_legal) / 2 in one pass.
+        return (weights.to(per_sample) * per_sample).sum()
 
 
 class EncodedDataset:
