@@ -35,7 +35,7 @@ def worker(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from freezeasguard.data import ImageCaptionList, ImageTransform
-    from freezeasguard.finetune import FinetuneConfig, finetune
+    from freezeasguard.finetuning import FinetuneConfig, finetune
     from freezeasguard.guard import Guard
     from freezeasguard.model import DiffusionModel
     from freezeasguard.tiny import TinySpec, build_tiny_model

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from freezeasguard.audit import AuditError, verify
 from freezeasguard.cli import app
-from freezeasguard.finetune import FinetuneConfig, GuardViolation, finetune
+from freezeasguard.finetuning import FinetuneConfig, GuardViolation, finetune
 from freezeasguard.guard import Guard
 from freezeasguard.model import DiffusionModel
 from freezeasguard.tiny import TinySpec, build_tiny_model

@@ -30,8 +30,8 @@ _EXPORTS = {
     "save_grid": "images",
     "Guard": "guard",
     "GuardError": "guard",
-    "FinetuneConfig": "finetune",
-    "finetune": "finetune",
+    "FinetuneConfig": "finetuning",
+    "finetune": "finetuning",
     "verify": "audit",
     "AuditReport": "audit",
     "LearnConfig": "learn",
@@ -63,7 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .data import ImageCaptionFolder, ImageCaptionList, ImageTransform, write_imagefolder
     from .errors import CheckpointError, DataError, FreezeAsGuardError, ModelError
     from .audit import AuditReport, verify
-    from .finetune import FinetuneConfig, finetune
+    from .finetuning import FinetuneConfig, finetune
     from .guard import Guard, GuardError
     from .images import save_grid
     from .learn import LearnConfig, learn_guard

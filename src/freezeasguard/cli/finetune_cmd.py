@@ -40,8 +40,8 @@ def finetune(
     _offline()
     from ..data import ImageCaptionFolder, ImageTransform
     from ..errors import FreezeAsGuardError
-    from ..finetune import FinetuneConfig
-    from ..finetune import finetune as run_finetune
+    from ..finetuning import FinetuneConfig
+    from ..finetuning import finetune as run_finetune
     from ..guard import Guard
 
     def given(name: str) -> bool:

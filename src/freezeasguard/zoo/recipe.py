@@ -247,7 +247,7 @@ def _family_prompts(items: Sequence[emoji.Item], per_concept: int) -> tuple[list
 def stage_evaluate(model: DiffusionModel, rec: Recogniser, recipe: ZooRecipe, work: Path) -> dict[str, Any]:
     """Validity of the benchmark: the base draws base families, does not draw the held-out ones, and a full
     fine-tune on the user's illegal data of `figures` learns them."""
-    from ..finetune import FinetuneConfig, finetune
+    from ..finetuning import FinetuneConfig, finetune
 
     sampling = SamplingConfig(num_inference_steps=recipe.eval_steps, guidance_scale=recipe.eval_guidance)
     fig = emoji.scenario("figures", recipe.seed)
