@@ -43,3 +43,23 @@ def test_two_processes_equal_one(tmp_path):
     init = dict(build_tiny_model(TinySpec(), seed=0).unet.named_parameters())
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3
     assert torch.isfinite(torch.cat([v.flatten() for v in a.values()])).all()
+
+
+def test_two_processes_learn_the_same_guard(tmp_path):
+    """Same global batch (2 processes x 2, or 1 process x 2 x 2 accumulation) -> same guard. Tolerance on the
+    learned logits: 1e-5 (float reduction order only); the frozen set must be identical."""
+    import json
+
+    script = Path(__file__).with_name("dist_learn.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    two, one = tmp_path / "two.json", tmp_path / "one.json"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(script), str(two), "2", "1"], env)
+    _run([sys.executable, str(script), str(one), "2", "2"], env)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["world"] == 2 and a["world"] == 1
+    assert a["frozen"] == b["frozen"]
+    worst = max(abs(a["scores"][n] - b["scores"][n]) for n in a["scores"])
+    assert worst <= TOLERANCE, worst
+    spread = max(a["scores"].values()) - min(a["scores"].values())
+    assert spread > 1e-3  # the logits moved, so agreement is not vacuous

@@ -198,3 +198,21 @@ def test_cli_finetune_lora_then_verify_and_inspect(base_and_guard, tmp_path):
     bad = runner.invoke(app, args[:5] + [str(tmp_path / "ft2")] + args[6:] + ["--lora-target", "to_q"])
     assert bad.exit_code == 2 and "own tensors the guard freezes" in bad.output
     assert not (tmp_path / "ft2" / "lora").exists()
+
+
+def test_text_encoder_stays_frozen_unless_the_guard_allows(base_and_guard, toy_data):
+    import dataclasses
+
+    base, guard = base_and_guard
+    cfg = dataclasses.replace(_cfg(), train_text_encoder=True)
+    with pytest.raises(GuardViolation, match="text encoder frozen"):
+        finetune(DiffusionModel.from_pretrained(base), toy_data(4), guard=guard, config=cfg)
+    model = DiffusionModel.from_pretrained(base)
+    before = {n: p.detach().clone() for n, p in model.text_encoder.named_parameters()}
+    finetune(model, toy_data(4), guard=guard, config=_cfg())
+    assert all(torch.equal(before[n], p) for n, p in model.text_encoder.named_parameters())
+    allowing = dataclasses.replace(guard, allow_text_encoder=True)
+    assert Guard.from_dict(allowing.to_dict()).allow_text_encoder
+    model = DiffusionModel.from_pretrained(base)
+    finetune(model, toy_data(4), guard=allowing, config=cfg)
+    assert any(not torch.equal(before[n], p) for n, p in model.text_encoder.named_parameters())

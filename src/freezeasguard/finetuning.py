@@ -39,7 +39,8 @@ class FinetuneConfig:
     lora_targets: tuple[str, ...] | None = None  # None: DEFAULT_LORA_TARGETS, frozen modules skipped
     skip_frozen_targets: bool = False  # with explicit lora_targets: skip frozen modules instead of failing
     caption_dropout: float = 0.0
-    cache_encodings: bool = True  # encode images and captions once (the VAE and text encoder are frozen)
+    cache_encodings: bool = True  # encode images (and, with a frozen text encoder, captions) once
+    train_text_encoder: bool = False  # refused under a guard that does not allow it
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
@@ -156,13 +157,18 @@ def finetune(
             landed = check_lora(guard, list(lora_state_dict(unet)))
             if not landed.compliant:  # peft placed an adapter we did not ask for
                 raise GuardViolation("LoRA adapter on a frozen module: " + landed.describe(limit=5))
+    if cfg.train_text_encoder:
+        if guard is not None and not guard.allow_text_encoder:
+            raise GuardViolation("this guard keeps the text encoder frozen (allow_text_encoder is false): "
+                                 "fine-tune the UNet only")
+        trainable.update({f"text_encoder.{n}": p for n, p in model.text_encoder.named_parameters()})
     if not trainable:
         raise GuardViolation("the guard freezes every UNet tensor: nothing can be fine-tuned")
 
     train_data = data
     if cfg.cache_encodings:
         with torch.no_grad():
-            train_data = EncodedDataset(model, data)
+            train_data = EncodedDataset(model, data, encode_text=not cfg.train_text_encoder)
     objective = DenoisingObjective(model, caption_dropout=cfg.caption_dropout)
     out = Path(output_dir) if output_dir is not None else None
     result = train(objective, train_data, trainable, cfg.train, output_dir=out, accelerator=accelerator,

@@ -104,6 +104,9 @@ class Guard:
     scores: dict[str, float] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    # The guard covers the UNet. The publisher's path keeps the text encoder frozen unless this says
+    # otherwise (a trainable text encoder is how textual-inversion-like bypasses would get in).
+    allow_text_encoder: bool = False
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -280,6 +283,7 @@ class Guard:
             "tensors": self.tensors,
             "scores": self.scores,
             "provenance": self.provenance,
+            "allow_text_encoder": self.allow_text_encoder,
         }
         body["checksum"] = _checksum(body)
         return body
@@ -329,7 +333,8 @@ class Guard:
         if scores is not None and (not isinstance(scores, dict) or set(scores) != set(names)):
             raise bad("'scores' must give one score per UNet tensor")
         guard = cls(frozen=tuple(data["frozen"]), fingerprint=fp, tensors=data["tensors"], method=data.get("method", "?"),
-                    scores=scores, provenance=data["provenance"], created=data.get("created", ""))
+                    scores=scores, provenance=data["provenance"], created=data.get("created", ""),
+                    allow_text_encoder=bool(data.get("allow_text_encoder", False)))
         for key, value in (("by_count", guard.ratio_by_count), ("by_params", guard.ratio_by_params)):
             if not math.isclose(float(data["ratio"].get(key, -1)), value, rel_tol=1e-9, abs_tol=1e-12):
                 raise bad(f"recorded ratio {key}={data['ratio'].get(key)} does not match the frozen list ({value})")
