@@ -50,3 +50,104 @@ def sample_and_recognise(
     images = model.sample(list(prompts), seed=seed, num_inference_steps=s.num_inference_steps,
                           guidance_scale=s.guidance_scale, sampler=s.sampler, batch_size=s.batch_size)
     return recognise(recogniser, images, targets, head=head), images
+
+
+# ---------------------------------------------------------------------------- Frechet distance, intervals
+class RecogniserFeatures(torch.nn.Module):
+    """The recogniser's penultimate features as torchmetrics' FID `feature` module (images in [0, 1])."""
+
+    def __init__(self, recogniser: Recogniser) -> None:
+        super().__init__()
+        self.recogniser = recogniser
+        self.num_features = recogniser.config.feature_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.max() > 1.5:  # uint8-range input
+            x = x / 255.0
+        side = self.recogniser.config.resolution
+        if x.shape[-1] != side:
+            x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        return self.recogniser.features(x * 2 - 1)
+
+
+def frechet_distance(recogniser: Recogniser, real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two image sets (in [0, 1]) in the recogniser's feature space, by torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=RecogniserFeatures(recogniser).eval(), normalize=True)
+    with torch.no_grad():
+        for start in range(0, len(real), 256):
+            fid.update(real[start : start + 256], real=True)
+        for start in range(0, len(fake), 256):
+            fid.update(fake[start : start + 256], real=False)
+        return float(fid.compute())
+
+
+def bootstrap_ci(values: torch.Tensor, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-sample values."""
+    v = values.double().flatten()
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(v), (n_boot, len(v)), generator=g)
+    means = v[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)).tolist()
+    return float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------------- domains
+@dataclass
+class Domain:
+    """What a model is asked to draw and how it is scored: prompts, the prompted identity or style of each,
+    the recogniser head that scores it, and real images of the domain (for the Frechet distance)."""
+
+    name: str
+    prompts: list[str]
+    targets: list[str]
+    head: str
+    real: torch.Tensor  # [N, 3, H, W] in [0, 1]
+
+
+def scenario_domains(scenario: Any, resolution: int, *, side: str = "user") -> dict[str, Domain]:
+    """The evaluation domains of an embedded scenario; prompts are the captions of `side`'s items."""
+    from . import emoji
+
+    out = {}
+    for name in ("illegal", "legal_near", "legal_far"):
+        items = scenario.items(name, side)
+        if not items:
+            continue
+        data = emoji.dataset(items, resolution, preload=True)
+        real = torch.stack([data[i]["pixel_values"] for i in range(len(data))]) / 2 + 0.5
+        style_domain = scenario.name == "artstyle" and name == "illegal"
+        targets = [it.style if style_domain else it.concept for it in items]
+        out[name] = Domain(name, [it.caption for it in items], targets, "style" if style_domain else "identity", real)
+    return out
+
+
+def evaluate(model: DiffusionModel, domain: Domain, recogniser: Recogniser, *, n_samples: int = 200, seed: int = 0,
+             sampling: SamplingConfig | None = None, n_boot: int = 1000) -> tuple[dict[str, Any], torch.Tensor]:
+    """Sample `n_samples` images with the domain's prompts (cycled), score them, and compare them with the
+    domain's real images. Returns (metrics, images)."""
+    reps = -(-n_samples // len(domain.prompts))
+    prompts = (domain.prompts * reps)[:n_samples]
+    targets = (domain.targets * reps)[:n_samples]
+    scored, images = sample_and_recognise(model, recogniser, prompts, targets, head=domain.head, seed=seed,
+                                          sampling=sampling)
+    rate_ci = bootstrap_ci(scored["hits"], n_boot=n_boot, seed=seed)
+    prob_ci = bootstrap_ci(scored["prob"], n_boot=n_boot, seed=seed + 1)
+    metrics = {
+        "domain": domain.name,
+        "head": domain.head,
+        "n": len(prompts),
+        "seed": seed,
+        "rate": scored["rate"],
+        "rate_ci95": list(rate_ci),
+        "mean_prob": scored["mean_prob"],
+        "mean_prob_ci95": list(prob_ci),
+        "fid": frechet_distance(recogniser, domain.real, images) if len(domain.real) >= 2 else None,
+        "real_images": len(domain.real),
+    }
+    return metrics, images
