@@ -1,0 +1,313 @@
+"""Protection methods behind one interface: the learned guard and every baseline it is compared with.
+
+A method takes the base model and the publisher's data and *releases* something: a model (possibly edited,
+as by UCE or IMMA) and a guard (possibly none). The benchmark then lets users fine-tune the release and
+measures what they get. Adding a method is one decorated function:
+
+    @register("my-method", needs_ratio=True)
+    def my_method(ctx: MethodContext) -> Release: ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .guard import Guard, unet_tensors
+from .model import DiffusionModel
+
+
+@dataclass
+class MethodContext:
+    model: DiffusionModel  # the base; a method may edit it in place and release it
+    illegal: Any  # publisher's illegal dataset
+    legal: Any  # publisher's legal dataset
+    ratio: float
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    output_dir: Any = None
+
+
+@dataclass
+class Release:
+    model: DiffusionModel
+    guard: Guard | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    fn: Callable[[MethodContext], Release]
+    needs_ratio: bool
+    description: str
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(name: str, *, needs_ratio: bool = False) -> Callable[[Callable[[MethodContext], Release]], Callable[[MethodContext], Release]]:
+    def wrap(fn: Callable[[MethodContext], Release]) -> Callable[[MethodContext], Release]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        METHODS[name] = MethodSpec(name, fn, needs_ratio, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return wrap
+
+
+def release(name: str, ctx: MethodContext) -> Release:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(sorted(METHODS))}")
+    return METHODS[name].fn(ctx)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _objective(model: DiffusionModel) -> Any:
+    from .objective import DenoisingObjective
+
+    return DenoisingObjective(model)
+
+
+def _encoded(model: DiffusionModel, data: Any) -> Any:
+    from .objective import EncodedDataset
+
+    with torch.no_grad():
+        return EncodedDataset(model, data)
+
+
+def _batches(data: Any, n_batches: int, batch_size: int, seed: int) -> list[dict[str, Any]]:
+    from .seeding import derive_seed
+
+    out = []
+    for b in range(n_batches):
+        examples = []
+        for i in range(batch_size):
+            s = derive_seed(seed, 77, b, i)
+            ex = dict(data.example(s % len(data), s))
+            ex["seeds"] = s
+            examples.append(ex)
+        out.append(data.collate(examples))
+    return out
+
+
+def gradient_sq_norms(model: DiffusionModel, data: Any, *, n_batches: int = 4, batch_size: int = 16,
+                      seed: int = 0) -> dict[str, float]:
+    """Per UNet tensor: the squared norm of the denoising-loss gradient on `data`, per parameter element."""
+    objective = _objective(model)
+    enc = _encoded(model, data)
+    params = unet_tensors(model.unet)
+    for p in objective.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    for batch in _batches(enc, n_batches, batch_size, seed):
+        (objective(batch) / n_batches).backward()
+    out = {n: float(p.grad.double().pow(2).sum() / p.numel()) if p.grad is not None else 0.0 for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+        p.requires_grad_(False)
+    return out
+
+
+def warm_start(model: DiffusionModel, ctx: MethodContext) -> dict[str, torch.Tensor]:
+    """The mixed fine-tune of the guard learner's warm start, returned as UNet tensors (the model is untouched)."""
+    import copy
+
+    from .learn import LearnConfig, MixedData
+    from .training import TrainConfig, train
+
+    cfg = ctx.options.get("learn") or LearnConfig()
+    tuned = copy.deepcopy(model)
+    objective = _objective(tuned)
+    params = {f"unet.{n}": p for n, p in tuned.unet.named_parameters()}
+    warm_cfg = TrainConfig.from_dict({**cfg.warm_start.to_dict(), "seed": ctx.seed})
+    train(objective, MixedData(_encoded(tuned, ctx.illegal), _encoded(tuned, ctx.legal)), params, warm_cfg,
+          desc="warm start (importance)")
+    return {n: p.detach().clone() for n, p in unet_tensors(tuned.unet).items()}
+
+
+# ---------------------------------------------------------------------------- methods
+@register("none")
+def _none(ctx: MethodContext) -> Release:
+    """No protection: users fine-tune the base freely (full fine-tuning)."""
+    return Release(ctx.model, None)
+
+
+@register("random", needs_ratio=True)
+def _random(ctx: MethodContext) -> Release:
+    """Random freezing at the same ratio (seeded)."""
+    return Release(ctx.model, Guard.random(ctx.model.unet, ctx.ratio, seed=ctx.seed))
+
+
+@register("importance-change", needs_ratio=True)
+def _importance_change(ctx: MethodContext) -> Release:
+    """One-shot: freeze the tensors that moved most (relative change) in the mixed warm-start fine-tune."""
+    base = unet_tensors(ctx.model.unet)
+    tuned = warm_start(ctx.model, ctx)
+    scores = {n: float((tuned[n] - t).double().norm() / (t.double().norm() + 1e-12)) for n, t in base.items()}
+    return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, method="importance-change"))
+
+
+@register("importance-grad", needs_ratio=True)
+def _importance_grad(ctx: MethodContext) -> Release:
+    """One-shot: freeze the tensors with the largest illegal-domain gradient per parameter."""
+    scores = gradient_sq_norms(ctx.model, ctx.illegal, seed=ctx.seed)
+    return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, method="importance-grad"))
+
+
+@register("importance-ratio", needs_ratio=True)
+def _importance_ratio(ctx: MethodContext) -> Release:
+    """One-shot: freeze the tensors with the largest ratio of illegal to legal gradient norms."""
+    ill = gradient_sq_norms(ctx.model, ctx.illegal, seed=ctx.seed)
+    leg = gradient_sq_norms(ctx.model, ctx.legal, seed=ctx.seed + 1)
+    scores = {n: (ill[n] / (leg[n] + 1e-30)) ** 0.5 for n in ill}
+    return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, method="importance-ratio"))
+
+
+@register("guard", needs_ratio=True)
+def _guard(ctx: MethodContext) -> Release:
+    """FreezeAsGuard: the learned guard (bilevel mask learning)."""
+    import copy
+
+    from .learn import LearnConfig, learn_guard
+
+    cfg = ctx.options.get("learn") or LearnConfig()
+    cfg = LearnConfig.from_dict({**cfg.to_dict(), "ratio": ctx.ratio, "seed": ctx.seed})
+    guard = learn_guard(copy.deepcopy(ctx.model), ctx.illegal, ctx.legal, cfg, output_dir=ctx.output_dir)
+    return Release(ctx.model, guard)
+
+
+@register("uce")
+def _uce(ctx: MethodContext) -> Release:
+    """UCE: closed-form edit of the cross-attention key/value projections (illegal concepts -> a guide)."""
+    info = uce_edit(ctx.model, ctx.options.get("uce_edit", []), ctx.options.get("uce_guide", []),
+                    ctx.options.get("uce_preserve", []), lam=ctx.options.get("uce_lambda", 1.0))
+    return Release(ctx.model, None, info)
+
+
+@register("guard+uce", needs_ratio=True)
+def _guard_uce(ctx: MethodContext) -> Release:
+    """The authors' pipeline: unlearn with UCE first, then learn a guard on the edited model."""
+    edited = _uce(ctx)
+    guarded = _guard(MethodContext(edited.model, ctx.illegal, ctx.legal, ctx.ratio, ctx.seed, ctx.options,
+                                   ctx.output_dir))
+    return Release(edited.model, guarded.guard, edited.info)
+
+
+@register("imma")
+def _imma(ctx: MethodContext) -> Release:
+    """IMMA: attention weights take gradient-ascent steps against a LoRA that keeps re-learning the illegal data."""
+    info = imma_immunize(ctx.model, ctx.illegal, steps=ctx.options.get("imma_steps", 100), seed=ctx.seed,
+                         lr=ctx.options.get("imma_lr", 1e-4), lora_lr=ctx.options.get("imma_lora_lr", 1e-3))
+    return Release(ctx.model, None, info)
+
+
+# ---------------------------------------------------------------------------- UCE
+def uce_closed_form(W: torch.Tensor, edit: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor,
+                    lam: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """argmin_W' sum_i |W' c_i - W c*_i|^2 + lam sum_j |W' c_j - W c_j|^2 + eps |W' - W|^2.
+
+    `edit` and `guide` are [n, d] rows c_i and c*_i, `preserve` [m, d] rows c_j; W is [out, d]. Solution:
+    W' = (W G^T E + lam W P^T P + eps W)(E^T E + lam P^T P + eps I)^-1 with E, G, P the row matrices.
+    """
+    W64, E, G, P = W.double(), edit.double(), guide.double(), preserve.double()
+    d = W.shape[1]
+    lhs = E.T @ E + lam * P.T @ P + eps * torch.eye(d, dtype=torch.float64)
+    rhs = W64 @ G.T @ E + lam * W64 @ P.T @ P + eps * W64
+    return torch.linalg.solve(lhs, rhs.T).T.to(W.dtype)
+
+
+def _token_rows(model: DiffusionModel, prompts: Sequence[str]) -> torch.Tensor:
+    """Text-encoder hidden states of the prompts' real tokens (BOS/EOS and padding dropped), stacked [n, d]."""
+    with torch.no_grad():
+        ids = model.tokenize(list(prompts))
+        hidden = model.text_encoder(ids.to(model.text_encoder.device))[0].cpu()
+    pad = model.tokenizer.pad_token_id
+    rows = []
+    for h, row in zip(hidden, ids):
+        keep = (row != pad)
+        keep[0] = False  # BOS
+        rows.append(h[keep])
+    return torch.cat(rows) if rows else torch.zeros(0, hidden.shape[-1])
+
+
+def uce_edit(model: DiffusionModel, edit_prompts: Sequence[str], guide_prompts: Sequence[str],
+             preserve_prompts: Sequence[str], *, lam: float = 1.0) -> dict[str, Any]:
+    """Edit every cross-attention to_k / to_v of the UNet in place so edit prompts' tokens project like the
+    guide prompts' tokens, while preserve prompts' tokens keep their projections."""
+    if len(edit_prompts) != len(guide_prompts):
+        raise ValueError("UCE needs one guide prompt per edited prompt")
+    pairs_e, pairs_g = [], []
+    for e, g in zip(edit_prompts, guide_prompts):
+        re, rg = _token_rows(model, [e]), _token_rows(model, [g])
+        n = min(len(re), len(rg))  # align token positions; captions share their structure
+        pairs_e.append(re[:n])
+        pairs_g.append(rg[:n])
+    E = torch.cat(pairs_e) if pairs_e else torch.zeros(0, model.text_encoder.config.hidden_size)
+    G = torch.cat(pairs_g) if pairs_g else E
+    P = _token_rows(model, preserve_prompts)
+    edited = []
+    with torch.no_grad():
+        for name, module in model.unet.named_modules():
+            if name.endswith("attn2.to_k") or name.endswith("attn2.to_v"):
+                module.weight.copy_(uce_closed_form(module.weight, E, G, P, lam))
+                edited.append(f"{name}.weight")
+    return {"uce_edited_tensors": edited, "edit_rows": len(E), "preserve_rows": len(P), "lambda": lam}
+
+
+# ---------------------------------------------------------------------------- IMMA
+def strip_adapters(unet: Any) -> Any:
+    """A plain UNet of the same config holding the (possibly edited) base weights, without peft wrappers."""
+    state = {n: t.detach().clone() for n, t in unet_tensors(unet).items()}
+    buffers = {n: b for n, b in unet.named_buffers()}
+    plain = type(unet).from_config(unet.config)
+    missing, unexpected = plain.load_state_dict({**buffers, **state}, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"could not strip adapters: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    plain.to(next(unet.parameters()).device).eval().requires_grad_(False)
+    return plain
+
+
+def imma_immunize(model: DiffusionModel, illegal: Any, *, steps: int = 100, seed: int = 0, lr: float = 1e-4,
+                  lora_lr: float = 1e-3, rank: int = 4, batch_size: int = 16) -> dict[str, Any]:
+    """Alternate: a LoRA adapter descends the illegal loss; the attention projections (the weights it adapts)
+    ascend the loss of the adapted model. The adapter is then removed; the immunised weights are released."""
+    from peft import LoraConfig
+
+    from .finetuning import DEFAULT_LORA_TARGETS
+
+    enc = _encoded(model, illegal)
+    objective = _objective(model)
+    for p in objective.parameters():
+        p.requires_grad_(False)
+    model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                      target_modules=list(DEFAULT_LORA_TARGETS)), adapter_name="imma")
+    lora = [p for n, p in model.unet.named_parameters() if ".lora_" in n]
+    theta = [p for n, p in model.unet.named_parameters() if ".base_layer." in n]
+    for p in lora + theta:
+        p.requires_grad_(True)
+    opt_lora = torch.optim.AdamW(lora, lr=lora_lr)
+    opt_theta = torch.optim.Adam(theta, lr=lr, maximize=True)
+    losses = []
+    for step, batch in enumerate(_batches(enc, steps, batch_size, seed)):
+        opt_lora.zero_grad(set_to_none=True)
+        loss = objective(batch)
+        grads = torch.autograd.grad(loss, lora)
+        for p, g in zip(lora, grads):
+            p.grad = g
+        opt_lora.step()
+        opt_theta.zero_grad(set_to_none=True)
+        loss = objective(batch)
+        grads = torch.autograd.grad(loss, theta)
+        for p, g in zip(theta, grads):
+            p.grad = g
+        opt_theta.step()
+        losses.append(float(loss.detach()))
+    model.unet = strip_adapters(model.unet)
+    return {"imma_steps": steps, "imma_loss_first": losses[0] if losses else None,
+            "imma_loss_last": losses[-1] if losses else None, "imma_immunized_tensors": len(theta)}

@@ -1,0 +1,130 @@
+"""Metrics on inputs with known answers, and every baseline behind the registry on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from freezeasguard.baselines import METHODS, MethodContext, release, uce_closed_form
+from freezeasguard.evaluate import bootstrap_ci, frechet_distance, recognise
+from freezeasguard.learn import LearnConfig
+from freezeasguard.recogniser import Recogniser, RecogniserConfig
+from freezeasguard.tiny import TinySpec, build_tiny_model
+from freezeasguard.training import TrainConfig
+
+
+def _rec(identities=("a", "b", "c")):
+    torch.manual_seed(0)
+    return Recogniser(RecogniserConfig(identities=list(identities), resolution=16))
+
+
+def test_frechet_distance_of_identical_sets_is_about_zero_and_grows_with_a_shift():
+    rec = _rec()
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(64, 3, 16, 16, generator=g)
+    same = frechet_distance(rec, real, real.clone())
+    assert abs(same) < 1e-3
+    other = frechet_distance(rec, real, (real * 0.5 + 0.5).clamp(0, 1))
+    assert other > same + 1e-3
+
+
+def test_a_perfect_recogniser_scores_one_and_a_wrong_one_zero(monkeypatch):
+    rec = _rec()
+    images = torch.rand(6, 3, 16, 16)
+    targets = ["a", "b", "c", "a", "b", "c"]
+    onehot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 1, 2]), 3).float()
+    monkeypatch.setattr(rec, "predict", lambda x, batch_size=256: {"identity": onehot, "style": onehot[:, :2],
+                                                                   "features": torch.zeros(6, 4)})
+    r = recognise(rec, images, targets)
+    assert r["rate"] == 1.0 and r["mean_prob"] == 1.0
+    r = recognise(rec, images, ["b", "c", "a", "b", "c", "a"])
+    assert r["rate"] == 0.0
+    with pytest.raises(ValueError, match="no identity class"):
+        recognise(rec, images, ["zzz"] * 6)
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
+    small = torch.tensor([1.0, 0.0] * 10)
+    large = torch.tensor([1.0, 0.0] * 500)
+    lo, hi = bootstrap_ci(small, seed=1)
+    assert lo < 0.5 < hi
+    lo2, hi2 = bootstrap_ci(large, seed=1)
+    assert lo2 < 0.5 < hi2 and (hi2 - lo2) < (hi - lo)
+    assert bootstrap_ci(small, seed=1) == bootstrap_ci(small, seed=1)
+
+
+def test_uce_closed_form_matches_a_least_squares_solve():
+    g = torch.Generator().manual_seed(0)
+    d, out, n, m, lam, eps = 6, 5, 4, 7, 0.7, 1e-3
+    W = torch.randn(out, d, generator=g, dtype=torch.float64)
+    E = torch.randn(n, d, generator=g, dtype=torch.float64)
+    G = torch.randn(n, d, generator=g, dtype=torch.float64)
+    P = torch.randn(m, d, generator=g, dtype=torch.float64)
+    got = uce_closed_form(W, E, G, P, lam, eps)
+    # stack the three terms as one least-squares problem over W'^T: A W'^T = B
+    A = torch.cat([E, lam ** 0.5 * P, eps ** 0.5 * torch.eye(d, dtype=torch.float64)])
+    B = torch.cat([G @ W.T, lam ** 0.5 * P @ W.T, eps ** 0.5 * W.T])
+    expected = torch.linalg.lstsq(A, B).solution.T
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+    # with no edit rows, UCE changes nothing
+    torch.testing.assert_close(uce_closed_form(W, E[:0], G[:0], P, lam, eps), W, rtol=1e-8, atol=1e-10)
+
+
+@pytest.fixture
+def ctx_factory(toy_data):
+    def make(ratio=0.3):
+        model = build_tiny_model(TinySpec(), seed=0)
+        learn = LearnConfig(mask_every=2, mask_steps=2, mask_batch=4,
+                            user=TrainConfig(batch_size=2, progress=False),
+                            warm_start=TrainConfig(max_steps=2, batch_size=2, progress=False))
+        options = {"learn": learn, "imma_steps": 2, "uce_edit": ["a red cat", "a green dog"],
+                   "uce_guide": ["a red house", "a green tree"], "uce_preserve": ["a blue tree", "a yellow house"]}
+        return MethodContext(model, toy_data(4), toy_data(4, random_flip=False), ratio, seed=0, options=options)
+
+    return make
+
+
+@pytest.mark.parametrize("name", ["random", "importance-change", "importance-grad", "importance-ratio", "guard"])
+def test_guard_baselines_hit_the_ratio(name, ctx_factory):
+    ctx = ctx_factory(0.3)
+    before = {n: p.detach().clone() for n, p in ctx.model.unet.named_parameters()}
+    out = release(name, ctx)
+    n = len(before)
+    assert out.guard is not None and len(out.guard.frozen) == round(0.3 * n)
+    out.guard.check_fingerprint(out.model.unet)
+    # guard-only methods release the base unchanged
+    assert all(torch.equal(before[k], p) for k, p in out.model.unet.named_parameters())
+
+
+def test_uce_edits_exactly_the_cross_attention_key_value_projections(ctx_factory):
+    ctx = ctx_factory()
+    before = {n: p.detach().clone() for n, p in ctx.model.unet.named_parameters()}
+    out = release("uce", ctx)
+    changed = {n for n, p in out.model.unet.named_parameters() if not torch.equal(before[n], p)}
+    expected = {n for n in before if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+    assert changed == expected and changed
+    assert out.guard is None
+
+
+def test_imma_changes_attention_weights_and_releases_a_plain_unet(ctx_factory):
+    ctx = ctx_factory()
+    before = {n: p.detach().clone() for n, p in ctx.model.unet.named_parameters()}
+    out = release("imma", ctx)
+    after = dict(out.model.unet.named_parameters())
+    assert after.keys() == before.keys()  # no adapter left behind
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(any(k in n for k in ("to_q", "to_k", "to_v", "to_out")) for n in changed)
+
+
+def test_guard_on_uce_edits_then_freezes(ctx_factory):
+    ctx = ctx_factory(0.3)
+    out = release("guard+uce", ctx)
+    assert out.guard is not None and out.info["uce_edited_tensors"]
+    out.guard.check_fingerprint(out.model.unet)
+
+
+def test_registry_lists_every_method_and_refuses_unknown_ones(ctx_factory):
+    assert {"none", "random", "importance-change", "importance-grad", "importance-ratio", "guard", "uce", "imma",
+            "guard+uce"} <= set(METHODS)
+    with pytest.raises(ValueError, match="unknown method"):
+        release("nope", ctx_factory())
