@@ -288,9 +288,12 @@ def run(work: str | Path, recipe: ZooRecipe | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     record_path = work / "record.json"
     record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.exists() else {}
-    if record.get("recipe") not in (None, recipe.to_dict()):
+    now = json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as stored
+    saved = record.get("recipe")
+    if saved is not None and {k: v for k, v in saved.items() if k != "progress"} != {
+            k: v for k, v in now.items() if k != "progress"}:
         raise ValueError(f"{work}: holds a run of another recipe; use a new work directory")
-    record["recipe"] = recipe.to_dict()
+    record["recipe"] = now
     record.setdefault("stages", {})
     record.setdefault("versions", emoji.package_versions())
 
