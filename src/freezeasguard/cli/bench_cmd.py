@@ -1,0 +1,35 @@
+"""`freezeasguard bench`: the benchmark grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import _fail, _offline, app
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Work directory (cells are cached here).")] = Path("runs/bench"),
+    profile: Annotated[str, typer.Option(help="quick or full.")] = "quick",
+    scenario: Annotated[list[str] | None, typer.Option(help="Restrict to these scenarios (repeat).")] = None,
+    method: Annotated[list[str] | None, typer.Option(help="Restrict to these methods (repeat).")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="Restrict to these seeds (repeat).")] = None,
+) -> None:
+    """Scenarios x methods x ratios x seeds; resumable; writes results.md, results.json and tradeoff.png."""
+    _offline()
+    import dataclasses
+
+    from ..bench import PROFILES, run_bench
+
+    if profile not in PROFILES:
+        raise _fail(ValueError(f"--profile must be one of {sorted(PROFILES)}"))
+    p = PROFILES[profile]
+    p = dataclasses.replace(p, scenarios=scenario or p.scenarios, methods=method or p.methods, seeds=seed or p.seeds)
+    try:
+        run_bench(out, p)
+    except (ValueError, OSError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"wrote {out / 'results.md'}")
