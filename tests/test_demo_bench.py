@@ -1,0 +1,70 @@
+"""The demo and the bench run end to end on a tiny random model (the real ones run on the embedded default)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from freezeasguard import emoji
+from freezeasguard.bench import BenchProfile, run_bench
+from freezeasguard.demo import DemoConfig, run_demo
+from freezeasguard.evaluate import SamplingConfig
+from freezeasguard.learn import LearnConfig
+from freezeasguard.recogniser import Recogniser, RecogniserConfig
+from freezeasguard.tiny import TinySpec, build_tiny_model
+from freezeasguard.training import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FREEZEASGUARD_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _loader():
+    spec = TinySpec(resolution=32, latent=True, vae_channels=(8, 16, 16), block_out_channels=(16, 32),
+                    cross_attention=(False, True), norm_num_groups=8, max_length=32)
+    return lambda: build_tiny_model(spec, seed=0)
+
+
+def _recogniser():
+    ids = sorted(set(emoji.families()) | set(emoji.LEGAL_FAR_CONCEPTS))
+    return Recogniser(RecogniserConfig(identities=ids, resolution=32, channels=(8, 8, 8), feature_dim=8))
+
+
+def _learn():
+    return LearnConfig(mask_every=1, mask_steps=1, mask_batch=2, user=TrainConfig(batch_size=2, progress=False),
+                       warm_start=TrainConfig(max_steps=1, batch_size=2, progress=False))
+
+
+def test_demo_writes_a_report_and_resumes(tmp_path):
+    cfg = DemoConfig(learn=_learn(), finetune_steps=1, finetune_batch=2, n_samples=2,
+                     sampling=SamplingConfig(num_inference_steps=1, guidance_scale=1.0), grid_columns=2)
+    result = run_demo(tmp_path, cfg, model_loader=_loader(), recogniser=_recogniser())
+    report = tmp_path / "report"
+    for name in ("report.md", "metrics.json", "mask.png", "guard.json", "grid-illegal.png", "grid-legal_near.png"):
+        assert (report / name).is_file(), name
+    assert {"mitigation", "legal_impact_near", "legal_impact_far"} <= set(result["derived"])
+    assert len(result["validity"]) == 5
+    text = (report / "report.md").read_text()
+    assert "Validity checks" in text and "mitigation" in text
+    # a second run reuses every stage
+    before = json.loads((tmp_path / "state.json").read_text())["metrics"]
+    run_demo(tmp_path, cfg, model_loader=_loader(), recogniser=_recogniser())
+    assert json.loads((tmp_path / "state.json").read_text())["metrics"] == before
+
+
+def test_bench_grid_runs_caches_and_reports(tmp_path):
+    profile = BenchProfile("test", ["figures"], ["none", "random", "uce"], [0.3], [0], finetune_steps=1,
+                           finetune_batch=2, n_samples=2, sampling=SamplingConfig(num_inference_steps=1, guidance_scale=1.0),
+                           learn=_learn(), imma_steps=1)
+    summary = run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
+    methods = {(r["method"], r["ratio"]) for r in summary["table"]}
+    assert methods == {("none", None), ("random", 0.3), ("uce", None)}
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "tradeoff.png").is_file()
+    cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
+    assert cells == ["figures-seed0-base.json", "figures-seed0-none.json", "figures-seed0-random-r0.3.json",
+                     "figures-seed0-uce.json"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
+    run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == mtimes
