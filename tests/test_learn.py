@@ -285,3 +285,32 @@ def test_config_options_are_validated():
         LearnConfig.from_dict({"ratios": 0.3})
     cfg = LearnConfig.from_dict(copy.deepcopy(LearnConfig().to_dict()))
     assert cfg == LearnConfig()
+
+
+def test_cli_learn_from_image_folders(tmp_path):
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from conftest import CAPTIONS, toy_images
+    from freezeasguard.cli import app
+    from freezeasguard.data import write_imagefolder
+    from freezeasguard.tiny import TinySpec, write_tiny_model
+
+    base = write_tiny_model(tmp_path / "base", TinySpec())
+    ill = write_imagefolder(tmp_path / "ill", toy_images(4, 16), [CAPTIONS[0]] * 4)
+    leg = write_imagefolder(tmp_path / "leg", toy_images(4, 16, seed=1), [CAPTIONS[1]] * 4)
+    cfg = tmp_path / "learn.json"
+    cfg.write_text(_json.dumps({"mask_every": 1, "mask_steps": 2, "mask_batch": 2,
+                                "user": {"batch_size": 2, "progress": False},
+                                "warm_start": {"max_steps": 1, "batch_size": 2, "progress": False}}))
+    result = CliRunner().invoke(app, ["learn", "--model", str(base), "--illegal", str(ill), "--legal", str(leg),
+                                      "--ratio", "0.25", "--config", str(cfg), "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    from freezeasguard.guard import Guard
+
+    g = Guard.load(tmp_path / "g" / "guard.json")
+    assert len(g.frozen) == round(0.25 * len(g.names)) and g.method == "learned"
+    assert g.provenance["illegal"]["items"] == 4
+    bad = CliRunner().invoke(app, ["learn", "--model", str(base), "--illegal", str(ill), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--legal" in bad.output
