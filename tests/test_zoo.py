@@ -9,7 +9,7 @@ import torch
 
 from freezeasguard import emoji, zoo
 from freezeasguard.recogniser import Recogniser, RecogniserConfig, augment
-from freezeasguard.zoo.recipe import ZooRecipe, build_untrained, run, vocabulary
+from freezeasguard.zoo.recipe import ZooRecipe, build_untrained, corpus, run
 from freezeasguard.zoo.ship import ship
 
 TINY = dict(vae_channels=(16, 32, 32), unet_channels=(16, 32), cross_attention=(False, True), unet_layers_per_block=1,
@@ -44,15 +44,19 @@ def test_recipe_runs_resumes_and_ships(tmp_path):
     assert zoo.check_files(dest) == ["recogniser/config.json"]
 
 
-def test_every_caption_word_is_one_token():
+def test_every_caption_word_is_one_token_and_nothing_is_truncated():
+    from freezeasguard.tiny import train_bpe
+
     model = build_untrained(ZooRecipe(**TINY))
-    words = vocabulary()
-    assert len(words) > 200
     tok = model.tokenizer
-    for item in list(emoji.scenario("figures").items("illegal", "user"))[:5]:
-        ids = tok(item.caption).input_ids[1:-1]
-        pieces = [w for w in item.caption.replace(",", " , ").split()]
-        assert len(ids) == len(pieces), (item.caption, tok.convert_ids_to_tokens(ids))
+    captions = corpus()
+    assert len(captions) > 5000
+    for caption in captions[::50] + [it.caption for it in emoji.scenario("artstyle").items("illegal", "user")[:5]]:
+        ids = tok(caption).input_ids
+        assert len(ids) <= tok.model_max_length, caption
+        pieces = tok.convert_ids_to_tokens(ids)[1:-1]
+        assert all(p.endswith("</w>") for p in pieces), (caption, pieces)  # whole words only
+    assert train_bpe(captions[:300]) == train_bpe(captions[:300])  # deterministic
 
 
 def test_recogniser_round_trip_and_augment_determinism(tmp_path):

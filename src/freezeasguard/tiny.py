@@ -44,7 +44,8 @@ class TinySpec:
     prediction_type: str = "epsilon"
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
-    words: tuple[str, ...] = field(default_factory=lambda: tuple(" ".join(DEFAULT_WORDS).split()))
+    # texts the tokenizer's BPE merges are learned from: each of their words becomes one token
+    words: tuple[str, ...] = field(default_factory=lambda: DEFAULT_WORDS)
 
     def __post_init__(self) -> None:
         self.block_out_channels = tuple(self.block_out_channels)
@@ -60,38 +61,91 @@ class TinySpec:
         return asdict(self)
 
 
-def build_clip_tokenizer(words: Sequence[str], max_length: int) -> Any:
-    """A CLIPTokenizer whose BPE merges spell out `words` whole; other text falls back to byte characters.
-
-    CLIP's tokenizer needs a vocabulary and merges; with only byte-level characters it still works (every word
-    becomes letters), and each merge chain added here turns one caption word into one token.
-    """
+def _byte_level_tokenizer(max_length: int) -> Any:
+    """A CLIPTokenizer with only byte-level characters: CLIP's normalizer and pre-tokenizer, no merges."""
     from transformers import CLIPTokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in sorted({w.lower() for w in words if w}):
-        if not word.isascii() or not word.isalpha():
-            continue
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            pair = (current, piece)
-            current = current + piece
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-            vocab.setdefault(current, len(vocab))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def train_bpe(texts: Sequence[str], max_length: int = 77) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE merges learned from `texts` until every word of them is one token.
+
+    Deterministic (most frequent pair first, ties broken by the pair itself), unlike the tokenizers
+    library's trainer, so the embedded model's recipe rebuilds the same vocabulary. Merges are applied to
+    every word as they are learned, which is what makes applying them in rank order at encoding time
+    reproduce whole words.
+    """
+    import heapq
+    from collections import Counter
+
+    base = _byte_level_tokenizer(max_length).backend_tokenizer
+    freq: Counter[str] = Counter()
+    for text in texts:
+        normalized = base.normalizer.normalize_str(text)
+        for piece, _ in base.pre_tokenizer.pre_tokenize_str(normalized):
+            freq[piece] += 1
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in sorted(freq)]
+    counts = [freq[w] for w in sorted(freq)]
+    pairs: Counter[tuple[str, str]] = Counter()
+    where: dict[tuple[str, str], set[int]] = {}
+    for i, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            pairs[pair] += counts[i]
+            where.setdefault(pair, set()).add(i)
+    heap = [(-c, pair) for pair, c in pairs.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    while heap:
+        neg, pair = heapq.heappop(heap)
+        if pairs.get(pair, 0) != -neg or -neg <= 0:
+            continue  # stale entry
+        merges.append(pair)
+        merged = pair[0] + pair[1]
+        for i in sorted(where.pop(pair, ())):
+            symbols = words[i]
+            for old in zip(symbols, symbols[1:]):
+                pairs[old] -= counts[i]
+                if old != pair and pairs[old] > 0:
+                    heapq.heappush(heap, (-pairs[old], old))  # its count fell: re-rank it
+            j, out = 0, []
+            while j < len(symbols):
+                if j + 1 < len(symbols) and (symbols[j], symbols[j + 1]) == pair:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(symbols[j])
+                    j += 1
+            words[i] = out
+            for new in zip(out, out[1:]):
+                pairs[new] += counts[i]
+                where.setdefault(new, set()).add(i)
+                heapq.heappush(heap, (-pairs[new], new))
+        pairs.pop(pair, None)
+    vocab = dict(base.get_vocab())
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    return vocab, merges
+
+
+def build_clip_tokenizer(texts: Sequence[str], max_length: int) -> Any:
+    """A CLIPTokenizer (SD's class) whose BPE merges, learned from `texts`, make each of their words one
+    token; other text falls back to byte-level pieces. Captions longer than `max_length` are refused here,
+    so no training caption is silently truncated."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = train_bpe(texts, max_length)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    longest = max((len(tok(t).input_ids) for t in texts), default=0)
+    if longest > max_length:
+        raise ValueError(f"a text needs {longest} tokens, more than max_length={max_length}")
+    return tok
 
 
 def build_tiny_model(spec: TinySpec | None = None, *, seed: int = 0) -> DiffusionModel:
