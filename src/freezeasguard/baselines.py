@@ -294,20 +294,20 @@ def imma_immunize(model: DiffusionModel, illegal: Any, *, steps: int = 100, seed
     opt_lora = torch.optim.AdamW(lora, lr=lora_lr)
     opt_theta = torch.optim.Adam(theta, lr=lr, maximize=True)
     losses = []
-    for step, batch in enumerate(_batches(enc, steps, batch_size, seed)):
-        opt_lora.zero_grad(set_to_none=True)
+
+
+    def step_on(params: list[torch.Tensor], opt: torch.optim.Optimizer, batch: dict[str, Any]) -> float:
+        # gradient of the loss for this group only; the other group's grads stay untouched
         loss = objective(batch)
-        grads = torch.autograd.grad(loss, lora)
-        for p, g in zip(lora, grads):
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
             p.grad = g
-        opt_lora.step()
-        opt_theta.zero_grad(set_to_none=True)
-        loss = objective(batch)
-        grads = torch.autograd.grad(loss, theta)
-        for p, g in zip(theta, grads):
-            p.grad = g
-        opt_theta.step()
-        losses.append(float(loss.detach()))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    for batch in _batches(enc, steps, batch_size, seed):
+        step_on(lora, opt_lora, batch)  # the adapter re-learns the illegal data
+        losses.append(step_on(theta, opt_theta, batch))  # the weights ascend the adapted model's loss
     model.unet = strip_adapters(model.unet)
     return {"imma_steps": steps, "imma_loss_first": losses[0] if losses else None,
             "imma_loss_last": losses[-1] if losses else None, "imma_immunized_tensors": len(theta)}

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from .io import atomic_write_json
 from .objective import DenoisingObjective, EncodedDataset
 from .seeding import derive_seed
 from .training import TrainCallback, TrainConfig, TrainContext, train
+from .training.config import strict_from_dict
 
 STREAM_MASK = 5
 
@@ -99,11 +100,7 @@ class LearnConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LearnConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LearnConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 # ---------------------------------------------------------------------------- pure pieces

@@ -77,8 +77,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
+
+
+def strict_from_dict(cls: Any, data: dict[str, Any], convert: Any = None) -> Any:
+    """Build a config dataclass from JSON-like data; an unknown field is an error, not silently ignored
+    (a typo in a config file must not fall back to a default)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**({k: convert(v) for k, v in data.items()} if convert else data))

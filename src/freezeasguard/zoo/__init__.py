@@ -7,7 +7,6 @@ files live in `freezeasguard/zoo/embedded/` with `manifest.json` recording their
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,9 @@ EMBEDDED_DIR = Path(__file__).with_name("embedded")
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from ..data import _sha256_file
+
+    return _sha256_file(path)
 
 
 def manifest(root: Path = EMBEDDED_DIR) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from ..recogniser import IGNORE, LabelledImages, Recogniser, RecogniserConfig, R
 from ..seeding import STREAM_NOISE, derive_seed
 from ..tiny import TinySpec, build_tiny_model
 from ..training import TrainConfig, train
+from ..training.config import strict_from_dict
 
 
 @dataclass
@@ -88,11 +89,7 @@ class ZooRecipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ZooRecipe:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown recipe field(s): {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return strict_from_dict(cls, data, lambda v: tuple(v) if isinstance(v, list) else v)
 
 
 def _limit(items: Sequence[Any], recipe: ZooRecipe) -> list[Any]:
