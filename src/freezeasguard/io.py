@@ -26,6 +26,9 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False) -> Iterator[P
         raise FreezeAsGuardError(f"{dest}: already exists (pass overwrite=True / --overwrite to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should read like any directory
     try:
         yield tmp
         if dest.exists():
