@@ -29,6 +29,7 @@ class MethodContext:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     output_dir: Any = None
+    by: str = "count"  # what the ratio counts: "count" (tensors) or "params" (a parameter budget)
 
 
 @dataclass
@@ -141,7 +142,7 @@ def _none(ctx: MethodContext) -> Release:
 @register("random", needs_ratio=True)
 def _random(ctx: MethodContext) -> Release:
     """Random freezing at the same ratio (seeded)."""
-    return Release(ctx.model, Guard.random(ctx.model.unet, ctx.ratio, seed=ctx.seed))
+    return Release(ctx.model, Guard.random(ctx.model.unet, ctx.ratio, seed=ctx.seed, by=ctx.by))
 
 
 @register("importance-change", needs_ratio=True)
@@ -150,14 +151,14 @@ def _importance_change(ctx: MethodContext) -> Release:
     base = unet_tensors(ctx.model.unet)
     tuned = warm_start(ctx.model, ctx)
     scores = {n: float((tuned[n] - t).double().norm() / (t.double().norm() + 1e-12)) for n, t in base.items()}
-    return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, method="importance-change"))
+    return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, by=ctx.by, method="importance-change"))
 
 
 @register("importance-grad", needs_ratio=True)
 def _importance_grad(ctx: MethodContext) -> Release:
     """One-shot: freeze the tensors with the largest illegal-domain gradient per parameter."""
     scores = gradient_sq_norms(ctx.model, ctx.illegal, seed=ctx.seed)
-    return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, method="importance-grad"))
+    return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, by=ctx.by, method="importance-grad"))
 
 
 @register("importance-ratio", needs_ratio=True)
@@ -166,7 +167,7 @@ def _importance_ratio(ctx: MethodContext) -> Release:
     ill = gradient_sq_norms(ctx.model, ctx.illegal, seed=ctx.seed)
     leg = gradient_sq_norms(ctx.model, ctx.legal, seed=ctx.seed + 1)
     scores = {n: (ill[n] / (leg[n] + 1e-30)) ** 0.5 for n in ill}
-    return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, method="importance-ratio"))
+    return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, by=ctx.by, method="importance-ratio"))
 
 
 @register("guard", needs_ratio=True)
@@ -177,7 +178,7 @@ def _guard(ctx: MethodContext) -> Release:
     from .learn import LearnConfig, learn_guard
 
     cfg = ctx.options.get("learn") or LearnConfig()
-    cfg = LearnConfig.from_dict({**cfg.to_dict(), "ratio": ctx.ratio, "seed": ctx.seed})
+    cfg = LearnConfig.from_dict({**cfg.to_dict(), "ratio": ctx.ratio, "ratio_by": ctx.by, "seed": ctx.seed})
     guard = learn_guard(copy.deepcopy(ctx.model), ctx.illegal, ctx.legal, cfg, output_dir=ctx.output_dir)
     return Release(ctx.model, guard)
 
@@ -195,7 +196,7 @@ def _guard_uce(ctx: MethodContext) -> Release:
     """The authors' pipeline: unlearn with UCE first, then learn a guard on the edited model."""
     edited = _uce(ctx)
     guarded = _guard(MethodContext(edited.model, ctx.illegal, ctx.legal, ctx.ratio, ctx.seed, ctx.options,
-                                   ctx.output_dir))
+                                   ctx.output_dir, ctx.by))
     return Release(edited.model, guarded.guard, edited.info)
 
 

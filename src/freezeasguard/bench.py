@@ -38,6 +38,7 @@ class BenchProfile:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
     imma_steps: int = 100
+    ratio_by: str = "params"  # every method freezes the same share of parameters, so the comparison is fair
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,7 +47,10 @@ class BenchProfile:
 ALL_METHODS = ["none", "random", "importance-change", "importance-grad", "importance-ratio", "uce", "imma",
                "guard", "guard+uce"]
 PROFILES = {
-    "quick": BenchProfile("quick", ["figures", "artstyle"], ALL_METHODS, [0.3, 0.5], [0, 1]),
+    # quick: the methods BENCHMARK.md asks for, one importance score (illegal/legal gradient ratio, the one-shot
+    # analogue of what the guard learns) and no guard+uce; sized to finish in about two hours on 2 CPU cores.
+    "quick": BenchProfile("quick", ["figures", "artstyle"], ["none", "random", "importance-ratio", "uce", "imma", "guard"],
+                          [0.3, 0.7], [0, 1], finetune_steps=200),
     "full": BenchProfile("full", ["figures", "artstyle"], ALL_METHODS, [0.1, 0.3, 0.5, 0.7], [0, 1, 2],
                          finetune_steps=800, n_samples=400),
 }
@@ -68,11 +72,34 @@ def _cell_key(scenario: str, seed: int, method: str, ratio: float | None) -> str
     return f"{scenario}-seed{seed}-{method}" + ("" if ratio is None else f"-r{ratio:g}")
 
 
-def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = None, recogniser: Any = None) -> dict[str, Any]:
+def _cell_settings(profile: BenchProfile) -> dict[str, Any]:
+    """What a cached cell depends on besides its key: a rerun with other settings must not reuse it."""
+    d = json.loads(json.dumps(profile.to_dict()))  # as it will read back from a cell
+    return {k: d[k] for k in ("finetune_steps", "finetune_batch", "finetune_lr", "n_samples", "sampling", "learn",
+                              "imma_steps", "ratio_by")}
+
+
+def _load_cell(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    cell = json.loads(path.read_text())
+    if cell.get("settings") != settings:
+        theirs = cell.get("settings") or {}
+        diff = sorted(k for k in set(settings) | set(theirs) if settings.get(k) != theirs.get(k))
+        raise ValueError(f"{path}: cached with other settings ({', '.join(diff) or 'none recorded'}); "
+                         "use another --out directory or delete the cell")
+    return cell
+
+
+def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = None, recogniser: Any = None,
+              command: str | None = None) -> dict[str, Any]:
     from . import emoji, zoo
     from .baselines import METHODS, MethodContext, release
     from .finetuning import FinetuneConfig, finetune
 
+    unknown = [m for m in profile.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(METHODS))}")
+    if profile.ratio_by not in ("count", "params"):
+        raise ValueError(f"ratio_by must be 'count' or 'params', got {profile.ratio_by!r}")
     out = Path(out)
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +113,7 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                                                                learning_rate=profile.finetune_lr, progress=False,
                                                                seed=seed))
     cells: dict[str, Any] = {}
+    settings = _cell_settings(profile)
     for scenario in profile.scenarios:
         for seed in profile.seeds:
             sc = emoji.scenario(scenario, seed)
@@ -97,8 +125,8 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                 result = {d: evaluate(model, dom, rec, n_samples=profile.n_samples, seed=seed,
                                       sampling=profile.sampling)[0] for d, dom in domains.items()}
                 atomic_write_json(path, {"scenario": scenario, "seed": seed, "method": "base", "ratio": None,
-                                         "domains": result})
-            cells[base_key] = json.loads(path.read_text())
+                                         "domains": result, "settings": settings})
+            cells[base_key] = _load_cell(path, settings)
             pub_ill = emoji.dataset(sc.items("illegal", "publisher"), res, preload=True)
             pub_leg = emoji.dataset(sc.items("legal_near", "publisher") + sc.items("legal_far", "publisher"), res,
                                     preload=True)
@@ -110,12 +138,13 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                     key = _cell_key(scenario, seed, method, ratio)
                     path = cells_dir / f"{key}.json"
                     if path.exists():
-                        cells[key] = json.loads(path.read_text())
+                        cells[key] = _load_cell(path, settings)
                         continue
+                    print(f"bench: {key} ...", flush=True)
                     t0 = time.perf_counter()
                     options = {"learn": profile.learn, "imma_steps": profile.imma_steps, **_uce_prompts(sc)}
                     rel = release(method, MethodContext(load(), pub_ill, pub_leg, ratio or 0.0, seed, options,
-                                                        out / "work" / key))
+                                                        out / "work" / key, profile.ratio_by))
                     t_release = time.perf_counter() - t0
                     result: dict[str, Any] = {"scenario": scenario, "seed": seed, "method": method, "ratio": ratio,
                                               "guard": rel.guard.summary() if rel.guard else None,
@@ -130,12 +159,15 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                                 result["domains"][d] = evaluate(tuned, domains[d], rec, n_samples=profile.n_samples,
                                                                 seed=seed, sampling=profile.sampling)[0]
                     result["seconds"] = time.perf_counter() - t0
+                    result["settings"] = settings
                     atomic_write_json(path, result)
+                    print(f"bench: {key} done in {result['seconds']:.0f} s: " + ", ".join(
+                        f"{d} {100 * m['rate']:.1f}%" for d, m in result["domains"].items()), flush=True)
                     cells[key] = result
     summary = summarise(cells, profile)
     atomic_write_json(out / "results.json", {"profile": profile.to_dict(), "cells": cells, "summary": summary})
     plot_tradeoff(summary, out / "tradeoff.png")
-    atomic_write_text(out / "results.md", markdown(summary, cells, profile))
+    atomic_write_text(out / "results.md", markdown(summary, cells, profile, command))
     return summary
 
 
@@ -220,11 +252,15 @@ def _p(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfile) -> str:
+def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfile, command: str | None = None) -> str:
     lines = [f"# freezeasguard benchmark (profile `{profile.name}`)", "",
-             f"Command: `freezeasguard bench --profile {profile.name}`. Fine-tuning {profile.finetune_steps} AdamW "
-             f"steps, batch {profile.finetune_batch}, lr {profile.finetune_lr}; {profile.n_samples} samples per cell; "
-             f"seeds {profile.seeds}. All numbers measured by that command; see results.json for every cell.", "",
+             f"Command: `{command or 'freezeasguard bench --profile ' + profile.name}`.", "",
+             f"Scenarios {', '.join(profile.scenarios)}; methods {', '.join(profile.methods)}; freeze ratios "
+             f"{', '.join(f'{r:g}' for r in profile.ratios)} by {'parameters' if profile.ratio_by == 'params' else 'tensor count'}; "
+             f"seeds {profile.seeds}. Each user (illegal, legal) fine-tunes the release through the guarded path: "
+             f"{profile.finetune_steps} AdamW steps, batch {profile.finetune_batch}, lr {profile.finetune_lr}. "
+             f"{profile.n_samples} samples per domain and cell. Every number below was measured by that command "
+             "(results.json holds every cell, its settings and timings).", "",
              "## Derived figures (mean over seeds)", "",
              "| scenario | method | ratio | illegal rate | mitigation | legal impact near | legal impact far | adv. vs random | adv. vs UCE |",
              "|---|---|---|---|---|---|---|---|---|"]

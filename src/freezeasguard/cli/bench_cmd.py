@@ -17,19 +17,23 @@ def bench(
     scenario: Annotated[list[str] | None, typer.Option(help="Restrict to these scenarios (repeat).")] = None,
     method: Annotated[list[str] | None, typer.Option(help="Restrict to these methods (repeat).")] = None,
     seed: Annotated[list[int] | None, typer.Option(help="Restrict to these seeds (repeat).")] = None,
+    ratio: Annotated[list[float] | None, typer.Option(help="Freeze ratios instead of the profile's (repeat).")] = None,
+    finetune_steps: Annotated[int | None, typer.Option(help="User fine-tuning steps instead of the profile's.")] = None,
 ) -> None:
     """Scenarios x methods x ratios x seeds; resumable; writes results.md, results.json and tradeoff.png."""
     _offline()
     import dataclasses
+    import sys
 
     from ..bench import PROFILES, run_bench
 
     if profile not in PROFILES:
         raise _fail(ValueError(f"--profile must be one of {sorted(PROFILES)}"))
     p = PROFILES[profile]
-    p = dataclasses.replace(p, scenarios=scenario or p.scenarios, methods=method or p.methods, seeds=seed or p.seeds)
+    p = dataclasses.replace(p, scenarios=scenario or p.scenarios, methods=method or p.methods, seeds=seed or p.seeds,
+                            ratios=ratio or p.ratios, finetune_steps=finetune_steps or p.finetune_steps)
     try:
-        run_bench(out, p)
+        run_bench(out, p, command="freezeasguard " + " ".join(sys.argv[1:]))
     except (ValueError, OSError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"wrote {out / 'results.md'}")
