@@ -19,6 +19,7 @@ def bench(
     seed: Annotated[list[int] | None, typer.Option(help="Restrict to these seeds (repeat).")] = None,
     ratio: Annotated[list[float] | None, typer.Option(help="Freeze ratios instead of the profile's (repeat).")] = None,
     finetune_steps: Annotated[int | None, typer.Option(help="User fine-tuning steps instead of the profile's.")] = None,
+    finetune_lr: Annotated[float | None, typer.Option(help="User fine-tuning learning rate instead of the profile's.")] = None,
 ) -> None:
     """Scenarios x methods x ratios x seeds; resumable; writes results.md, results.json and tradeoff.png."""
     _offline()
@@ -31,7 +32,8 @@ def bench(
         raise _fail(ValueError(f"--profile must be one of {sorted(PROFILES)}"))
     p = PROFILES[profile]
     p = dataclasses.replace(p, scenarios=scenario or p.scenarios, methods=method or p.methods, seeds=seed or p.seeds,
-                            ratios=ratio or p.ratios, finetune_steps=finetune_steps or p.finetune_steps)
+                            ratios=ratio or p.ratios, finetune_steps=finetune_steps or p.finetune_steps,
+                            finetune_lr=finetune_lr or p.finetune_lr)
     try:
         run_bench(out, p, command="freezeasguard " + " ".join(sys.argv[1:]))
     except (ValueError, OSError) as exc:
