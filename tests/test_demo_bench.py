@@ -55,16 +55,35 @@ def test_demo_writes_a_report_and_resumes(tmp_path):
 
 
 def test_bench_grid_runs_caches_and_reports(tmp_path):
-    profile = BenchProfile("test", ["figures"], ["none", "random", "uce"], [0.3], [0], finetune_steps=1,
+    profile = BenchProfile("test", ["figures"], ["none", "random", "uce", "guard"], [0.3], [0], finetune_steps=1,
                            finetune_batch=2, n_samples=2, sampling=SamplingConfig(num_inference_steps=1, guidance_scale=1.0),
                            learn=_learn(), imma_steps=1)
     summary = run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
     methods = {(r["method"], r["ratio"]) for r in summary["table"]}
-    assert methods == {("none", None), ("random", 0.3), ("uce", None)}
+    assert methods == {("none", None), ("random", 0.3), ("uce", None), ("guard", 0.3)}
     assert (tmp_path / "results.md").is_file() and (tmp_path / "tradeoff.png").is_file()
     cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
-    assert cells == ["figures-seed0-base.json", "figures-seed0-none.json", "figures-seed0-random-r0.3.json",
-                     "figures-seed0-uce.json"]
+    assert cells == ["figures-seed0-base.json", "figures-seed0-guard-r0.3.json", "figures-seed0-none.json",
+                     "figures-seed0-random-r0.3.json", "figures-seed0-uce.json"]
+    text = (tmp_path / "results.md").read_text()
+    assert "| figures | 0.3 |" in text.split("## The guard against")[1].split("## Validity")[0]
+    base = json.loads((tmp_path / "cells" / "figures-seed0-base.json").read_text())
+    assert set(base["domains"]) == {"base_families", "illegal", "legal_near", "legal_far"}
+    (check_set,) = summary["validity"]
+    assert len(check_set["checks"]) == 5 and check_set["valid"] is all(c["ok"] for c in check_set["checks"])
+    # the bench freezes by parameter budget by default: random freezing spends at most 30% of the parameters
+    random_cell = json.loads((tmp_path / "cells" / "figures-seed0-random-r0.3.json").read_text())
+    assert 0.2 < random_cell["guard"]["ratio_by_params"] <= 0.3
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
     run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == mtimes
+    # a cached cell is never reused under other settings
+    other = BenchProfile(**{**profile.__dict__, "finetune_steps": 2})
+    with pytest.raises(ValueError, match="finetune_steps"):
+        run_bench(tmp_path, other, model_loader=_loader(), recogniser=_recogniser())
+
+
+def test_bench_rejects_unknown_methods(tmp_path):
+    profile = BenchProfile("test", ["figures"], ["none", "no-such-method"], [0.3], [0])
+    with pytest.raises(ValueError, match="no-such-method"):
+        run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
