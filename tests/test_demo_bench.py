@@ -77,6 +77,12 @@ def test_bench_grid_runs_caches_and_reports(tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
     run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == mtimes
+    # report-only computes nothing: complete here, and an empty directory lists every cell as missing
+    assert run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser(),
+                     report_only=True)["missing_cells"] == []
+    empty = run_bench(tmp_path / "empty", profile, model_loader=_loader(), recogniser=_recogniser(), report_only=True)
+    assert len(empty["missing_cells"]) == 4 + 4 and not list((tmp_path / "empty" / "cells").iterdir())
+    assert "Incomplete: 8 cell(s)" in (tmp_path / "empty" / "results.md").read_text()
     # a cached cell is never reused under other settings
     other = BenchProfile(**{**profile.__dict__, "finetune_steps": 2})
     with pytest.raises(ValueError, match="finetune_steps"):

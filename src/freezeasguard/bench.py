@@ -90,7 +90,9 @@ def _load_cell(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = None, recogniser: Any = None,
-              command: str | None = None) -> dict[str, Any]:
+              command: str | None = None, report_only: bool = False) -> dict[str, Any]:
+    """Run (or resume) the grid into `out` and write the report. With `report_only`, nothing is computed: the
+    report covers the cells cached so far and lists the missing ones."""
     from . import emoji, zoo
     from .baselines import METHODS, MethodContext, release
     from .finetuning import FinetuneConfig, finetune
@@ -113,6 +115,7 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                                                                learning_rate=profile.finetune_lr, progress=False,
                                                                seed=seed))
     cells: dict[str, Any] = {}
+    missing_cells: list[str] = []
     settings = _cell_settings(profile)
     # seed-major: an interrupted bench has covered every scenario for the first seeds
     for seed in profile.seeds:
@@ -124,6 +127,18 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
             base_cell = _load_cell(path, settings) if path.exists() else {
                 "scenario": scenario, "seed": seed, "method": "base", "ratio": None, "domains": {}, "settings": settings}
             missing = [d for d in [*domains, "base_families"] if d not in base_cell["domains"]]
+            if report_only:
+                missing_cells += [f"{base_key} ({d})" for d in missing]
+                if base_cell["domains"]:
+                    cells[base_key] = base_cell
+                for method in profile.methods:
+                    for ratio in (profile.ratios if METHODS[method].needs_ratio else [None]):
+                        key = _cell_key(scenario, seed, method, ratio)
+                        if (cells_dir / f"{key}.json").exists():
+                            cells[key] = _load_cell(cells_dir / f"{key}.json", settings)
+                        else:
+                            missing_cells.append(key)
+                continue
             if missing:  # also completes a cell cached before a domain was added to the base checks
                 model = load()
                 for d in missing:
@@ -170,6 +185,7 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                         f"{d} {100 * m['rate']:.1f}%" for d, m in result["domains"].items()), flush=True)
                     cells[key] = result
     summary = summarise(cells, profile)
+    summary["missing_cells"] = missing_cells
     atomic_write_json(out / "results.json", {"profile": profile.to_dict(), "cells": cells, "summary": summary})
     plot_tradeoff(summary, out / "tradeoff.png")
     atomic_write_text(out / "results.md", markdown(summary, cells, profile, command))
@@ -215,7 +231,9 @@ def summarise(cells: dict[str, Any], profile: BenchProfile) -> dict[str, Any]:
         validity.append({"scenario": cell["scenario"], "seed": cell["seed"], "checks": checks,
                          "valid": all(c["ok"] for c in checks)})
     table = []
-    for (sc, method, ratio), acc in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+    order = {m: i for i, m in enumerate(profile.methods)}  # the profile's order: baselines first, the guard last
+    for (sc, method, ratio), acc in sorted(rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)),
+                                                                         kv[0][1], kv[0][2] or 0)):
         table.append({"scenario": sc, "method": method, "ratio": ratio, "seeds": len(acc.get("illegal_rate", [])),
                       **{k: sum(v) / len(v) for k, v in acc.items()}})
     for row in table:  # advantage over random freezing and UCE at the same ratio
@@ -284,6 +302,9 @@ def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfi
         lines.append(f"| {r['scenario']} | {r['method']} | {ratio} | {frozen} | {_p(r.get('illegal_rate'))} | "
                      f"{_p(r.get('mitigation'))} | {_p(r.get('legal_impact_near'))} | {_p(r.get('legal_impact_far'))} | "
                      f"{adv_r} | {adv_u} | {secs} |")
+    if summary.get("missing_cells"):
+        lines[2:2] = [f"**Incomplete: {len(summary['missing_cells'])} cell(s) not computed yet** "
+                      f"({', '.join(summary['missing_cells'])}); averages cover the seeds present.", ""]
     lines += ["", "## The guard against BENCHMARK.md's goals", "",
               "Goals: mitigation >= 40%, advantage over random freezing and over UCE >= 1.37, legal impact <= 5% "
               "(near and far).", "", "| scenario | ratio | mitigation | adv. vs random | adv. vs UCE | legal impact near "

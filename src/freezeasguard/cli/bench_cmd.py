@@ -19,6 +19,7 @@ def bench(
     seed: Annotated[list[int] | None, typer.Option(help="Restrict to these seeds (repeat).")] = None,
     ratio: Annotated[list[float] | None, typer.Option(help="Freeze ratios instead of the profile's (repeat).")] = None,
     finetune_steps: Annotated[int | None, typer.Option(help="User fine-tuning steps instead of the profile's.")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="Compute nothing: report the cached cells and list the missing ones.")] = False,
     finetune_lr: Annotated[float | None, typer.Option(help="User fine-tuning learning rate instead of the profile's.")] = None,
 ) -> None:
     """Scenarios x methods x ratios x seeds; resumable; writes results.md, results.json and tradeoff.png."""
@@ -35,7 +36,8 @@ def bench(
                             ratios=ratio or p.ratios, finetune_steps=finetune_steps or p.finetune_steps,
                             finetune_lr=finetune_lr or p.finetune_lr)
     try:
-        run_bench(out, p, command="freezeasguard " + " ".join(sys.argv[1:]))
+        run_bench(out, p, command="freezeasguard " + " ".join(sys.argv[1:]),
+                  report_only=report_only)
     except (ValueError, OSError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"wrote {out / 'results.md'}")
