@@ -252,20 +252,31 @@ def plot_tradeoff(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     scenarios = sorted({r["scenario"] for r in summary["table"]})
-    fig, axes = plt.subplots(1, max(1, len(scenarios)), figsize=(6 * max(1, len(scenarios)), 4.5), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in summary["table"]))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    ratios = sorted({r["ratio"] for r in summary["table"] if r["ratio"] is not None})
+    markers = {None: "o", **{q: "s^vDP*"[i % 6] for i, q in enumerate(ratios)}}
+    fig, axes = plt.subplots(1, max(1, len(scenarios)), figsize=(6 * max(1, len(scenarios)), 4.8), squeeze=False)
     for ax, sc in zip(axes[0], scenarios):
-        for r in summary["table"]:
-            if r["scenario"] != sc or r.get("mitigation") is None:
-                continue
-            impact = max(r.get("legal_impact_near", 0) or 0, r.get("legal_impact_far", 0) or 0)
-            label = r["method"] + ("" if r["ratio"] is None else f"@{r['ratio']:g}")
-            ax.scatter(impact, r["mitigation"], s=30)
-            ax.annotate(label, (impact, r["mitigation"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for method in methods:
+            rows = [r for r in summary["table"] if r["scenario"] == sc and r["method"] == method
+                    and r.get("mitigation") is not None]
+            points = [(max(r.get("legal_impact_near") or 0, r.get("legal_impact_far") or 0), r["mitigation"], r["ratio"])
+                      for r in rows]
+            if len(points) > 1:  # one method across ratios
+                ax.plot([p[0] for p in points], [p[1] for p in points], color=colours[method], lw=0.8, alpha=0.6)
+            for x, y, q in points:
+                ax.scatter(x, y, s=36, color=colours[method], marker=markers[q], zorder=3)
+                ax.annotate(method + ("" if q is None else f"@{q:g}"), (x, y), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
         ax.axhline(0, color="grey", lw=0.5)
-        ax.axvline(0.05, color="grey", lw=0.5, ls="--")
+        ax.axhline(0.4, color="green", lw=0.5, ls=":")
+        ax.axvline(0.05, color="green", lw=0.5, ls=":")
+        ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
+        ax.set_xlim(min(-0.15, ax.get_xlim()[0]), max(1.0, ax.get_xlim()[1]))
         ax.set_xlabel("legal impact (worse of near/far; lower is better)")
         ax.set_ylabel("mitigation (higher is better)")
-        ax.set_title(sc)
+        ax.set_title(f"{sc}  (goal: upper left of the dotted lines)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
