@@ -235,7 +235,8 @@ def summarise(cells: dict[str, Any], profile: BenchProfile) -> dict[str, Any]:
     for (sc, method, ratio), acc in sorted(rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)),
                                                                          kv[0][1], kv[0][2] or 0)):
         table.append({"scenario": sc, "method": method, "ratio": ratio, "seeds": len(acc.get("illegal_rate", [])),
-                      **{k: sum(v) / len(v) for k, v in acc.items()}})
+                      **{k: sum(v) / len(v) for k, v in acc.items()},
+                      "mitigation_per_seed": acc.get("mitigation", [])})
     for row in table:  # advantage over random freezing and UCE at the same ratio
         for other in ("random", "uce"):
             ref = next((r for r in table if r["scenario"] == row["scenario"] and r["method"] == other
@@ -282,6 +283,11 @@ def plot_tradeoff(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _per_seed(row: dict[str, Any]) -> str:
+    values = row.get("mitigation_per_seed") or []
+    return "" if len(values) < 2 else " (" + ", ".join(f"{100 * v:.0f}" for v in values) + ")"
+
+
 def _p(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -298,7 +304,7 @@ def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfi
              "## Derived figures (mean over seeds)", "",
              "mitigation = 1 - rate(method, illegal) / rate(full fine-tuning, illegal); legal impact = 1 - rate(method, "
              "legal) / rate(full fine-tuning, legal), per seed against full fine-tuning on the same data and steps; "
-             "advantage = mitigation / mitigation of the baseline (random at the same ratio, UCE); n/a where the "
+             "in brackets: mitigation per seed; advantage = mitigation / mitigation of the baseline (random at the same ratio, UCE); n/a where the "
              "baseline's mitigation is <= 0. Frozen = share of UNet tensors / parameters the released guard freezes.",
              "",
              "| scenario | method | ratio | frozen tensors / params | illegal rate | mitigation | legal impact near | "
@@ -311,7 +317,7 @@ def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfi
         frozen = f"{_p(r.get('frozen_tensors'))} / {_p(r.get('frozen_params'))}"
         secs = "n/a" if r.get("release_seconds") is None else f"{r['release_seconds']:.0f} s"
         lines.append(f"| {r['scenario']} | {r['method']} | {ratio} | {frozen} | {_p(r.get('illegal_rate'))} | "
-                     f"{_p(r.get('mitigation'))} | {_p(r.get('legal_impact_near'))} | {_p(r.get('legal_impact_far'))} | "
+                     f"{_p(r.get('mitigation'))}{_per_seed(r)} | {_p(r.get('legal_impact_near'))} | {_p(r.get('legal_impact_far'))} | "
                      f"{adv_r} | {adv_u} | {secs} |")
     if summary.get("missing_cells"):
         lines[2:2] = [f"**Incomplete: {len(summary['missing_cells'])} cell(s) not computed yet** "
