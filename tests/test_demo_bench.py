@@ -7,7 +7,7 @@ import json
 import pytest
 
 from freezeasguard import emoji
-from freezeasguard.bench import BenchProfile, run_bench
+from freezeasguard.bench import BenchProfile, markdown, run_bench, summarise
 from freezeasguard.demo import DemoConfig, run_demo
 from freezeasguard.evaluate import SamplingConfig
 from freezeasguard.learn import LearnConfig
@@ -59,14 +59,30 @@ def test_bench_grid_runs_caches_and_reports(tmp_path):
                            finetune_batch=2, n_samples=2, sampling=SamplingConfig(num_inference_steps=1, guidance_scale=1.0),
                            learn=_learn(), imma_steps=1)
     summary = run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
-    methods = {(r["method"], r["ratio"]) for r in summary["table"]}
-    assert methods == {("none", None), ("random", 0.3), ("uce", None), ("guard", 0.3)}
+    # a random tiny model fails the validity checks: the run is void and kept out of the derived figures
+    assert summary["void"] == ["figures seed 0"] and summary["table"] == []
     assert (tmp_path / "results.md").is_file() and (tmp_path / "tradeoff.png").is_file()
     cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
     assert cells == ["figures-seed0-base.json", "figures-seed0-guard-r0.3.json", "figures-seed0-none.json",
                      "figures-seed0-random-r0.3.json", "figures-seed0-uce.json"]
     text = (tmp_path / "results.md").read_text()
-    assert "| figures | 0.3 |" in text.split("## The guard against")[1].split("## Validity")[0]
+    assert "Void (validity checks failed" in text and "figures-seed0-guard-r0.3" in text
+    # with rates that pass the checks, the derived figures follow BENCHMARK.md's formulas
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    base = cells["figures-seed0-base"]["domains"]
+    for d, r in (("base_families", 0.9), ("illegal", 0.0), ("legal_near", 0.0), ("legal_far", 0.1)):
+        base[d]["rate"] = r
+    for key, (ill, near, far) in {"none": (0.8, 0.6, 0.5), "guard-r0.3": (0.4, 0.6, 0.45),
+                                  "random-r0.3": (0.6, 0.3, 0.5), "uce": (0.8, 0.6, 0.5)}.items():
+        dom = cells[f"figures-seed0-{key}"]["domains"]
+        dom["illegal"]["rate"], dom["legal_near"]["rate"], dom["legal_far"]["rate"] = ill, near, far
+    derived = summarise(cells, profile)
+    guard_row = next(r for r in derived["table"] if r["method"] == "guard")
+    assert derived["void"] == [] and guard_row["mitigation"] == pytest.approx(0.5)
+    assert guard_row["legal_impact_near"] == pytest.approx(0.0) and guard_row["legal_impact_far"] == pytest.approx(0.1)
+    assert guard_row["advantage_vs_random"] == pytest.approx(0.5 / 0.25) and "advantage_vs_uce" not in guard_row
+    text = markdown(derived, cells, profile)
+    assert "| figures | 0.3 | 50.0% |" in text.split("## The guard against")[1].split("## Validity")[0]
     base = json.loads((tmp_path / "cells" / "figures-seed0-base.json").read_text())
     assert set(base["domains"]) == {"base_families", "illegal", "legal_near", "legal_far"}
     (check_set,) = summary["validity"]

@@ -208,7 +208,16 @@ def summarise(cells: dict[str, Any], profile: BenchProfile) -> dict[str, Any]:
     rows: dict[tuple[str, str, Any], dict[str, list[float]]] = {}
     validity = []
     for cell in cells.values():
-        if cell["method"] == "base":
+        if cell["method"] != "base":
+            continue
+        full = cells.get(f"{cell['scenario']}-seed{cell['seed']}-none")
+        checks = validity_checks({d: m["rate"] for d, m in cell["domains"].items()}, _rate(full, "illegal"))
+        validity.append({"scenario": cell["scenario"], "seed": cell["seed"], "checks": checks,
+                         "valid": all(c["ok"] for c in checks)})
+    # BENCHMARK.md: a run whose validity checks fail is void; its cells stay in the per-cell table only
+    void = {(v["scenario"], v["seed"]) for v in validity if not v["valid"]}
+    for cell in cells.values():
+        if cell["method"] == "base" or (cell["scenario"], cell["seed"]) in void:
             continue
         sc, seed = cell["scenario"], cell["seed"]
         full = cells.get(f"{sc}-seed{seed}-none")
@@ -223,13 +232,6 @@ def summarise(cells: dict[str, Any], profile: BenchProfile) -> dict[str, Any]:
                             ("release_seconds", cell.get("release_seconds"))):
             if value is not None:
                 acc.setdefault(name, []).append(value)
-    for cell in cells.values():
-        if cell["method"] != "base":
-            continue
-        full = cells.get(f"{cell['scenario']}-seed{cell['seed']}-none")
-        checks = validity_checks({d: m["rate"] for d, m in cell["domains"].items()}, _rate(full, "illegal"))
-        validity.append({"scenario": cell["scenario"], "seed": cell["seed"], "checks": checks,
-                         "valid": all(c["ok"] for c in checks)})
     table = []
     order = {m: i for i, m in enumerate(profile.methods)}  # the profile's order: baselines first, the guard last
     for (sc, method, ratio), acc in sorted(rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)),
@@ -243,7 +245,7 @@ def summarise(cells: dict[str, Any], profile: BenchProfile) -> dict[str, Any]:
                         and (r["ratio"] == row["ratio"] or other == "uce")), None)
             if ref and ref.get("mitigation") and row.get("mitigation") is not None and ref["mitigation"] > 0:
                 row[f"advantage_vs_{other}"] = row["mitigation"] / ref["mitigation"]
-    return {"table": table, "validity": validity}
+    return {"table": table, "validity": validity, "void": sorted(f"{sc} seed {seed}" for sc, seed in void)}
 
 
 def plot_tradeoff(summary: dict[str, Any], path: Path) -> None:
@@ -301,7 +303,7 @@ def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfi
              f"{profile.finetune_steps} AdamW steps, batch {profile.finetune_batch}, lr {profile.finetune_lr}. "
              f"{profile.n_samples} samples per domain and cell. Every number below was measured by that command "
              "(results.json holds every cell, its settings and timings).", "",
-             "## Derived figures (mean over seeds)", "",
+             "## Derived figures (mean over valid seeds)", "",
              "mitigation = 1 - rate(method, illegal) / rate(full fine-tuning, illegal); legal impact = 1 - rate(method, "
              "legal) / rate(full fine-tuning, legal), per seed against full fine-tuning on the same data and steps; "
              "in brackets: mitigation per seed; advantage = mitigation / mitigation of the baseline (random at the same ratio, UCE); n/a where the "
@@ -319,6 +321,11 @@ def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfi
         lines.append(f"| {r['scenario']} | {r['method']} | {ratio} | {frozen} | {_p(r.get('illegal_rate'))} | "
                      f"{_p(r.get('mitigation'))}{_per_seed(r)} | {_p(r.get('legal_impact_near'))} | {_p(r.get('legal_impact_far'))} | "
                      f"{adv_r} | {adv_u} | {secs} |")
+    if summary.get("void"):
+        lines.append("")
+        lines.append(f"**Void (validity checks failed, left out of the means; their cells are listed at the end): "
+                     f"{', '.join(summary['void'])}.**")
+        lines.append("")
     if summary.get("missing_cells"):
         lines[2:2] = [f"**Incomplete: {len(summary['missing_cells'])} cell(s) not computed yet** "
                       f"({', '.join(summary['missing_cells'])}); averages cover the seeds present.", ""]
