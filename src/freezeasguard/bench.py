@@ -129,24 +129,15 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
             missing = [d for d in [*domains, "base_families"] if d not in base_cell["domains"]]
             if report_only:
                 missing_cells += [f"{base_key} ({d})" for d in missing]
-                if base_cell["domains"]:
-                    cells[base_key] = base_cell
-                for method in profile.methods:
-                    for ratio in (profile.ratios if METHODS[method].needs_ratio else [None]):
-                        key = _cell_key(scenario, seed, method, ratio)
-                        if (cells_dir / f"{key}.json").exists():
-                            cells[key] = _load_cell(cells_dir / f"{key}.json", settings)
-                        else:
-                            missing_cells.append(key)
-                continue
-            if missing:  # also completes a cell cached before a domain was added to the base checks
+            elif missing:  # also completes a cell cached before a domain was added to the base checks
                 model = load()
                 for d in missing:
                     dom = domains[d] if d in domains else base_families_domain(res)
                     base_cell["domains"][d] = evaluate(model, dom, rec, n_samples=profile.n_samples,
                                                        seed=seed, sampling=profile.sampling)[0]
                 atomic_write_json(path, base_cell)
-            cells[base_key] = base_cell
+            if base_cell["domains"]:
+                cells[base_key] = base_cell
             pub_ill = emoji.dataset(sc.items("illegal", "publisher"), res, preload=True)
             pub_leg = emoji.dataset(sc.items("legal_near", "publisher") + sc.items("legal_far", "publisher"), res,
                                     preload=True)
@@ -159,6 +150,9 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                     path = cells_dir / f"{key}.json"
                     if path.exists():
                         cells[key] = _load_cell(path, settings)
+                        continue
+                    if report_only:
+                        missing_cells.append(key)
                         continue
                     print(f"bench: {key} ...", flush=True)
                     t0 = time.perf_counter()
