@@ -1,19 +1,24 @@
-"""The demo and the bench run end to end on a tiny random model (the real ones run on the embedded default)."""
+"""The bench, the relearn form and the demo, on a tiny random model (the real ones run on the embedded default)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from freezeasguard import emoji
-from freezeasguard.bench import BenchProfile, markdown, run_bench, summarise
+from freezeasguard.bench import (BenchProfile, cell_key, curve_rows, frontier_verdicts, markdown, parse_cell,
+                                 planned_cells, run_bench, scenario_form, steps_to_reach, summarise, user_budgets)
 from freezeasguard.demo import DemoConfig, run_demo
-from freezeasguard.evaluate import SamplingConfig
+from freezeasguard.evaluate import SamplingConfig, validity_checks
 from freezeasguard.learn import LearnConfig
 from freezeasguard.recogniser import Recogniser, RecogniserConfig
+from freezeasguard.relearn import Mixture, RelearnConfig, uce_prompts
 from freezeasguard.tiny import TinySpec, build_tiny_model
 from freezeasguard.training import TrainConfig
+
+FAST = SamplingConfig(num_inference_steps=1, guidance_scale=1.0)
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +34,9 @@ def _loader():
 
 def _recogniser():
     ids = sorted(set(emoji.families()) | set(emoji.LEGAL_FAR_CONCEPTS))
-    return Recogniser(RecogniserConfig(identities=ids, resolution=32, channels=(8, 8, 8), feature_dim=8))
+    torch.manual_seed(0)  # the same random recogniser every call: runs compared across calls see the same scores
+    return Recogniser(RecogniserConfig(identities=ids, styles=["twemoji", "openmoji"], resolution=32,
+                                       channels=(8, 8, 8), feature_dim=8))
 
 
 def _learn():
@@ -37,75 +44,274 @@ def _learn():
                        warm_start=TrainConfig(max_steps=1, batch_size=2, progress=False))
 
 
-def test_demo_writes_a_report_and_resumes(tmp_path):
-    cfg = DemoConfig(learn=_learn(), finetune_steps=1, finetune_batch=2, n_samples=2,
-                     sampling=SamplingConfig(num_inference_steps=1, guidance_scale=1.0), grid_columns=2)
-    result = run_demo(tmp_path, cfg, model_loader=_loader(), recogniser=_recogniser())
-    report = tmp_path / "report"
-    for name in ("report.md", "metrics.json", "mask.png", "guard.json", "grid-illegal.png", "grid-legal_near.png"):
-        assert (report / name).is_file(), name
-    assert {"mitigation", "legal_impact_near", "legal_impact_far"} <= set(result["derived"])
-    assert len(result["validity"]) == 5
-    text = (report / "report.md").read_text()
-    assert "Validity checks" in text and "mitigation" in text
-    # a second run reuses every stage
-    before = json.loads((tmp_path / "state.json").read_text())["metrics"]
-    run_demo(tmp_path, cfg, model_loader=_loader(), recogniser=_recogniser())
-    assert json.loads((tmp_path / "state.json").read_text())["metrics"] == before
+def _relearn():
+    return RelearnConfig(teach_steps=2, teach_batch=2, base_images=6)
 
 
-def test_bench_grid_runs_caches_and_reports(tmp_path):
-    profile = BenchProfile("test", ["figures"], ["none", "random", "uce", "guard"], [0.3], [0], finetune_steps=1,
-                           finetune_batch=2, n_samples=2, sampling=SamplingConfig(num_inference_steps=1, guidance_scale=1.0),
-                           learn=_learn(), imma_steps=1)
+def _profile(**kw):
+    base = dict(name="test", scenarios=["figures"], methods=["none", "random", "freeze-time-embedding", "guard"],
+                ratios=[0.3], seeds=[0], steps=2, legal_steps=2, batch_size=2, n_samples=2, curve_cells=["none", "guard@0.3"],
+                curve_steps=[1, 2, 3], legal_curve_steps=[1], curve_samples=2, sampling=FAST, learn=_learn(),
+                relearn=_relearn(), imma_steps=1, keep_images=2)
+    return BenchProfile(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------- pure bookkeeping
+def test_scenario_names_and_cells_parse():
+    assert scenario_form("figures") == ("figures", "relearn")
+    assert scenario_form("artstyle-scratch") == ("artstyle", "scratch")
+    with pytest.raises(ValueError, match="unknown scenario"):
+        scenario_form("figures-later")
+    assert parse_cell("guard@0.3") == ("guard", 0.3) and parse_cell("none") == ("none", None)
+    plan = planned_cells(_profile(ratios=[0.1, 0.3]))
+    assert plan == [("none", None, True), ("random", 0.1, False), ("random", 0.3, False),
+                    ("freeze-time-embedding", None, False), ("guard", 0.1, False), ("guard", 0.3, True)]
+
+
+def test_user_budgets_put_the_budget_at_full_samples_and_curve_points_at_curve_samples():
+    p = _profile(steps=400, legal_steps=800, n_samples=200, curve_samples=50, curve_steps=[100, 400, 1600],
+                 legal_curve_steps=[200, 800, 3200])
+    assert user_budgets(p, "illegal", curve=False) == {400: 200}
+    assert user_budgets(p, "illegal", curve=True) == {100: 50, 400: 200, 1600: 50}
+    # legal curve points at or beyond the legal budget are dropped: the run ends at the budget
+    assert user_budgets(p, "legal", curve=True) == {200: 50, 800: 200}
+
+
+def test_slowdown_reached_and_not_reached():
+    pts = [{"step": s, "domain": "illegal", "rate": r} for s, r in ((50, 0.1), (100, 0.5), (200, 0.8), (400, 0.9))]
+    assert steps_to_reach(pts, "illegal", 0.8) == 200
+    assert steps_to_reach(pts, "illegal", 0.95) is None
+    assert steps_to_reach(pts, "legal_far", 0.0) is None  # no point of that domain
+    cells = {
+        "figures-seed0-none": {"scenario": "figures", "seed": 0, "method": "none", "ratio": None, "curve": True,
+                               "domains": {"illegal": {"rate": 0.9}}, "curves": {"illegal": pts}},
+        "figures-seed0-guard-r0.3": {"scenario": "figures", "seed": 0, "method": "guard", "ratio": 0.3, "curve": True,
+                                     "domains": {"illegal": {"rate": 0.5}},
+                                     "curves": {"illegal": [{"step": 400, "domain": "illegal", "rate": 0.5},
+                                                            {"step": 1600, "domain": "illegal", "rate": 0.85}]}},
+    }
+    rows = {r["method"]: r for r in curve_rows(cells, _profile(), void=set())}
+    assert rows["none"]["target"] == pytest.approx(0.81) and rows["none"]["steps_to_target"] == 400
+    assert rows["guard"]["steps_to_target"] == 1600 and rows["guard"]["max_step"] == 1600
+    cells["figures-seed0-guard-r0.3"]["curves"]["illegal"][1]["rate"] = 0.7
+    rows = {r["method"]: r for r in curve_rows(cells, _profile(), void=set())}
+    assert rows["guard"]["steps_to_target"] is None  # not reached: reported as such
+
+
+def test_validity_checks_on_hand_set_numbers():
+    good = {"taught_base_families": 0.9, "taught_illegal": 0.8, "release_illegal": 0.1, "release_base_families": 0.75,
+            "release_legal_near": 0.0, "release_legal_far": 0.05, "full_illegal": 0.7, "full_legal_near": 0.65,
+            "full_legal_far": 0.61}
+    checks = validity_checks("relearn", good)
+    assert len(checks) == 9 and all(c["ok"] for c in checks)
+    for key, bad in (("taught_illegal", 0.69), ("release_illegal", 0.21), ("release_base_families", 0.6),
+                     ("full_legal_far", 0.59), ("full_illegal", None)):
+        failed = [c["key"] for c in validity_checks("relearn", {**good, key: bad}) if not c["ok"]]
+        assert failed == [key], key
+    scratch = validity_checks("scratch", {**good, "release_illegal": 0.0, "release_base_families": 0.9})
+    assert len(scratch) == 7 and all(c["ok"] for c in scratch)
+    assert not validity_checks("scratch", {**good, "release_illegal": 0.3})[1]["ok"]
+    with pytest.raises(ValueError, match="form"):
+        validity_checks("later", good)
+
+
+def test_frontier_verdict_names_the_best_method_within_the_goals():
+    table = [
+        {"scenario": "figures", "method": "none", "ratio": None, "mitigation": 0.0, "legal_impact_near": 0.0, "legal_impact_far": 0.0},
+        {"scenario": "figures", "method": "random", "ratio": 0.3, "mitigation": 0.1, "legal_impact_near": 0.0, "legal_impact_far": 0.02},
+        {"scenario": "figures", "method": "guard", "ratio": 0.3, "mitigation": 0.5, "legal_impact_near": 0.05, "legal_impact_far": 0.04},
+        {"scenario": "figures", "method": "random", "ratio": 0.7, "mitigation": 0.9, "legal_impact_near": 0.5, "legal_impact_far": 0.8},
+        {"scenario": "figures", "method": "guard", "ratio": 0.7, "mitigation": 0.7, "legal_impact_near": 0.08, "legal_impact_far": 0.05},
+        {"scenario": "figures", "method": "freeze-resnets", "ratio": None, "mitigation": 0.95, "legal_impact_near": 0.0, "legal_impact_far": 0.3},
+    ]
+    v = frontier_verdicts(table)["figures"]
+    assert v["best_within_goals"] == {"method": "guard", "ratio": 0.7, "mitigation": 0.7}
+    assert v["best_margin_per_ratio"]["0.3"]["method"] == "guard"
+    assert v["best_margin_per_ratio"]["0.7"]["method"] == "guard"
+    assert v["goals_met_by"] == ["guard@0.7"]
+    table[4]["legal_impact_far"] = 0.06  # just outside the far goal
+    v = frontier_verdicts(table)["figures"]
+    assert v["best_within_goals"]["ratio"] == 0.3 and v["goals_met_by"] == []
+
+
+def test_mixture_keeps_its_proportion():
+    class Ds:
+        def __init__(self, tag, n):
+            self.tag, self.n = tag, n
+
+        def __len__(self):
+            return self.n
+
+        def example(self, i, seed):
+            assert 0 <= i < self.n
+            return {"tag": self.tag, "i": i}
+
+    m = Mixture(Ds("base", 40), Ds("taught", 3), 0.75)
+    tags = [m.example(i, None)["tag"] for i in range(len(m))]
+    assert tags.count("base") / len(tags) == pytest.approx(0.75, abs=0.02)
+    assert {m.example(i, None)["i"] for i in range(len(m)) if tags[i] == "taught"} == {0, 1, 2}
+    with pytest.raises(ValueError):
+        Mixture(Ds("a", 1), Ds("b", 1), 1.0)
+
+
+# ---------------------------------------------------------------------------- the unlearning step
+def test_uce_makes_a_tiny_model_denoise_an_unlearned_caption_like_its_guide():
+    """A case built to show unlearning: before the edit the UNet's prediction for a protected figure's caption
+    differs from its prediction for the guide caption ('a person'); after UCE it nearly equals it, while a
+    preserved caption's prediction does not move."""
+    from freezeasguard.baselines import uce_edit
+
+    from freezeasguard import zoo
+
+    model = zoo.load_base()  # its tokenizer spells the benchmark's captions in whole words (the tiny one truncates)
+    sc = emoji.scenario("figures", 0)
+    prompts = uce_prompts(sc, preserve_base_people=False)
+    edit, guide, keep = prompts["uce_edit"][0], prompts["uce_guide"][0], prompts["uce_preserve"][0]
+    assert "of a person," in guide and "of a person," not in edit
+    torch.manual_seed(0)
+    latents = torch.randn(1, model.unet.config.in_channels, model.unet.config.sample_size, model.unet.config.sample_size)
+    t = torch.tensor([500])
+
+    def predict(caption):
+        with torch.no_grad():
+            return model.unet(latents, t, encoder_hidden_states=model.encode_prompts([caption])).sample
+
+    before_edit, before_guide, before_keep = predict(edit), predict(guide), predict(keep)
+    gap_before = (before_edit - before_guide).norm() / before_guide.norm()
+    uce_edit(model, [edit], [guide], [keep], lam=1.0)
+    gap_after = (predict(edit) - before_guide).norm() / before_guide.norm()  # draws as the guide did
+    keep_moved = (predict(keep) - before_keep).norm() / before_keep.norm()
+    assert gap_before > 0.01
+    assert gap_after < 0.05 * gap_before
+    assert keep_moved < 0.05 * gap_before
+
+
+def test_uce_prompts_preserve_base_people_for_a_healthy_release():
+    sc = emoji.scenario("figures", 0)
+    lean, healthy = uce_prompts(sc, preserve_base_people=False), uce_prompts(sc)
+    assert len(healthy["uce_preserve"]) > len(lean["uce_preserve"])
+    illegal = set(sc.illegal)
+    base_people = {it.concept for it in sc.items("base") if it.record.family is not None}
+    assert base_people and not base_people & illegal
+    art = uce_prompts(emoji.scenario("artstyle", 0))
+    assert all(g.endswith("twemoji style") and e.endswith("openmoji style")
+               for e, g in zip(art["uce_edit"], art["uce_guide"]))
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_bench_relearn_grid_runs_caches_and_reports(tmp_path):
+    profile = _profile()
     summary = run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
-    # a random tiny model fails the validity checks: the run is void and kept out of the derived figures
+    # the relearn form built the taught and released models once, from the tiny base
+    rel = tmp_path / "relearn" / "figures-seed0"
+    assert (rel / "teach" / "model" / "model_index.json").is_file() and (rel / "release" / "model_index.json").is_file()
+    info = json.loads((rel / "info.json").read_text())
+    assert info["recipe"]["config"]["teach_steps"] == 2 and info["uce"]["edit_rows"] > 0
+    # a random tiny model fails the validity checks: void, kept out of the derived figures
     assert summary["void"] == ["figures seed 0"] and summary["table"] == []
-    assert (tmp_path / "results.md").is_file() and (tmp_path / "tradeoff.png").is_file()
-    cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
-    assert cells == ["figures-seed0-base.json", "figures-seed0-guard-r0.3.json", "figures-seed0-none.json",
-                     "figures-seed0-random-r0.3.json", "figures-seed0-uce.json"]
-    text = (tmp_path / "results.md").read_text()
-    assert "Void (validity checks failed" in text and "figures-seed0-guard-r0.3" in text
-    # with rates that pass the checks, the derived figures follow BENCHMARK.md's formulas
-    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
-    base = cells["figures-seed0-base"]["domains"]
-    for d, r in (("base_families", 0.9), ("illegal", 0.0), ("legal_near", 0.0), ("legal_far", 0.1)):
-        base[d]["rate"] = r
-    for key, (ill, near, far) in {"none": (0.8, 0.6, 0.5), "guard-r0.3": (0.4, 0.6, 0.45),
-                                  "random-r0.3": (0.6, 0.3, 0.5), "uce": (0.8, 0.6, 0.5)}.items():
-        dom = cells[f"figures-seed0-{key}"]["domains"]
-        dom["illegal"]["rate"], dom["legal_near"]["rate"], dom["legal_far"]["rate"] = ill, near, far
-    derived = summarise(cells, profile)
-    guard_row = next(r for r in derived["table"] if r["method"] == "guard")
-    assert derived["void"] == [] and guard_row["mitigation"] == pytest.approx(0.5)
-    assert guard_row["legal_impact_near"] == pytest.approx(0.0) and guard_row["legal_impact_far"] == pytest.approx(0.1)
-    assert guard_row["advantage_vs_random"] == pytest.approx(0.5 / 0.25) and "advantage_vs_uce" not in guard_row
-    text = markdown(derived, cells, profile)
-    assert "| figures | 0.3 | 50.0% |" in text.split("## The guard against")[1].split("## Validity")[0]
-    base = json.loads((tmp_path / "cells" / "figures-seed0-base.json").read_text())
-    assert set(base["domains"]) == {"base_families", "illegal", "legal_near", "legal_far"}
-    (check_set,) = summary["validity"]
-    assert len(check_set["checks"]) == 5 and check_set["valid"] is all(c["ok"] for c in check_set["checks"])
-    # the bench freezes by parameter budget by default: random freezing spends at most 30% of the parameters
-    random_cell = json.loads((tmp_path / "cells" / "figures-seed0-random-r0.3.json").read_text())
-    assert 0.2 < random_cell["guard"]["ratio_by_params"] <= 0.3
+    for name in ("results.md", "results.json", "frontier.png", "curves.png"):
+        assert (tmp_path / name).is_file(), name
+    cells = sorted(p.stem for p in (tmp_path / "cells").iterdir())
+    assert cells == ["figures-seed0-base", "figures-seed0-freeze-time-embedding", "figures-seed0-guard-r0.3",
+                     "figures-seed0-none", "figures-seed0-random-r0.3"]
+    data = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert set(data["figures-seed0-base"]["models"]) == {"taught", "release"}
+    assert set(data["figures-seed0-base"]["models"]["release"]) == {"base_families", "illegal", "legal_near", "legal_far"}
+    # curve cells evaluated the illegal user at every curve step and the legal user at its curve point + budget
+    guard = data["figures-seed0-guard-r0.3"]
+    assert [p["step"] for p in guard["curves"]["illegal"]] == [1, 2, 3]
+    assert sorted({p["step"] for p in guard["curves"]["legal"]}) == [1, 2]
+    assert [p["step"] for p in data["figures-seed0-random-r0.3"]["curves"]["illegal"]] == [2]
+    comp = data["figures-seed0-freeze-time-embedding"]["guard"]
+    assert comp["frozen_tensors"] > 0 and comp["ratio_by_params"] < 0.5
+    assert (tmp_path / "work" / "figures-seed0-guard-r0.3" / "samples-illegal.safetensors").is_file()
+    # with rates that pass the checks, the derived figures follow docs/benchmark.md's formulas, rate and prob
+    models = data["figures-seed0-base"]["models"]
+    for which, d, r in (("taught", "base_families", 0.9), ("taught", "illegal", 0.9), ("release", "illegal", 0.1),
+                        ("release", "base_families", 0.8), ("release", "legal_near", 0.0), ("release", "legal_far", 0.0)):
+        models[which][d]["rate"] = r
+    for key, (ill, near, far) in {"none": (0.8, 0.7, 0.7), "guard-r0.3": (0.4, 0.7, 0.63),
+                                  "random-r0.3": (0.6, 0.35, 0.7), "freeze-time-embedding": (0.8, 0.7, 0.7)}.items():
+        dom = data[f"figures-seed0-{key}"]["domains"]
+        for d, r in (("illegal", ill), ("legal_near", near), ("legal_far", far)):
+            dom[d]["rate"] = r
+            dom[d]["mean_prob"] = r / 2
+    dom = data["figures-seed0-guard-r0.3"]["domains"]
+    dom["illegal"]["mean_prob"] = 0.1  # continuous measure differs from the rate: mitigation_prob = 1 - 0.1/0.4
+    derived = summarise(data, profile)
+    row = next(r for r in derived["table"] if r["method"] == "guard")
+    assert derived["void"] == [] and row["mitigation"] == pytest.approx(0.5)
+    assert row["mitigation_prob"] == pytest.approx(0.75)
+    assert row["legal_impact_near"] == pytest.approx(0.0) and row["legal_impact_far"] == pytest.approx(0.1)
+    assert row["advantage_vs_random"] == pytest.approx(0.5 / 0.25)
+    text = markdown(derived, data, profile)
+    assert "Form `relearn`" in text and "## The frontier" in text and "Slowdown" in text
+    # resuming recomputes nothing
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
     run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == mtimes
-    # report-only computes nothing: complete here, and an empty directory lists every cell as missing
-    assert run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser(),
-                     report_only=True)["missing_cells"] == []
+    # report-only computes nothing; a fresh directory lists every cell as missing
     empty = run_bench(tmp_path / "empty", profile, model_loader=_loader(), recogniser=_recogniser(), report_only=True)
-    assert len(empty["missing_cells"]) == 4 + 4 and not list((tmp_path / "empty" / "cells").iterdir())
-    assert "Incomplete: 8 cell(s)" in (tmp_path / "empty" / "results.md").read_text()
-    # a cached cell is never reused under other settings
-    other = BenchProfile(**{**profile.__dict__, "finetune_steps": 2})
-    with pytest.raises(ValueError, match="finetune_steps"):
-        run_bench(tmp_path, other, model_loader=_loader(), recogniser=_recogniser())
+    assert len(empty["missing_cells"]) == 5 and not list((tmp_path / "empty" / "cells").iterdir())
+    # a cached cell is never reused under other settings, nor a relearn cache under another recipe
+    with pytest.raises(ValueError, match="legal_steps"):
+        run_bench(tmp_path, _profile(legal_steps=3), model_loader=_loader(), recogniser=_recogniser())
 
 
-def test_bench_rejects_unknown_methods(tmp_path):
-    profile = BenchProfile("test", ["figures"], ["none", "no-such-method"], [0.3], [0])
+def test_demo_is_one_run_of_the_bench_cells(tmp_path):
+    cfg = DemoConfig(steps=2, legal_steps=2, batch_size=2, n_samples=2, curve_steps=[1, 2], learn=_learn(),
+                     relearn=_relearn(), sampling=FAST, grid_columns=2)
+    result = run_demo(tmp_path / "demo", cfg, model_loader=_loader(), recogniser=_recogniser())
+    report = tmp_path / "demo" / "report"
+    for name in ("report.md", "metrics.json", "mask.png", "guard.json", "curves.png", "grid-illegal.png"):
+        assert (report / name).is_file(), name
+    assert {"mitigation", "mitigation_prob", "legal_impact_near", "legal_impact_far"} <= set(result["derived"])
+    assert len(result["validity"]) == 9 and "Learning curves" in (report / "report.md").read_text()
+    # the same cells from the bench itself: identical results (timings aside)
+    run_bench(tmp_path / "bench", cfg.profile(), model_loader=_loader(), recogniser=_recogniser())
+
+    def strip(cell):
+        return {k: v for k, v in cell.items() if "seconds" not in k}
+
+    for key in (cell_key("figures", 0, "base", None), cell_key("figures", 0, "none", None),
+                cell_key("figures", 0, "guard", 0.3)):
+        a = json.loads((tmp_path / "demo" / "cells" / f"{key}.json").read_text())
+        b = json.loads((tmp_path / "bench" / "cells" / f"{key}.json").read_text())
+        assert strip(a) == strip(b), key
+    # rerunning the demo reuses every cell (no cell file is rewritten)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "demo" / "cells").iterdir()}
+    run_demo(tmp_path / "demo", cfg, model_loader=_loader(), recogniser=_recogniser())
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "demo" / "cells").iterdir()} == mtimes
+
+
+def test_bench_rejects_unknown_methods_and_curve_cells(tmp_path):
     with pytest.raises(ValueError, match="no-such-method"):
-        run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
+        run_bench(tmp_path, _profile(methods=["none", "no-such-method"]), model_loader=_loader(), recogniser=_recogniser())
+    with pytest.raises(ValueError, match="curve cell"):
+        run_bench(tmp_path, _profile(curve_cells=["nope@0.3"]), model_loader=_loader(), recogniser=_recogniser())
+
+
+def test_uce_pairs_the_differing_span_and_everything_after_it():
+    from freezeasguard.baselines import _aligned_pairs
+
+    eos = 9
+    #             BOS an of  police officer ,  style EOS pad pad
+    edit = torch.tensor([0, 1, 2, 5, 6, 3, 4, 9, 9, 9])
+    guide = torch.tensor([0, 1, 2, 7, 3, 4, 9, 9, 9, 9])  # "person" is one token
+    pairs = _aligned_pairs(edit, guide, eos)
+    # the span maps onto the guide's one token; suffix, end token and padding pair from the end token on
+    assert pairs == [(3, 3), (4, 3), (5, 4), (6, 5), (7, 6), (8, 7), (9, 8)]
+    assert all(edit[i] == guide[j] for i, j in pairs[2:])
+
+
+def test_component_baselines_freeze_whole_components():
+    from freezeasguard.baselines import MethodContext, component_names, release
+
+    model = _loader()()
+    for kind, must in (("freeze-cross-attention", ".attn2.to_"), ("freeze-resnets", ".resnets."),
+                       ("freeze-time-embedding", "time_embedding.")):
+        rel = release(kind, MethodContext(model, None, None, 0.0))
+        names = set(rel.guard.frozen)
+        assert names == set(component_names(model.unet, kind)) and all(must in n for n in names), kind
+        others = [n for n in rel.guard.names if must in n and n not in names]
+        assert not others, kind

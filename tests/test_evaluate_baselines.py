@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freezeasguard.baselines import METHODS, MethodContext, release, uce_closed_form
+from freezeasguard.baselines import METHODS, MethodContext, MethodOptions, release, uce_closed_form
 from freezeasguard.evaluate import bootstrap_ci, frechet_distance, recognise
 from freezeasguard.learn import LearnConfig
 from freezeasguard.recogniser import Recogniser, RecogniserConfig
@@ -77,8 +77,8 @@ def ctx_factory(toy_data):
         learn = LearnConfig(mask_every=2, mask_steps=2, mask_batch=4,
                             user=TrainConfig(batch_size=2, progress=False),
                             warm_start=TrainConfig(max_steps=2, batch_size=2, progress=False))
-        options = {"learn": learn, "imma_steps": 2, "uce_edit": ["a red cat", "a green dog"],
-                   "uce_guide": ["a red house", "a green tree"], "uce_preserve": ["a blue tree", "a yellow house"]}
+        options = MethodOptions(learn=learn, imma_steps=2, uce_edit=["a red cat", "a green dog"],
+                                uce_guide=["a red house", "a green tree"], uce_preserve=["a blue tree", "a yellow house"])
         return MethodContext(model, toy_data(4), toy_data(4, random_flip=False), ratio, seed=0, options=options)
 
     return make

@@ -21,13 +21,27 @@ from .model import DiffusionModel
 
 
 @dataclass
+class MethodOptions:
+    """What methods other than plain freezing need: the learner's config, UCE's captions, IMMA's budget."""
+
+    learn: Any = None  # LearnConfig; None: its defaults
+    uce_edit: list[str] = field(default_factory=list)
+    uce_guide: list[str] = field(default_factory=list)
+    uce_preserve: list[str] = field(default_factory=list)
+    uce_lambda: float = 1.0
+    imma_steps: int = 100
+    imma_lr: float = 1e-4
+    imma_lora_lr: float = 1e-3
+
+
+@dataclass
 class MethodContext:
     model: DiffusionModel  # the base; a method may edit it in place and release it
     illegal: Any  # publisher's illegal dataset
     legal: Any  # publisher's legal dataset
     ratio: float
     seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
+    options: MethodOptions = field(default_factory=MethodOptions)
     output_dir: Any = None
     by: str = "count"  # what the ratio counts: "count" (tensors) or "params" (a parameter budget)
 
@@ -122,7 +136,7 @@ def warm_start(model: DiffusionModel, ctx: MethodContext) -> dict[str, torch.Ten
     from .learn import LearnConfig, MixedData
     from .training import TrainConfig, train
 
-    cfg = ctx.options.get("learn") or LearnConfig()
+    cfg = ctx.options.learn or LearnConfig()
     tuned = copy.deepcopy(model)
     objective = _objective(tuned)
     params = {f"unet.{n}": p for n, p in tuned.unet.named_parameters()}
@@ -177,7 +191,7 @@ def _guard(ctx: MethodContext) -> Release:
 
     from .learn import LearnConfig, learn_guard
 
-    cfg = ctx.options.get("learn") or LearnConfig()
+    cfg = ctx.options.learn or LearnConfig()
     cfg = LearnConfig.from_dict({**cfg.to_dict(), "ratio": ctx.ratio, "ratio_by": ctx.by, "seed": ctx.seed})
     guard = learn_guard(copy.deepcopy(ctx.model), ctx.illegal, ctx.legal, cfg, output_dir=ctx.output_dir)
     return Release(ctx.model, guard)
@@ -186,8 +200,8 @@ def _guard(ctx: MethodContext) -> Release:
 @register("uce")
 def _uce(ctx: MethodContext) -> Release:
     """UCE: closed-form edit of the cross-attention key/value projections (illegal concepts -> a guide)."""
-    info = uce_edit(ctx.model, ctx.options.get("uce_edit", []), ctx.options.get("uce_guide", []),
-                    ctx.options.get("uce_preserve", []), lam=ctx.options.get("uce_lambda", 1.0))
+    o = ctx.options
+    info = uce_edit(ctx.model, o.uce_edit, o.uce_guide, o.uce_preserve, lam=o.uce_lambda)
     return Release(ctx.model, None, info)
 
 
@@ -203,9 +217,40 @@ def _guard_uce(ctx: MethodContext) -> Release:
 @register("imma")
 def _imma(ctx: MethodContext) -> Release:
     """IMMA: attention weights take gradient-ascent steps against a LoRA that keeps re-learning the illegal data."""
-    info = imma_immunize(ctx.model, ctx.illegal, steps=ctx.options.get("imma_steps", 100), seed=ctx.seed,
-                         lr=ctx.options.get("imma_lr", 1e-4), lora_lr=ctx.options.get("imma_lora_lr", 1e-3))
+    o = ctx.options
+    info = imma_immunize(ctx.model, ctx.illegal, steps=o.imma_steps, seed=ctx.seed, lr=o.imma_lr, lora_lr=o.imma_lora_lr)
     return Release(ctx.model, None, info)
+
+
+# The paper's component ablations: whole kinds of tensor frozen at once, whatever the ratio.
+COMPONENTS = {
+    "freeze-cross-attention": ("every cross-attention projection (attn2 to_q/to_k/to_v/to_out)",
+                               lambda n: ".attn2.to_" in n),
+    "freeze-resnets": ("every resnet block", lambda n: ".resnets." in n),
+    "freeze-time-embedding": ("the time embedding", lambda n: n.startswith("time_embedding.")),
+}
+
+
+def component_names(unet: Any, kind: str) -> list[str]:
+    _, match = COMPONENTS[kind]
+    names = [n for n in unet_tensors(unet) if match(n)]
+    if not names:
+        raise ValueError(f"{kind}: this UNet has no such tensors")
+    return names
+
+
+def _register_component(kind: str) -> None:
+    description, _ = COMPONENTS[kind]
+
+    def method(ctx: MethodContext) -> Release:
+        return Release(ctx.model, Guard.from_names(ctx.model.unet, component_names(ctx.model.unet, kind), method=kind))
+
+    method.__doc__ = f"Component freezing: {description}."
+    register(kind)(method)
+
+
+for _kind in COMPONENTS:
+    _register_component(_kind)
 
 
 # ---------------------------------------------------------------------------- UCE
@@ -223,18 +268,48 @@ def uce_closed_form(W: torch.Tensor, edit: torch.Tensor, guide: torch.Tensor, pr
     return torch.linalg.solve(lhs, rhs.T).T.to(W.dtype)
 
 
-def _token_rows(model: DiffusionModel, prompts: Sequence[str]) -> torch.Tensor:
-    """Text-encoder hidden states of the prompts' real tokens (BOS/EOS and padding dropped), stacked [n, d]."""
+def _hidden(model: DiffusionModel, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [n, L] and text-encoder hidden states [n, L, d] of the prompts, padded as the UNet sees them."""
     with torch.no_grad():
         ids = model.tokenize(list(prompts))
         hidden = model.text_encoder(ids.to(model.text_encoder.device))[0].cpu()
-    pad = model.tokenizer.pad_token_id
-    rows = []
-    for h, row in zip(hidden, ids):
-        keep = (row != pad)
-        keep[0] = False  # BOS
-        rows.append(h[keep])
-    return torch.cat(rows) if rows else torch.zeros(0, hidden.shape[-1])
+    return ids.cpu(), hidden
+
+
+def _first(row: torch.Tensor, token: int) -> int:
+    hits = (row == token).nonzero()
+    return int(hits[0]) if len(hits) else len(row)
+
+
+def _aligned_pairs(ids_e: torch.Tensor, ids_g: torch.Tensor, eos: int) -> list[tuple[int, int]]:
+    """Position pairs (edit, guide) of two padded captions that differ in a middle span ("a police officer" vs
+    "a person"): the shared suffix, the end token and the padding after it are paired counting from the end
+    token, the differing span maps onto the guide's span (its last token where the guide's is shorter). The
+    shared prefix is left out: causal attention makes it identical in both. Every position the UNet attends to
+    after the prefix is paired, so the edited caption is seen as the guide."""
+    end_e, end_g = _first(ids_e, eos), _first(ids_g, eos)
+    p = 1
+    while p < min(end_e, end_g) and ids_e[p] == ids_g[p]:
+        p += 1
+    s = 0
+    while s < min(end_e, end_g) - p and ids_e[end_e - 1 - s] == ids_g[end_g - 1 - s]:
+        s += 1
+    pairs = []
+    mid_g = max(end_g - s - p, 0)
+    for i in range(p, end_e - s):  # the differing span
+        pairs.append((i, p + min(i - p, mid_g - 1) if mid_g else p - 1))
+    for k in range(-s, len(ids_e) - max(end_e, end_g)):  # shared suffix, end token, padding
+        pairs.append((end_e + k, end_g + k))
+    return pairs
+
+
+def _token_rows(model: DiffusionModel, prompts: Sequence[str]) -> torch.Tensor:
+    """Hidden states of every position (padding included: the UNet attends to it), stacked [n, d]; the start
+    token, the same in every caption and where attention sinks, once."""
+    if not prompts:
+        return torch.zeros(0, model.text_encoder.config.hidden_size)
+    _, hidden = _hidden(model, prompts)
+    return torch.cat([hidden[:1, 0], hidden[:, 1:].reshape(-1, hidden.shape[-1])])
 
 
 def uce_edit(model: DiffusionModel, edit_prompts: Sequence[str], guide_prompts: Sequence[str],
@@ -243,14 +318,15 @@ def uce_edit(model: DiffusionModel, edit_prompts: Sequence[str], guide_prompts: 
     guide prompts' tokens, while preserve prompts' tokens keep their projections."""
     if len(edit_prompts) != len(guide_prompts):
         raise ValueError("UCE needs one guide prompt per edited prompt")
-    pairs_e, pairs_g = [], []
-    for e, g in zip(edit_prompts, guide_prompts):
-        re, rg = _token_rows(model, [e]), _token_rows(model, [g])
-        n = min(len(re), len(rg))  # align token positions; captions share their structure
-        pairs_e.append(re[:n])
-        pairs_g.append(rg[:n])
-    E = torch.cat(pairs_e) if pairs_e else torch.zeros(0, model.text_encoder.config.hidden_size)
-    G = torch.cat(pairs_g) if pairs_g else E
+    width = model.text_encoder.config.hidden_size
+    E, G = torch.zeros(0, width), torch.zeros(0, width)
+    if edit_prompts:
+        ids_e, hid_e = _hidden(model, edit_prompts)
+        ids_g, hid_g = _hidden(model, guide_prompts)
+        eos = model.tokenizer.eos_token_id
+        pairs = [(n, i, j) for n in range(len(ids_e)) for i, j in _aligned_pairs(ids_e[n], ids_g[n], eos)]
+        E = torch.stack([hid_e[n, i] for n, i, _ in pairs])
+        G = torch.stack([hid_g[n, j] for n, _, j in pairs])
     P = _token_rows(model, preserve_prompts)
     edited = []
     with torch.no_grad():

@@ -1,9 +1,11 @@
-"""`freezeasguard demo`: the whole story on the embedded default, in minutes on a CPU.
+"""`freezeasguard demo`: the paper's story on the embedded default, in minutes on a CPU.
 
-Learn a guard for a scenario from the publisher's samples; fine-tune the base as an illegal user and as a
-legal user, each with and without the guard; sample and score every model on every domain; write report/
-(report.md, metrics.json, sample grids, the mask per block) and print a short table. Every stage is cached in
-the output directory, so an interrupted demo resumes where it stopped.
+The base is taught the protected figures, the publisher unlearns them (UCE) and releases the unlearned model
+with a learned guard; an illegal user tries to relearn the figures from their own images and a legal user adapts
+the model to new domains, each with and without the guard. The demo is one run of the benchmark's own cells
+(`bench.run_bench` with a two-cell profile: full fine-tuning and the guard, both with learning curves), so the
+two cannot drift apart; on top it writes report/ (report.md, metrics.json, sample grids, the mask per block, the
+learning curves). Every cell is cached in the output directory, so an interrupted demo resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -17,173 +19,113 @@ from typing import Any
 
 import torch
 
-from .evaluate import SamplingConfig, base_families_domain, evaluate, scenario_domains, validity_checks
+from .bench import BenchProfile, cell_key, plot_curves, run_bench
+from .evaluate import SamplingConfig
 from .images import save_grid
 from .io import atomic_write_json, atomic_write_text
-from .learn import LearnConfig, learn_guard
-from .training import TrainConfig
+from .learn import LearnConfig
+from .relearn import RelearnConfig
+
 
 @dataclass
 class DemoConfig:
-    scenario: str = "figures"
+    scenario: str = "figures"  # relearn form; "figures-scratch" for the from-scratch variant
     ratio: float = 0.3
     seed: int = 0
+    steps: int = 400  # the illegal user's attack budget
+    legal_steps: int = 400  # the legal user's budget (the bench's quick profile runs legal users to their plateau)
+    batch_size: int = 32
+    lr: float = 1e-4
+    n_samples: int = 100
+    curve_steps: list[int] = field(default_factory=lambda: [50, 100, 200, 400])
     learn: LearnConfig = field(default_factory=LearnConfig)
-    finetune_steps: int = 400
-    finetune_batch: int = 32
-    finetune_lr: float = 1e-4
-    n_samples: int = 200
+    relearn: RelearnConfig = field(default_factory=RelearnConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grid_columns: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def profile(self) -> BenchProfile:
+        """The bench profile this demo runs: full fine-tuning and the guard at the demo's ratio, with curves."""
+        return BenchProfile("demo", [self.scenario], ["none", "guard"], [self.ratio], [self.seed], steps=self.steps,
+                            legal_steps=self.legal_steps, batch_size=self.batch_size, lr=self.lr,
+                            n_samples=self.n_samples, curve_cells=["none", f"guard@{self.ratio:g}"],
+                            curve_steps=list(self.curve_steps), legal_curve_steps=[], curve_samples=self.n_samples,
+                            sampling=self.sampling, learn=self.learn, relearn=self.relearn)
+
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, *, model_loader: Any = None,
              recogniser: Any = None) -> dict[str, Any]:
     """Run (or resume) the demo into `out`; returns the metrics written to out/report/metrics.json."""
-    from . import emoji, zoo
-    from .finetuning import FinetuneConfig, finetune
-    from .model import DiffusionModel
+    from .guard import Guard
     from .plots import plot_guard
 
     cfg = config or DemoConfig()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    profile = cfg.profile()
+    summary = run_bench(out, profile, model_loader=model_loader, recogniser=recogniser, command="freezeasguard demo")
+    cells = json.loads((out / "results.json").read_text())["cells"]
     report = out / "report"
     report.mkdir(exist_ok=True)
-    t_start = time.perf_counter()
-    load = model_loader or zoo.load_base
-    rec = recogniser or zoo.load_recogniser()
-    sc = emoji.scenario(cfg.scenario, cfg.seed)
-    base = load()
-    res = base.resolution
-    state_path = out / "state.json"
-    state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
-    if state.get("config") not in (None, json.loads(json.dumps(cfg.to_dict()))):
-        raise ValueError(f"{out}: holds a demo run with another configuration; use a new directory")
-    state["config"] = json.loads(json.dumps(cfg.to_dict()))
-    state.setdefault("timing_seconds", {})
-    state.setdefault("metrics", {})
-
-    def save_state() -> None:
-        atomic_write_json(state_path, state)
-
-    # 1. learn the guard from the publisher's samples
-    guard_path = out / "guard" / "guard.json"
-    if not guard_path.exists():
-        t0 = time.perf_counter()
-        ill = emoji.dataset(sc.items("illegal", "publisher"), res, preload=True)
-        leg = emoji.dataset(sc.items("legal_near", "publisher") + sc.items("legal_far", "publisher"), res, preload=True)
-        learn_cfg = LearnConfig.from_dict({**cfg.learn.to_dict(), "ratio": cfg.ratio, "seed": cfg.seed})
-        learn_guard(load(), ill, leg, learn_cfg, output_dir=out / "guard",
-                    provenance={"scenario": sc.manifest(), "model": "embedded"})
-        state["timing_seconds"]["learn_guard"] = time.perf_counter() - t0
-        save_state()
-    from .guard import Guard
-
-    guard = Guard.load(guard_path)
+    key = lambda m, r=None: cell_key(cfg.scenario, cfg.seed, m, r)  # noqa: E731
+    base, full, guarded = cells[key("base")], cells[key("none")], cells[key("guard", cfg.ratio)]
+    guard = Guard.load(out / "work" / key("guard", cfg.ratio) / "guard.json")
     plot_guard(guard, report / "mask.png")
-
-    # 2. users fine-tune, with and without the guard
-    users = {
-        "illegal": sc.items("illegal", "user"),
-        "legal": sc.items("legal_near", "user") + sc.items("legal_far", "user"),
+    shutil.copy(out / "work" / key("guard", cfg.ratio) / "guard.json", report / "guard.json")
+    plot_curves(summary, report / "curves.png")
+    row = next((r for r in summary["table"] if r["method"] == "guard"), None)
+    validity = summary["validity"][0] if summary["validity"] else {"checks": [], "valid": False}
+    result = {
+        "scenario": cfg.scenario, "seed": cfg.seed, "config": json.loads(json.dumps(cfg.to_dict())),
+        "guard": guard.summary(), "derived": _derived(full, guarded), "derived_in_summary": row,
+        "validity": validity["checks"], "valid": validity["valid"],
+        "models": {"base": base["models"], "full": full["domains"], "guarded": guarded["domains"]},
+        "curves": {"full": full["curves"], "guarded": guarded["curves"]},
+        "seconds": {"this_run": time.perf_counter() - t0,
+                    **{f"{k}:{u}": s for k, c in (("full", full), ("guarded", guarded))
+                       for u, s in c.get("finetune_seconds", {}).items()},
+                    "guard_release": guarded.get("release_seconds")},
+        "grids": _grids(out, cfg, key),
     }
-    models: dict[str, Any] = {"base": base}
-    for user, items in users.items():
-        for guarded in (False, True):
-            key = f"{user}-{'guarded' if guarded else 'full'}"
-            run_dir = out / f"finetune-{key}"
-            if not (run_dir / "finetune.json").exists():
-                t0 = time.perf_counter()
-                data = emoji.dataset(items, res, preload=True)
-                ft_cfg = FinetuneConfig(method="full", train=TrainConfig(
-                    max_steps=cfg.finetune_steps, batch_size=cfg.finetune_batch, learning_rate=cfg.finetune_lr,
-                    seed=cfg.seed, checkpoint_every=100))
-                finetune(load(), data, guard=guard if guarded else None, config=ft_cfg, output_dir=run_dir)
-                state["timing_seconds"][f"finetune-{key}"] = time.perf_counter() - t0
-                save_state()
-            models[key] = DiffusionModel.from_pretrained(run_dir / "model", torch_dtype=torch.float32)
-
-    # 3. evaluate every model on the domains it is about
-    domains = scenario_domains(sc, res)
-    domains["base_families"] = base_families_domain(res)
-    plan = [("base", d) for d in domains] + [
-        ("illegal-full", "illegal"), ("illegal-guarded", "illegal"),
-        ("legal-full", "legal_near"), ("legal-guarded", "legal_near"),
-        ("legal-full", "legal_far"), ("legal-guarded", "legal_far"),
-    ]
-    grids: dict[str, dict[str, torch.Tensor]] = {}
-    t0 = time.perf_counter()
-    for model_key, domain_key in plan:
-        cell = f"{model_key}/{domain_key}"
-        images_path = out / "samples" / f"{model_key}--{domain_key}.pt"
-        if cell in state["metrics"] and images_path.exists():
-            from safetensors.torch import load_file
-
-            images = load_file(str(images_path))["images"]
-        else:
-            metrics, images = evaluate(models[model_key], domains[domain_key], rec, n_samples=cfg.n_samples,
-                                       seed=cfg.seed, sampling=cfg.sampling)
-            from safetensors.torch import save_file
-
-            images_path.parent.mkdir(exist_ok=True)
-            save_file({"images": images[: cfg.grid_columns].contiguous()}, str(images_path))
-            state["metrics"][cell] = metrics
-            save_state()
-        grids.setdefault(domain_key, {})[model_key] = images[: cfg.grid_columns]
-    if "evaluate" not in state["timing_seconds"]:
-        state["timing_seconds"]["evaluate"] = time.perf_counter() - t0
-
-    # 4. report
-    result = _summarise(state, guard, sc)
-    for domain_key, rows in grids.items():
-        real = domains[domain_key].real[: cfg.grid_columns]
-        order = ["base"] + [k for k in ("illegal-full", "illegal-guarded", "legal-full", "legal-guarded") if k in rows]
-        stacked = torch.cat([real] + [rows[k] for k in order])
-        save_grid(stacked, report / f"grid-{domain_key}.png", nrow=len(real), scale=3)
-        result["grids"][domain_key] = {"file": f"grid-{domain_key}.png", "rows": ["real"] + order}
-    state["timing_seconds"]["total_this_run"] = time.perf_counter() - t_start
-    result["timing_seconds"] = state["timing_seconds"]
-    save_state()
     atomic_write_json(report / "metrics.json", result)
     atomic_write_text(report / "report.md", _markdown(result, cfg))
-    shutil.copy(out / "guard" / "guard.json", report / "guard.json")
     return result
 
 
-def _rate(state: dict[str, Any], cell: str) -> float | None:
-    m = state["metrics"].get(cell)
-    return None if m is None else m["rate"]
+def _derived(full: dict[str, Any], guarded: dict[str, Any]) -> dict[str, float | None]:
+    def one_minus(d: str, what: str) -> float | None:
+        a, b = guarded["domains"].get(d, {}).get(what), full["domains"].get(d, {}).get(what)
+        return None if a is None or not b else 1 - a / b
+
+    out = {}
+    for what, suffix in (("rate", ""), ("mean_prob", "_prob")):
+        out[f"mitigation{suffix}"] = one_minus("illegal", what)
+        out[f"legal_impact_near{suffix}"] = one_minus("legal_near", what)
+        out[f"legal_impact_far{suffix}"] = one_minus("legal_far", what)
+    return out
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return 1 - a / b
+def _grids(out: Path, cfg: DemoConfig, key: Any) -> dict[str, Any]:
+    """Sample grids per domain, a row per model (full, guarded fine-tune): the first images each bench cell
+    kept of its evaluation at the user's budget."""
+    from safetensors.torch import load_file
 
-
-def _summarise(state: dict[str, Any], guard: Any, sc: Any) -> dict[str, Any]:
-    r = lambda cell: _rate(state, cell)  # noqa: E731
-    derived = {
-        "mitigation": _ratio(r("illegal-guarded/illegal"), r("illegal-full/illegal")),
-        "legal_impact_near": _ratio(r("legal-guarded/legal_near"), r("legal-full/legal_near")),
-        "legal_impact_far": _ratio(r("legal-guarded/legal_far"), r("legal-full/legal_far")),
-    }
-    checks = validity_checks({d: r(f"base/{d}") for d in ("base_families", "illegal", "legal_near", "legal_far")},
-                             r("illegal-full/illegal"))
-    return {
-        "scenario": sc.name,
-        "seed": sc.seed,
-        "guard": guard.summary(),
-        "metrics": state["metrics"],
-        "derived": derived,
-        "validity": checks,
-        "valid": all(c["ok"] for c in checks),
-        "grids": {},
-    }
+    grids = {}
+    for domain in ("illegal", "legal_near", "legal_far"):
+        rows, names = [], []
+        for label, m in (("full", "none"), ("guarded", "guard")):
+            path = out / "work" / (key(m) if m == "none" else key(m, cfg.ratio)) / f"samples-{domain}.safetensors"
+            if path.exists():
+                rows.append(load_file(str(path))["images"][: cfg.grid_columns])
+                names.append(label)
+        if rows:
+            width = min(len(r) for r in rows)
+            name = f"grid-{domain}.png"
+            save_grid(torch.cat([r[:width] for r in rows]), out / "report" / name, nrow=width, scale=3)
+            grids[domain] = {"file": name, "rows": names}
+    return grids
 
 
 def _pct(x: float | None) -> str:
@@ -192,44 +134,48 @@ def _pct(x: float | None) -> str:
 
 def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     rows = []
-    for cell, m in sorted(result["metrics"].items()):
-        model, domain = cell.split("/")
-        lo, hi = m["rate_ci95"]
-        fid = "n/a" if m["fid"] is None else f"{m['fid']:.2f}"
-        rows.append((model, domain, f"{_pct(m['rate'])} [{_pct(lo)}, {_pct(hi)}]", _pct(m["mean_prob"]), fid))
+    groups = [(f"base: {which}", doms) for which, doms in result["models"]["base"].items()]
+    groups += [("full fine-tune", result["models"]["full"]), ("guarded fine-tune", result["models"]["guarded"])]
+    for model, doms in groups:
+        for domain, m in doms.items():
+            lo, hi = m["rate_ci95"]
+            fid = "n/a" if m.get("fid") is None else f"{m['fid']:.2f}"
+            rows.append((model, domain, f"{_pct(m['rate'])} [{_pct(lo)}, {_pct(hi)}]", _pct(m["mean_prob"]), fid))
     return rows
 
 
 def _markdown(result: dict[str, Any], cfg: DemoConfig) -> str:
-    g = result["guard"]
-    d = result["derived"]
+    g, d = result["guard"], result["derived"]
     lines = [
-        f"# freezeasguard demo: scenario `{result['scenario']}`, seed {result['seed']}",
-        "",
-        "Command: `freezeasguard demo`. Everything below was measured by that run (config in metrics.json).",
-        "",
-        f"Guard: {g['frozen_tensors']}/{g['total_tensors']} UNet tensors frozen ({_pct(g['ratio_by_count'])} by count, "
-        f"{_pct(g['ratio_by_params'])} of parameters), learned from the publisher's samples. Per block: `mask.png`.",
-        f"Fine-tuning: {cfg.finetune_steps} AdamW steps, batch {cfg.finetune_batch}, lr {cfg.finetune_lr}, on the "
-        f"user's samples (disjoint from the publisher's). Sampling: DDIM {cfg.sampling.num_inference_steps} steps, "
-        f"guidance {cfg.sampling.guidance_scale}, {cfg.n_samples} samples per cell.",
-        "",
-        "## Result",
-        "",
-        f"- mitigation (1 - guarded/full recognition on the illegal domain): **{_pct(d['mitigation'])}**",
-        f"- legal impact, legal-near: **{_pct(d['legal_impact_near'])}**; legal-far: **{_pct(d['legal_impact_far'])}**",
+        f"# freezeasguard demo: scenario `{result['scenario']}`, seed {result['seed']}", "",
+        "Command: `freezeasguard demo`. Everything below was measured by that run (config in metrics.json; the "
+        "bench report of the same cells is ../results.md).", "",
+        "The base was taught the protected figures from the publisher's images, then unlearned (UCE): that "
+        "release is what users fine-tune. The illegal user tries to relearn the figures from their own images "
+        f"({cfg.steps} AdamW steps, batch {cfg.batch_size}, lr {cfg.lr}); the legal user adapts the release to "
+        f"new people and hand gestures ({cfg.legal_steps} steps). "
+        f"Guard: {g['frozen_tensors']}/{g['total_tensors']} UNet tensors frozen ({_pct(g['ratio_by_count'])} of the "
+        f"tensors, {_pct(g['ratio_by_params'])} of the parameters), learned from the publisher's samples; per block: "
+        f"`mask.png`. Sampling: DDIM {cfg.sampling.num_inference_steps} steps, guidance "
+        f"{cfg.sampling.guidance_scale}, {cfg.n_samples} samples per model and domain.", "",
+        "## Result", "",
+        f"- mitigation (1 - guarded/full on the illegal domain): **{_pct(d['mitigation'])}** by recognition rate, "
+        f"{_pct(d['mitigation_prob'])} by mean probability",
+        f"- legal impact, legal-near: **{_pct(d['legal_impact_near'])}** (prob {_pct(d['legal_impact_near_prob'])}); "
+        f"legal-far: **{_pct(d['legal_impact_far'])}** (prob {_pct(d['legal_impact_far_prob'])})",
         f"- benchmark valid: **{'yes' if result['valid'] else 'NO (see the checks; the numbers above are void)'}**",
-        "",
-        "| model | domain | recognition [95% CI] | mean prob. | FD (recogniser features) |",
-        "|---|---|---|---|---|",
-    ]
+        "", "| model | domain | recognition [95% CI] | mean prob. | FD (recogniser features) |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {e} | {f} |" for a, b, c, e, f in table_rows(result)]
-    lines += ["", "## Validity checks", "", "| check | value | needs | ok |", "|---|---|---|---|"]
+    lines += ["", "## Learning curves (illegal user)", "", "| steps | full | guarded |", "|---|---|---|"]
+    full = {p["step"]: p["rate"] for p in result["curves"]["full"].get("illegal", [])}
+    guarded = {p["step"]: p["rate"] for p in result["curves"]["guarded"].get("illegal", [])}
+    lines += [f"| {s} | {_pct(full.get(s))} | {_pct(guarded.get(s))} |" for s in sorted(set(full) | set(guarded))]
+    lines += ["", "![curves](curves.png)", "", "## Validity checks", "", "| check | value | needs | ok |",
+              "|---|---|---|---|"]
     lines += [f"| {c['check']} | {_pct(c['value'])} | {c['threshold']} | {'yes' if c['ok'] else 'NO'} |"
               for c in result["validity"]]
-    lines += ["", "## Sample grids", "", "Rows: real images of the domain, then each model; columns: the first prompts.", ""]
-    for domain, info in result["grids"].items():
-        lines.append(f"- `{info['file']}` ({domain}): rows {', '.join(info['rows'])}")
-    t = result.get("timing_seconds", {})
-    lines += ["", "## Time (seconds, this machine)", ""] + [f"- {k}: {v:.0f}" for k, v in t.items()]
+    lines += ["", "## Sample grids", "", "Rows: each model; columns: the first prompts of the domain.", ""]
+    lines += [f"- `{info['file']}` ({dom}): rows {', '.join(info['rows'])}" for dom, info in result["grids"].items()]
+    lines += ["", "## Time (seconds, this machine)", ""]
+    lines += [f"- {k}: {v:.0f}" for k, v in result["seconds"].items() if v is not None]
     return "\n".join(lines) + "\n"

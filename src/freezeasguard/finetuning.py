@@ -7,6 +7,7 @@ tensor is checked bit-identical to the guard's record before anything is written
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from .guard import Guard, unet_tensors
 from .io import atomic_directory, atomic_write_json
 from .model import DiffusionModel
 from .objective import DenoisingObjective, EncodedDataset
-from .training import TrainConfig, TrainResult, train
+from .training import TrainCallback, TrainConfig, TrainResult, train
 
 METHODS = ("full", "lora")
 # diffusers' own LoRA recipe for SD (train_text_to_image_lora.py) adapts the attention projections.
@@ -127,6 +128,7 @@ def finetune(
     config: FinetuneConfig | None = None,
     output_dir: str | Path | None = None,
     accelerator: Any = None,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> FinetuneResult:
     """Fine-tune `model` in place on `data` (a dataset of images and captions) under `guard`.
 
@@ -172,7 +174,7 @@ def finetune(
     objective = DenoisingObjective(model, caption_dropout=cfg.caption_dropout)
     out = Path(output_dir) if output_dir is not None else None
     result = train(objective, train_data, trainable, cfg.train, output_dir=out, accelerator=accelerator,
-                   desc=f"finetune ({cfg.method}{', guarded' if guard is not None else ''})")
+                   callbacks=callbacks, desc=f"finetune ({cfg.method}{', guarded' if guard is not None else ''})")
 
     report = None
     if guard is not None:

@@ -14,13 +14,17 @@ from . import _fail, _offline, app
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Work directory; the report goes to OUT/report.")] = Path("runs/demo"),
-    scenario: Annotated[str, typer.Option(help="figures or artstyle.")] = "figures",
-    ratio: Annotated[float, typer.Option(help="Freeze ratio of the learned guard.")] = 0.3,
+    scenario: Annotated[str, typer.Option(help="figures or artstyle (relearn form), or figures-scratch / artstyle-scratch.")] = "figures",
+    ratio: Annotated[float, typer.Option(help="Freeze ratio of the learned guard, as a share of the UNet's parameters.")] = 0.3,
     seed: Annotated[int, typer.Option(help="Seed of splits, training and sampling.")] = 0,
-    n_samples: Annotated[int, typer.Option(help="Samples per model and domain.")] = 200,
+    steps: Annotated[int, typer.Option(help="The illegal user's fine-tuning steps (the attack budget).")] = 400,
+    legal_steps: Annotated[int, typer.Option(help="The legal user's fine-tuning steps.")] = 400,
+    lr: Annotated[float, typer.Option(help="The users' learning rate (AdamW).")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="The users' batch size.")] = 32,
+    n_samples: Annotated[int, typer.Option(help="Samples per model and domain.")] = 100,
 ) -> None:
-    """Learn a guard, fine-tune as an illegal and a legal user with and without it, evaluate, and write a
-    report. Rerun the same command to resume an interrupted demo."""
+    """Teach the base the protected figures, unlearn them, guard the release, let an illegal and a legal user
+    fine-tune it with and without the guard, evaluate, and write a report. Rerun the same command to resume."""
     _offline()
     from rich.console import Console
     from rich.table import Table
@@ -29,7 +33,9 @@ def demo(
 
     t0 = time.perf_counter()
     try:
-        result = run_demo(out, DemoConfig(scenario=scenario, ratio=ratio, seed=seed, n_samples=n_samples))
+        cfg = DemoConfig(scenario=scenario, ratio=ratio, seed=seed, steps=steps, legal_steps=legal_steps, lr=lr,
+                         batch_size=batch_size, n_samples=n_samples)
+        result = run_demo(out, cfg)
     except (ValueError, OSError) as exc:
         raise _fail(exc) from exc
     table = Table(title=f"freezeasguard demo ({scenario}, ratio {ratio}, seed {seed})")
@@ -44,6 +50,7 @@ def demo(
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
-    console.print(f"mitigation {pct(d['mitigation'])}; legal impact near {pct(d['legal_impact_near'])}, "
-                  f"far {pct(d['legal_impact_far'])}; benchmark valid: {'yes' if result['valid'] else 'NO'}")
+    console.print(f"mitigation {pct(d['mitigation'])} (prob {pct(d['mitigation_prob'])}); legal impact near "
+                  f"{pct(d['legal_impact_near'])}, far {pct(d['legal_impact_far'])}; benchmark valid: "
+                  f"{'yes' if result['valid'] else 'NO'}")
     console.print(f"report: {out / 'report' / 'report.md'}   elapsed {time.perf_counter() - t0:.0f} s")
