@@ -128,3 +128,17 @@ def test_registry_lists_every_method_and_refuses_unknown_ones(ctx_factory):
             "guard+uce"} <= set(METHODS)
     with pytest.raises(ValueError, match="unknown method"):
         release("nope", ctx_factory())
+
+
+def test_imma_adapter_follows_the_seed_not_the_global_rng(toy_data):
+    from freezeasguard.baselines import imma_immunize
+
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)
+        model = build_tiny_model(TinySpec(), seed=0)
+        imma_immunize(model, toy_data(4), steps=1, seed=seed, batch_size=2)
+        return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+    a, b, c = run(3, 100), run(3, 200), run(4, 100)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)

@@ -216,3 +216,19 @@ def test_text_encoder_stays_frozen_unless_the_guard_allows(base_and_guard, toy_d
     model = DiffusionModel.from_pretrained(base)
     finetune(model, toy_data(4), guard=allowing, config=cfg)
     assert any(not torch.equal(before[n], p) for n, p in model.text_encoder.named_parameters())
+
+
+def _lora_run(toy_data, seed, global_seed):
+    torch.manual_seed(global_seed)  # the caller's global RNG state must not decide the adapter's initialisation
+    model = build_tiny_model(TinySpec(), seed=0)
+    cfg = FinetuneConfig(method="lora", train=TrainConfig(max_steps=1, batch_size=2, learning_rate=1e-3, progress=False,
+                                                          seed=seed))
+    finetune(model, toy_data(4), config=cfg)
+    return {n: p.detach().clone() for n, p in model.unet.named_parameters() if ".lora_" in n}
+
+
+def test_lora_initialisation_follows_the_run_seed(toy_data):
+    a, b, c = _lora_run(toy_data, 3, 100), _lora_run(toy_data, 3, 200), _lora_run(toy_data, 4, 100)
+    assert a.keys() == b.keys() == c.keys() and a
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a if "lora_A" in n)

@@ -281,13 +281,15 @@ def imma_immunize(model: DiffusionModel, illegal: Any, *, steps: int = 100, seed
     from peft import LoraConfig
 
     from .finetuning import DEFAULT_LORA_TARGETS
+    from .seeding import STREAM_ADAPTER, derive_seed, seeded_global_rng
 
     enc = _encoded(model, illegal)
     objective = _objective(model)
     for p in objective.parameters():
         p.requires_grad_(False)
-    model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                      target_modules=list(DEFAULT_LORA_TARGETS)), adapter_name="imma")
+    with seeded_global_rng(derive_seed(seed, STREAM_ADAPTER)):  # peft initialises lora_A from the global RNG
+        model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                          target_modules=list(DEFAULT_LORA_TARGETS)), adapter_name="imma")
     lora = [p for n, p in model.unet.named_parameters() if ".lora_" in n]
     theta = [p for n, p in model.unet.named_parameters() if ".base_layer." in n]
     for p in lora + theta:

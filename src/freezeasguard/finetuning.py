@@ -19,6 +19,7 @@ from .guard import Guard, unet_tensors
 from .io import atomic_directory, atomic_write_json
 from .model import DiffusionModel
 from .objective import DenoisingObjective, EncodedDataset
+from .seeding import STREAM_ADAPTER, derive_seed, seeded_global_rng
 from .training import TrainConfig, TrainResult, train
 
 METHODS = ("full", "lora")
@@ -150,8 +151,10 @@ def finetune(
         from peft import LoraConfig
 
         lora_modules, skipped = resolve_lora_targets(unet, cfg.lora_targets, guard, cfg.skip_frozen_targets)
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                    init_lora_weights="gaussian", target_modules=lora_modules))
+        # peft draws the initial lora_A from the global RNG: seed it from the run, so --seed decides it
+        with seeded_global_rng(derive_seed(cfg.train.seed, STREAM_ADAPTER)):
+            unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                        init_lora_weights="gaussian", target_modules=lora_modules))
         trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if ".lora_" in n}
         if guard is not None:
             landed = check_lora(guard, list(lora_state_dict(unet)))
