@@ -194,3 +194,64 @@ def test_config_validation():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"max_step": 3})
+
+
+class _PoisonedAt(torch.nn.Module):
+    """The denoising objective whose `at`-th call returns NaN (one call per step without accumulation)."""
+
+    def __init__(self, inner, at):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, batch):
+        self.calls += 1
+        loss = self.inner(batch)
+        return loss * float("nan") if self.calls == self.at else loss
+
+
+def _checkpointed(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "trainable.safetensors"))
+
+
+def test_a_non_finite_loss_stops_before_the_step_with_the_last_checkpoint_intact(toy_data, tmp_path):
+    from freezeasguard.errors import DivergedError
+    from freezeasguard.training import latest_checkpoint
+
+    _, objective, unet = _setup()
+    with pytest.raises(DivergedError, match="non-finite loss .* step 3.*not taken"):
+        train(_PoisonedAt(objective, 3), toy_data(8), unet, _cfg(checkpoint_every=2, ema_decay=None),
+              output_dir=tmp_path)
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == "step-00000002"
+    saved = _checkpointed(ckpt)
+    # the in-memory weights are the last good ones (step 2), not poisoned by the NaN step
+    assert all(torch.equal(saved[n], p.detach()) for n, p in unet.items())
+    assert all(torch.isfinite(p).all() for p in unet.values())
+
+
+def test_a_non_finite_gradient_stops_before_the_step(toy_data, tmp_path):
+    from freezeasguard.errors import DivergedError
+
+    class NanGrad(TrainCallback):
+        name = "nan-grad"
+
+        def on_before_optimizer_step(self, ctx):
+            if ctx.step == 2:  # during the third step
+                next(iter(ctx.trainable.values())).grad.view(-1)[0] = float("inf")
+
+    _, objective, unet = _setup()
+    with pytest.raises(DivergedError, match="non-finite gradient .* step 3"):
+        train(objective, toy_data(8), unet, _cfg(checkpoint_every=2, ema_decay=None, max_grad_norm=None),
+              output_dir=tmp_path, callbacks=[NanGrad()])
+    saved = _checkpointed(tmp_path / "checkpoints" / "step-00000002")
+    assert all(torch.equal(saved[n], p.detach()) for n, p in unet.items())
+
+
+def test_max_steps_below_the_last_checkpoint_is_refused(toy_data, tmp_path):
+    _, objective, unet = _setup()
+    train(objective, toy_data(4), unet, _cfg(max_steps=4, lr_schedule="constant"), output_dir=tmp_path)
+    _, objective, unet = _setup()
+    with pytest.raises(CheckpointError, match="at step 4, past max_steps 2"):
+        train(objective, toy_data(4), unet, _cfg(max_steps=2, lr_schedule="constant"), output_dir=tmp_path)

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..data import collate_examples
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DivergedError
 from ..io import atomic_directory, atomic_write_json
 from ..seeding import STREAM_GLOBAL, STREAM_ORDER, derive_seed
 from . import memory
@@ -265,6 +265,10 @@ def _load_checkpoint(ckpt: Path, cfg: TrainConfig, trainable: dict[str, torch.nn
     if saved_cfg["max_steps"] != cfg.max_steps and cfg.lr_schedule != "constant":
         raise CheckpointError(f"{ckpt}: max_steps changed ({saved_cfg['max_steps']} -> {cfg.max_steps}) under the "
                               f"{cfg.lr_schedule!r} schedule, which depends on it")
+    if int(meta["step"]) > cfg.max_steps:
+        # resuming would return weights trained past max_steps: never silently
+        raise CheckpointError(f"{ckpt}: the checkpoint is at step {meta['step']}, past max_steps {cfg.max_steps}; "
+                              f"ask for at least {meta['step']} steps or use a new output directory")
     expected = {n: list(p.shape) for n, p in trainable.items()}
     if meta["trainable"] != expected:
         missing = sorted(set(expected) - set(meta["trainable"]))
@@ -434,19 +438,33 @@ def _step(run: _Run, batches: Iterator[Any], step: int) -> float:
             loss = model(batch)
             accelerator.backward(loss / cfg.gradient_accumulation)
         total += loss.detach().float()
+    # Checked before the optimizer step, so a divergence never reaches the weights: every process sees the
+    # same reduced loss and the same synchronised gradients, so all stop together.
+    step_loss = float(accelerator.reduce(total / cfg.gradient_accumulation, reduction="mean"))
+    if not math.isfinite(step_loss):
+        _diverged(run, step, f"non-finite loss ({step_loss})")
     for cb in run.callbacks:
         cb.on_before_optimizer_step(ctx)
     if cfg.max_grad_norm is not None:
-        accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
+    # Under fp16 the gradient scaler owns overflow: it skips the step and lowers the scale.
+    if getattr(accelerator, "scaler", None) is None and norm is not None and not math.isfinite(float(norm)):
+        _diverged(run, step, f"non-finite gradient (norm {float(norm)})")
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.step(run.params)
-    step_loss = float(accelerator.reduce(total / cfg.gradient_accumulation, reduction="mean"))
-    if not math.isfinite(step_loss):
-        raise FloatingPointError(f"loss became {step_loss} at step {step + 1}; lower the learning rate")
     return step_loss
+
+
+def _diverged(run: _Run, step: int, what: str) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    kept = f"; last checkpoint {run.last_ckpt}" if run.last_ckpt is not None else ""
+    raise DivergedError(f"{what} at step {step + 1}: the step was not taken, the weights are those after step "
+                        f"{step}{kept}; lower the learning rate or check the data")
 
 
 def _after_step(run: _Run, interrupted: bool) -> None:
