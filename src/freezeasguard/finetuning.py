@@ -21,6 +21,7 @@ from .model import DiffusionModel
 from .objective import DenoisingObjective, EncodedDataset
 from .seeding import STREAM_ADAPTER, derive_seed, seeded_global_rng
 from .training import TrainConfig, TrainResult, train
+from .training.core import make_accelerator
 
 METHODS = ("full", "lora")
 # diffusers' own LoRA recipe for SD (train_text_to_image_lora.py) adapts the attention projections.
@@ -174,6 +175,8 @@ def finetune(
             train_data = EncodedDataset(model, data, encode_text=not cfg.train_text_encoder)
     objective = DenoisingObjective(model, caption_dropout=cfg.caption_dropout)
     out = Path(output_dir) if output_dir is not None else None
+    # Made here, not left to train(), so that under torchrun this function knows which process writes.
+    accelerator = accelerator or make_accelerator(cfg.train.mixed_precision)
     result = train(objective, train_data, trainable, cfg.train, output_dir=out, accelerator=accelerator,
                    desc=f"finetune ({cfg.method}{', guarded' if guard is not None else ''})")
 
@@ -192,11 +195,13 @@ def finetune(
         lora_modules=lora_modules, skipped_modules=skipped, output=None,
     )
     if out is not None:
-        is_main = getattr(accelerator, "is_main_process", True) if accelerator is not None else True
-        if is_main:
-            ft.output = _save(model, cfg, guard, out)
+        # One writer per output directory: the main process writes, the others wait until it is written.
+        if accelerator.is_main_process:
+            _save(model, cfg, guard, out)
             atomic_write_json(out / "finetune.json", {"config": cfg.to_dict(), "guard": guard.summary() if guard else None,
                                                       **ft.record()})
+        accelerator.wait_for_everyone()
+        ft.output = out / ("model" if cfg.method == "full" else "lora")
     return ft
 
 
