@@ -56,7 +56,21 @@ def test_full_finetune_keeps_frozen_tensors_and_moves_the_rest(base_and_guard, t
     assert result.trainable_tensors == len(before) - len(guard.frozen)
     assert verify(tmp_path / "ft" / "model", guard).compliant
     record = json.loads((tmp_path / "ft" / "finetune.json").read_text())
-    assert record["trainable_parameters"] < record["unet_parameters"]
+    # shares counted independently: the UNet's unfrozen tensors train, the text encoder does not
+    frozen_params = sum(before[n].numel() for n in guard.frozen)
+    unet_params = sum(t.numel() for t in before.values())
+    assert record["unet"] == pytest.approx({
+        "tensors": len(before), "parameters": unet_params, "trainable_tensors": len(before) - len(guard.frozen),
+        "trainable_parameters": unet_params - frozen_params, "tensor_share": 1 - len(guard.frozen) / len(before),
+        "parameter_share": 1 - frozen_params / unet_params})
+    te = list(model.text_encoder.parameters())
+    assert record["text_encoder"] == {"tensors": len(te), "parameters": sum(p.numel() for p in te), "trainable_tensors": 0,
+                                      "trainable_parameters": 0, "tensor_share": 0.0, "parameter_share": 0.0}
+    from conftest import check_train_metrics
+
+    check_train_metrics(record["metrics"], steps=3, global_batch=4, trainable_tensors=result.trainable_tensors,
+                        trainable_parameters=unet_params - frozen_params)
+    assert json.loads((tmp_path / "ft" / "metrics.json").read_text()) == record["metrics"]
 
 
 def test_lora_never_lands_on_a_frozen_module(base_and_guard, toy_data, tmp_path):
@@ -188,6 +202,7 @@ def test_cli_finetune_lora_then_verify_and_inspect(base_and_guard, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "LoRA skipped" in result.output and "compliant" in result.output
+    assert "trained, UNet: LoRA adapters on" in result.output and "trained, text encoder: 0/" in result.output
     lora = tmp_path / "ft" / "lora"
     assert runner.invoke(app, ["verify", str(lora), "--guard", str(tmp_path / "guard.json")]).exit_code == 0
     shown = runner.invoke(app, ["inspect", str(tmp_path / "guard.json"), "--png", str(tmp_path / "blocks.png")])
@@ -214,8 +229,14 @@ def test_text_encoder_stays_frozen_unless_the_guard_allows(base_and_guard, toy_d
     allowing = dataclasses.replace(guard, allow_text_encoder=True)
     assert Guard.from_dict(allowing.to_dict()).allow_text_encoder
     model = DiffusionModel.from_pretrained(base)
-    finetune(model, toy_data(4), guard=allowing, config=cfg)
+    result = finetune(model, toy_data(4), guard=allowing, config=cfg)
     assert any(not torch.equal(before[n], p) for n, p in model.text_encoder.named_parameters())
+    # reported apart: all of the text encoder, the unfrozen share of the UNet
+    te = result.text_encoder.to_dict()
+    assert te["trainable_tensors"] == len(before) and te["tensor_share"] == te["parameter_share"] == 1.0
+    unet = result.unet.to_dict()
+    assert unet["trainable_tensors"] == len(guard.names) - len(guard.frozen) and 0 < unet["parameter_share"] < 1
+    assert result.trainable_tensors == te["trainable_tensors"] + unet["trainable_tensors"]
 
 
 def _lora_run(toy_data, seed, global_seed):

@@ -59,22 +59,48 @@ class FinetuneConfig:
 
 
 @dataclass
+class TrainableShare:
+    """How much of one model component a run trains. For LoRA the trained tensors are the adapter's, counted
+    against the UNet they adapt (so the parameter share is the adapter's size relative to the UNet)."""
+
+    tensors: int
+    parameters: int
+    trainable_tensors: int = 0
+    trainable_parameters: int = 0
+
+    @classmethod
+    def of(cls, own: list[torch.Tensor], trained: list[torch.Tensor]) -> TrainableShare:
+        return cls(len(own), sum(p.numel() for p in own), len(trained), sum(p.numel() for p in trained))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tensor_share": self.trainable_tensors / max(self.tensors, 1),
+                "parameter_share": self.trainable_parameters / max(self.parameters, 1)}
+
+
+@dataclass
 class FinetuneResult:
     train: TrainResult
     audit: AuditReport | None
-    trainable_tensors: int
-    trainable_parameters: int
-    unet_parameters: int
+    unet: TrainableShare
+    text_encoder: TrainableShare
     lora_modules: list[str]
     skipped_modules: list[str]
     output: Path | None
+
+    @property
+    def trainable_tensors(self) -> int:
+        return self.unet.trainable_tensors + self.text_encoder.trainable_tensors
+
+    @property
+    def trainable_parameters(self) -> int:
+        return self.unet.trainable_parameters + self.text_encoder.trainable_parameters
 
     def record(self) -> dict[str, Any]:
         return {
             "trainable_tensors": self.trainable_tensors,
             "trainable_parameters": self.trainable_parameters,
-            "unet_parameters": self.unet_parameters,
-            "trainable_fraction": self.trainable_parameters / self.unet_parameters,
+            "unet": self.unet.to_dict(),
+            "text_encoder": self.text_encoder.to_dict(),
             "lora_modules": self.lora_modules,
             "skipped_modules": self.skipped_modules,
             "audit": self.audit.to_dict() if self.audit is not None else None,
@@ -142,7 +168,6 @@ def finetune(
         guard.apply(unet)  # fingerprint and frozen values must match the guard's base
     frozen = set(guard.frozen) if guard is not None else set()
     base = unet_tensors(unet)
-    unet_params = sum(p.numel() for p in base.values())
 
     lora_modules: list[str] = []
     skipped: list[str] = []
@@ -190,8 +215,10 @@ def finetune(
             raise GuardViolation("post-training audit failed, nothing written: " + report.describe(limit=5))
 
     ft = FinetuneResult(
-        train=result, audit=report, trainable_tensors=len(trainable),
-        trainable_parameters=sum(p.numel() for p in trainable.values()), unet_parameters=unet_params,
+        train=result, audit=report,
+        unet=TrainableShare.of(list(base.values()), [p for n, p in trainable.items() if n.startswith("unet.")]),
+        text_encoder=TrainableShare.of(list(model.text_encoder.parameters()),
+                                       [p for n, p in trainable.items() if n.startswith("text_encoder.")]),
         lora_modules=lora_modules, skipped_modules=skipped, output=None,
     )
     if out is not None:

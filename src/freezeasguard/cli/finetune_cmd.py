@@ -73,8 +73,14 @@ def finetune(
         raise _fail(exc) from exc
     rec = result.record()
     typer.echo(f"wrote {result.output}")
-    typer.echo(f"trainable: {rec['trainable_tensors']} tensors, {rec['trainable_parameters']:,} parameters "
-               f"({rec['trainable_fraction']:.1%} of the UNet)")
+    for part, label in (("unet", "UNet"), ("text_encoder", "text encoder")):
+        s = rec[part]
+        if part == "unet" and result.lora_modules:  # adapters: their size against the UNet they adapt
+            tensors = f"LoRA adapters on {len(result.lora_modules)} modules"
+        else:
+            tensors = f"{s['trainable_tensors']}/{s['tensors']} tensors ({s['tensor_share']:.1%})"
+        typer.echo(f"trained, {label}: {tensors}, "
+                   f"{s['trainable_parameters']:,}/{s['parameters']:,} parameters ({s['parameter_share']:.1%})")
     if result.skipped_modules:
         typer.echo(f"LoRA skipped {len(result.skipped_modules)} frozen module(s): {', '.join(result.skipped_modules[:5])}"
                    + (" ..." if len(result.skipped_modules) > 5 else ""))
