@@ -253,3 +253,20 @@ def test_lora_initialisation_follows_the_run_seed(toy_data):
     assert a.keys() == b.keys() == c.keys() and a
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a if "lora_A" in n)
+
+
+def test_finetune_defaults_are_the_attacker_the_guard_is_evaluated_against():
+    """A default `finetune` (API or CLI) is the user fine-tune of the quick benchmark and of the demo."""
+    import typer.main
+
+    from freezeasguard.bench import PROFILES
+    from freezeasguard.demo import DemoConfig
+
+    t = FinetuneConfig().train
+    default = (t.max_steps, t.batch_size * t.gradient_accumulation, t.learning_rate, t.optimizer)
+    quick, demo = PROFILES["quick"], DemoConfig()
+    assert default == (quick.finetune_steps, quick.finetune_batch, quick.finetune_lr, "adamw")
+    assert default[:3] == (demo.finetune_steps, demo.finetune_batch, demo.finetune_lr)
+    command = typer.main.get_command(app).commands["finetune"]
+    cli = {opt: p.default for p in command.params for opt in p.opts}
+    assert (cli["--steps"], cli["--batch-size"], cli["--lr"]) == (t.max_steps, t.batch_size, t.learning_rate)

@@ -28,6 +28,13 @@ METHODS = ("full", "lora")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+def attacker_train_config() -> TrainConfig:
+    """The user fine-tune a guard is evaluated against (the quick benchmark's and the demo's): 400 AdamW steps of
+    batch 32 at lr 1e-4. It is FinetuneConfig's default, so a default run is the attack the published numbers
+    measured, not a weaker one that would overstate the protection."""
+    return TrainConfig(max_steps=400, batch_size=32, learning_rate=1e-4, optimizer="adamw")
+
+
 class GuardViolation(FreezeAsGuardError):
     """Fine-tuning would break the guard (or did, and nothing was written)."""
 
@@ -35,7 +42,7 @@ class GuardViolation(FreezeAsGuardError):
 @dataclass
 class FinetuneConfig:
     method: str = "full"
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=attacker_train_config)
     lora_rank: int = 4
     lora_alpha: float | None = None  # None: equal to the rank (scale 1)
     lora_targets: tuple[str, ...] | None = None  # None: DEFAULT_LORA_TARGETS, frozen modules skipped
