@@ -94,7 +94,7 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
     """Run (or resume) the grid into `out` and write the report. With `report_only`, nothing is computed: the
     report covers the cells cached so far and lists the missing ones."""
     from . import emoji, zoo
-    from .baselines import METHODS, MethodContext, release
+    from .baselines import METHODS, MethodContext, MethodOptions, release
     from .finetuning import FinetuneConfig, finetune
 
     unknown = [m for m in profile.methods if m not in METHODS]
@@ -156,7 +156,7 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                         continue
                     print(f"bench: {key} ...", flush=True)
                     t0 = time.perf_counter()
-                    options = {"learn": profile.learn, "imma_steps": profile.imma_steps, **_uce_prompts(sc)}
+                    options = MethodOptions(learn=profile.learn, imma_steps=profile.imma_steps, **_uce_prompts(sc))
                     rel = release(method, MethodContext(load(), pub_ill, pub_leg, ratio or 0.0, seed, options,
                                                         out / "work" / key, profile.ratio_by))
                     t_release = time.perf_counter() - t0
