@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, model_loader:
         t0 = time.perf_counter()
         ill = emoji.dataset(sc.items("illegal", "publisher"), res, preload=True)
         leg = emoji.dataset(sc.items("legal_near", "publisher") + sc.items("legal_far", "publisher"), res, preload=True)
-        learn_cfg = LearnConfig.from_dict({**cfg.learn.to_dict(), "ratio": cfg.ratio, "seed": cfg.seed})
+        learn_cfg = replace(cfg.learn, ratio=cfg.ratio, seed=cfg.seed)
         learn_guard(load(), ill, leg, learn_cfg, output_dir=out / "guard",
                     provenance={"scenario": sc.manifest(), "model": "embedded"})
         state["timing_seconds"]["learn_guard"] = time.perf_counter() - t0
