@@ -329,7 +329,8 @@ def train(
     `data` has `__len__` and `example(index, seed) -> dict` (and optionally `collate`); `objective(batch)`
     returns the mean loss of a batch. With `output_dir`, checkpoints go to output_dir/checkpoints (the last
     `checkpoints_total_limit` kept) and metrics to output_dir/metrics.json; with `resume`, the latest
-    checkpoint there is continued.
+    checkpoint there is continued (one past `max_steps` is refused). A non-finite loss or gradient raises
+    DivergedError before the optimizer step, so the weights and checkpoints stay those of the last good step.
     """
     run = _setup(objective, trainable, config, output_dir, callbacks, accelerator, desc)
     if resume and run.out is not None:
