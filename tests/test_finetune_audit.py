@@ -239,6 +239,20 @@ def test_text_encoder_stays_frozen_unless_the_guard_allows(base_and_guard, toy_d
     assert result.trainable_tensors == te["trainable_tensors"] + unet["trainable_tensors"]
 
 
+def test_seeded_draws_repeat_and_leave_the_callers_stream_alone():
+    from freezeasguard.seeding import seeded_global_rng
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with seeded_global_rng(1):
+        a = torch.rand(2)
+    with seeded_global_rng(1):
+        b = torch.rand(2)
+    assert torch.equal(a, b)
+    assert torch.equal(torch.rand(3), expected)  # as if the seeded block had not run
+
+
 def _lora_run(toy_data, seed, global_seed):
     torch.manual_seed(global_seed)  # the caller's global RNG state must not decide the adapter's initialisation
     model = build_tiny_model(TinySpec(), seed=0)
