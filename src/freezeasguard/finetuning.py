@@ -20,8 +20,7 @@ from .io import atomic_directory, atomic_write_json
 from .model import DiffusionModel
 from .objective import DenoisingObjective, EncodedDataset
 from .seeding import STREAM_ADAPTER, derive_seed, seeded_global_rng
-from .training import TrainConfig, TrainResult, train
-from .training.core import make_accelerator
+from .training import TrainConfig, TrainResult, make_accelerator, train
 
 METHODS = ("full", "lora")
 # diffusers' own LoRA recipe for SD (train_text_to_image_lora.py) adapts the attention projections.
