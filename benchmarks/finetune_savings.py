@@ -64,7 +64,7 @@ def worker(args: argparse.Namespace) -> None:
     out = {
         "run": args.run,
         "trainable_parameters": result.trainable_parameters,
-        "unet_parameters": result.unet_parameters,
+        "unet_parameters": result.unet.parameters,
         "optimizer_state_bytes": m["optimizer_state_bytes"],
         "peak_memory_bytes": m["peak_memory_bytes"],
         "peak_above_start_bytes": m["peak_memory_bytes"] - (m["rss_before_train_bytes"] or 0)

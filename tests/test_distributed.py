@@ -63,3 +63,21 @@ def test_two_processes_learn_the_same_guard(tmp_path):
     assert worst <= TOLERANCE, worst
     spread = max(a["scores"].values()) - min(a["scores"].values())
     assert spread > 1e-3  # the logits moved, so agreement is not vacuous
+
+
+def test_under_torchrun_only_the_main_process_writes_the_finetune_outputs(tmp_path):
+    """No accelerator passed in: finetune makes one, so rank 1 knows it is not the main process, does not write
+    into the shared directory, and returns only once rank 0 has written everything."""
+    import json
+
+    script = Path(__file__).with_name("dist_finetune.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    records = tmp_path / "records"
+    records.mkdir()
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(script), str(tmp_path / "ft"), str(records)], env)
+    ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["saved"] for r in ranks] == [True, False]
+    assert all(r["outputs_exist_on_return"] for r in ranks)
+    assert ranks[0]["output"] == ranks[1]["output"] == str(tmp_path / "ft" / "model")

@@ -128,3 +128,103 @@ def test_registry_lists_every_method_and_refuses_unknown_ones(ctx_factory):
             "guard+uce"} <= set(METHODS)
     with pytest.raises(ValueError, match="unknown method"):
         release("nope", ctx_factory())
+    with pytest.raises(TypeError, match="MethodOptions"):
+        MethodContext(None, None, None, 0.3, options={"imma_step": 2})
+
+
+def test_imma_adapter_follows_the_seed_not_the_global_rng(toy_data):
+    from freezeasguard.baselines import imma_immunize
+
+    def run(seed, global_seed):
+        torch.manual_seed(global_seed)
+        model = build_tiny_model(TinySpec(), seed=0)
+        imma_immunize(model, toy_data(4), steps=1, seed=seed, batch_size=2)
+        return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+    a, b, c = run(3, 100), run(3, 200), run(4, 100)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+# ---------------------------------------------------------------------------- importance scores rank a known case
+class _TwoPaths(torch.nn.Module):
+    """Illegal samples go through ill1/ill2 only, legal samples through leg1/leg2 only. The legal path is already
+    exact (zero first layer, output bias = the legal target), so its loss and gradients are exactly zero."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        for name in ("ill1", "ill2", "leg1", "leg2"):
+            layer = torch.nn.Linear(4, 4).double()
+            with torch.no_grad():
+                layer.weight.copy_(0.3 * torch.randn(4, 4, generator=g, dtype=torch.float64))
+                layer.bias.zero_()
+            setattr(self, name, layer)
+        with torch.no_grad():
+            self.leg1.weight.zero_()
+            self.leg2.bias.copy_(_LEGAL_TARGET)
+
+    def forward(self, batch):
+        x, y, domain = batch["x"], batch["y"], batch["domain"]
+        ill = self.ill2(torch.tanh(self.ill1(x)))
+        leg = self.leg2(torch.tanh(self.leg1(x)))
+        return ((torch.where((domain == 0)[:, None], ill, leg) - y) ** 2).mean()
+
+
+_LEGAL_TARGET = torch.tensor([0.5, -0.25, 1.0, 0.0], dtype=torch.float64)
+
+
+class _Domain:
+    def __init__(self, domain, n=8):
+        g = torch.Generator().manual_seed(10 + domain)
+        self.x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+        self.y = torch.randn(n, 4, generator=g, dtype=torch.float64) if domain == 0 else _LEGAL_TARGET.expand(n, 4)
+        self.domain = domain
+
+    def __len__(self):
+        return len(self.x)
+
+    def example(self, i, seed):
+        return {"x": self.x[i], "y": self.y[i], "domain": self.domain}
+
+    @staticmethod
+    def collate(examples):
+        from freezeasguard.data import collate_examples
+
+        return collate_examples(examples)
+
+
+class _Objective(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.unet = model.unet
+
+    def forward(self, batch):
+        return self.unet(batch)
+
+
+@pytest.mark.parametrize("name", ["importance-grad", "importance-ratio", "importance-change"])
+def test_importance_methods_rank_the_illegal_path_first(name, monkeypatch):
+    """Only ill* tensors affect the illegal loss, and the legal path is exactly fitted: every importance score must
+    put all four ill* tensors above all four leg* tensors (the legal ones score exactly 0 by grad and change)."""
+    import types
+
+    import freezeasguard.baselines as baselines
+
+    monkeypatch.setattr(baselines, "_objective", _Objective)  # the constructed model is its own loss ...
+    monkeypatch.setattr(baselines, "_encoded", lambda model, data: data)  # ... on data that needs no encoding
+    model = types.SimpleNamespace(unet=_TwoPaths())
+    before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    # the warm start of importance-change: plain Adam (no weight decay), so zero gradients move nothing
+    learn = LearnConfig(warm_start=TrainConfig(max_steps=10, batch_size=4, learning_rate=1e-2, weight_decay=0.0,
+                                               progress=False), cache_encodings=False)
+    ctx = MethodContext(model, _Domain(0), _Domain(1), 0.5, seed=0, options=MethodOptions(learn=learn))
+    guard = release(name, ctx).guard
+    scores = guard.scores
+    ill = [n for n in scores if n.startswith("ill")]
+    leg = [n for n in scores if n.startswith("leg")]
+    assert sorted(guard.frozen) == sorted(ill), scores
+    assert min(scores[n] for n in ill) > max(scores[n] for n in leg), scores
+    if name != "importance-ratio":
+        assert all(scores[n] == 0.0 for n in leg), scores
+    assert all(torch.equal(before[n], p) for n, p in model.unet.named_parameters())  # the release is the base

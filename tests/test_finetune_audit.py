@@ -56,7 +56,21 @@ def test_full_finetune_keeps_frozen_tensors_and_moves_the_rest(base_and_guard, t
     assert result.trainable_tensors == len(before) - len(guard.frozen)
     assert verify(tmp_path / "ft" / "model", guard).compliant
     record = json.loads((tmp_path / "ft" / "finetune.json").read_text())
-    assert record["trainable_parameters"] < record["unet_parameters"]
+    # shares counted independently: the UNet's unfrozen tensors train, the text encoder does not
+    frozen_params = sum(before[n].numel() for n in guard.frozen)
+    unet_params = sum(t.numel() for t in before.values())
+    assert record["unet"] == pytest.approx({
+        "tensors": len(before), "parameters": unet_params, "trainable_tensors": len(before) - len(guard.frozen),
+        "trainable_parameters": unet_params - frozen_params, "tensor_share": 1 - len(guard.frozen) / len(before),
+        "parameter_share": 1 - frozen_params / unet_params})
+    te = list(model.text_encoder.parameters())
+    assert record["text_encoder"] == {"tensors": len(te), "parameters": sum(p.numel() for p in te), "trainable_tensors": 0,
+                                      "trainable_parameters": 0, "tensor_share": 0.0, "parameter_share": 0.0}
+    from conftest import check_train_metrics
+
+    check_train_metrics(record["metrics"], steps=3, global_batch=4, trainable_tensors=result.trainable_tensors,
+                        trainable_parameters=unet_params - frozen_params)
+    assert json.loads((tmp_path / "ft" / "metrics.json").read_text()) == record["metrics"]
 
 
 def test_lora_never_lands_on_a_frozen_module(base_and_guard, toy_data, tmp_path):
@@ -188,6 +202,7 @@ def test_cli_finetune_lora_then_verify_and_inspect(base_and_guard, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "LoRA skipped" in result.output and "compliant" in result.output
+    assert "trained, UNet: LoRA adapters on" in result.output and "trained, text encoder: 0/" in result.output
     lora = tmp_path / "ft" / "lora"
     assert runner.invoke(app, ["verify", str(lora), "--guard", str(tmp_path / "guard.json")]).exit_code == 0
     shown = runner.invoke(app, ["inspect", str(tmp_path / "guard.json"), "--png", str(tmp_path / "blocks.png")])
@@ -214,5 +229,58 @@ def test_text_encoder_stays_frozen_unless_the_guard_allows(base_and_guard, toy_d
     allowing = dataclasses.replace(guard, allow_text_encoder=True)
     assert Guard.from_dict(allowing.to_dict()).allow_text_encoder
     model = DiffusionModel.from_pretrained(base)
-    finetune(model, toy_data(4), guard=allowing, config=cfg)
+    result = finetune(model, toy_data(4), guard=allowing, config=cfg)
     assert any(not torch.equal(before[n], p) for n, p in model.text_encoder.named_parameters())
+    # reported apart: all of the text encoder, the unfrozen share of the UNet
+    te = result.text_encoder.to_dict()
+    assert te["trainable_tensors"] == len(before) and te["tensor_share"] == te["parameter_share"] == 1.0
+    unet = result.unet.to_dict()
+    assert unet["trainable_tensors"] == len(guard.names) - len(guard.frozen) and 0 < unet["parameter_share"] < 1
+    assert result.trainable_tensors == te["trainable_tensors"] + unet["trainable_tensors"]
+
+
+def test_seeded_draws_repeat_and_leave_the_callers_stream_alone():
+    from freezeasguard.seeding import seeded_global_rng
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with seeded_global_rng(1):
+        a = torch.rand(2)
+    with seeded_global_rng(1):
+        b = torch.rand(2)
+    assert torch.equal(a, b)
+    assert torch.equal(torch.rand(3), expected)  # as if the seeded block had not run
+
+
+def _lora_run(toy_data, seed, global_seed):
+    torch.manual_seed(global_seed)  # the caller's global RNG state must not decide the adapter's initialisation
+    model = build_tiny_model(TinySpec(), seed=0)
+    cfg = FinetuneConfig(method="lora", train=TrainConfig(max_steps=1, batch_size=2, learning_rate=1e-3, progress=False,
+                                                          seed=seed))
+    finetune(model, toy_data(4), config=cfg)
+    return {n: p.detach().clone() for n, p in model.unet.named_parameters() if ".lora_" in n}
+
+
+def test_lora_initialisation_follows_the_run_seed(toy_data):
+    a, b, c = _lora_run(toy_data, 3, 100), _lora_run(toy_data, 3, 200), _lora_run(toy_data, 4, 100)
+    assert a.keys() == b.keys() == c.keys() and a
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a if "lora_A" in n)
+
+
+def test_finetune_defaults_are_the_attacker_the_guard_is_evaluated_against():
+    """A default `finetune` (API or CLI) is the user fine-tune of the quick benchmark and of the demo."""
+    import typer.main
+
+    from freezeasguard.bench import PROFILES
+    from freezeasguard.demo import DemoConfig
+
+    t = FinetuneConfig().train
+    default = (t.max_steps, t.batch_size * t.gradient_accumulation, t.learning_rate, t.optimizer)
+    quick, demo = PROFILES["quick"], DemoConfig()
+    assert default == (quick.steps, quick.batch_size, quick.lr, "adamw")
+    assert default[:3] == (demo.steps, demo.batch_size, demo.lr)
+    command = typer.main.get_command(app).commands["finetune"]
+    cli = {opt: p.default for p in command.params for opt in p.opts}
+    assert (cli["--steps"], cli["--batch-size"], cli["--lr"]) == (t.max_steps, t.batch_size, t.learning_rate)

@@ -41,6 +41,7 @@ _EXPORTS = {
     "DataError": "errors",
     "ModelError": "errors",
     "CheckpointError": "errors",
+    "DivergedError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -61,7 +62,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data import ImageCaptionFolder, ImageCaptionList, ImageTransform, write_imagefolder
-    from .errors import CheckpointError, DataError, FreezeAsGuardError, ModelError
+    from .errors import CheckpointError, DataError, DivergedError, FreezeAsGuardError, ModelError
     from .audit import AuditReport, verify
     from .finetuning import FinetuneConfig, finetune
     from .guard import Guard, GuardError

@@ -10,28 +10,37 @@ measures what they get. Adding a method is one decorated function:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .guard import Guard, unet_tensors
 from .model import DiffusionModel
 
+if TYPE_CHECKING:
+    from .learn import LearnConfig
+
 
 @dataclass
 class MethodOptions:
-    """What methods other than plain freezing need: the learner's config, UCE's captions, IMMA's budget."""
+    """Settings of the methods that need more than a ratio and a seed; each method reads its own."""
 
-    learn: Any = None  # LearnConfig; None: its defaults
-    uce_edit: list[str] = field(default_factory=list)
-    uce_guide: list[str] = field(default_factory=list)
-    uce_preserve: list[str] = field(default_factory=list)
+    learn: LearnConfig | None = None  # guard, guard+uce, importance-change's warm start; None: LearnConfig()
+    uce_edit: list[str] = field(default_factory=list)  # prompts whose tokens UCE re-maps ...
+    uce_guide: list[str] = field(default_factory=list)  # ... onto these (one per edited prompt)
+    uce_preserve: list[str] = field(default_factory=list)  # prompts whose projections UCE keeps
     uce_lambda: float = 1.0
     imma_steps: int = 100
     imma_lr: float = 1e-4
     imma_lora_lr: float = 1e-3
+
+    def learn_config(self) -> LearnConfig:
+        from .learn import LearnConfig
+
+        return self.learn if self.learn is not None else LearnConfig()
 
 
 @dataclass
@@ -44,6 +53,10 @@ class MethodContext:
     options: MethodOptions = field(default_factory=MethodOptions)
     output_dir: Any = None
     by: str = "count"  # what the ratio counts: "count" (tensors) or "params" (a parameter budget)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.options, MethodOptions):
+            raise TypeError(f"MethodContext.options must be a MethodOptions, got {type(self.options).__name__}")
 
 
 @dataclass
@@ -133,14 +146,13 @@ def warm_start(model: DiffusionModel, ctx: MethodContext) -> dict[str, torch.Ten
     """The mixed fine-tune of the guard learner's warm start, returned as UNet tensors (the model is untouched)."""
     import copy
 
-    from .learn import LearnConfig, MixedData
-    from .training import TrainConfig, train
+    from .learn import MixedData
+    from .training import train
 
-    cfg = ctx.options.learn or LearnConfig()
     tuned = copy.deepcopy(model)
     objective = _objective(tuned)
     params = {f"unet.{n}": p for n, p in tuned.unet.named_parameters()}
-    warm_cfg = TrainConfig.from_dict({**cfg.warm_start.to_dict(), "seed": ctx.seed})
+    warm_cfg = dataclasses.replace(ctx.options.learn_config().warm_start, seed=ctx.seed)
     train(objective, MixedData(_encoded(tuned, ctx.illegal), _encoded(tuned, ctx.legal)), params, warm_cfg,
           desc="warm start (importance)")
     return {n: p.detach().clone() for n, p in unet_tensors(tuned.unet).items()}
@@ -162,7 +174,7 @@ def _random(ctx: MethodContext) -> Release:
 @register("importance-change", needs_ratio=True)
 def _importance_change(ctx: MethodContext) -> Release:
     """One-shot: freeze the tensors that moved most (relative change) in the mixed warm-start fine-tune."""
-    base = unet_tensors(ctx.model.unet)
+    base = {n: t.detach() for n, t in unet_tensors(ctx.model.unet).items()}
     tuned = warm_start(ctx.model, ctx)
     scores = {n: float((tuned[n] - t).double().norm() / (t.double().norm() + 1e-12)) for n, t in base.items()}
     return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, by=ctx.by, method="importance-change"))
@@ -189,10 +201,9 @@ def _guard(ctx: MethodContext) -> Release:
     """FreezeAsGuard: the learned guard (bilevel mask learning)."""
     import copy
 
-    from .learn import LearnConfig, learn_guard
+    from .learn import learn_guard
 
-    cfg = ctx.options.learn or LearnConfig()
-    cfg = LearnConfig.from_dict({**cfg.to_dict(), "ratio": ctx.ratio, "ratio_by": ctx.by, "seed": ctx.seed})
+    cfg = dataclasses.replace(ctx.options.learn_config(), ratio=ctx.ratio, ratio_by=ctx.by, seed=ctx.seed)
     guard = learn_guard(copy.deepcopy(ctx.model), ctx.illegal, ctx.legal, cfg, output_dir=ctx.output_dir)
     return Release(ctx.model, guard)
 
@@ -209,8 +220,7 @@ def _uce(ctx: MethodContext) -> Release:
 def _guard_uce(ctx: MethodContext) -> Release:
     """The authors' pipeline: unlearn with UCE first, then learn a guard on the edited model."""
     edited = _uce(ctx)
-    guarded = _guard(MethodContext(edited.model, ctx.illegal, ctx.legal, ctx.ratio, ctx.seed, ctx.options,
-                                   ctx.output_dir, ctx.by))
+    guarded = _guard(dataclasses.replace(ctx, model=edited.model))
     return Release(edited.model, guarded.guard, edited.info)
 
 
@@ -218,7 +228,8 @@ def _guard_uce(ctx: MethodContext) -> Release:
 def _imma(ctx: MethodContext) -> Release:
     """IMMA: attention weights take gradient-ascent steps against a LoRA that keeps re-learning the illegal data."""
     o = ctx.options
-    info = imma_immunize(ctx.model, ctx.illegal, steps=o.imma_steps, seed=ctx.seed, lr=o.imma_lr, lora_lr=o.imma_lora_lr)
+    info = imma_immunize(ctx.model, ctx.illegal, steps=o.imma_steps, seed=ctx.seed, lr=o.imma_lr,
+                         lora_lr=o.imma_lora_lr)
     return Release(ctx.model, None, info)
 
 
@@ -357,13 +368,15 @@ def imma_immunize(model: DiffusionModel, illegal: Any, *, steps: int = 100, seed
     from peft import LoraConfig
 
     from .finetuning import DEFAULT_LORA_TARGETS
+    from .seeding import STREAM_ADAPTER, derive_seed, seeded_global_rng
 
     enc = _encoded(model, illegal)
     objective = _objective(model)
     for p in objective.parameters():
         p.requires_grad_(False)
-    model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                      target_modules=list(DEFAULT_LORA_TARGETS)), adapter_name="imma")
+    with seeded_global_rng(derive_seed(seed, STREAM_ADAPTER)):  # peft initialises lora_A from the global RNG
+        model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                          target_modules=list(DEFAULT_LORA_TARGETS)), adapter_name="imma")
     lora = [p for n, p in model.unet.named_parameters() if ".lora_" in n]
     theta = [p for n, p in model.unet.named_parameters() if ".base_layer." in n]
     for p in lora + theta:

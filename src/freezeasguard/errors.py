@@ -21,3 +21,7 @@ class ModelError(FreezeAsGuardError, ValueError):
 
 class CheckpointError(FreezeAsGuardError, ValueError):
     """A training checkpoint cannot be resumed (corrupt, from another run, or for other tensors)."""
+
+
+class DivergedError(FreezeAsGuardError, FloatingPointError):
+    """Training produced a non-finite loss or gradient; the step was not taken (weights and checkpoints intact)."""

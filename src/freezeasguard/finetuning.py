@@ -20,11 +20,19 @@ from .guard import Guard, unet_tensors
 from .io import atomic_directory, atomic_write_json
 from .model import DiffusionModel
 from .objective import DenoisingObjective, EncodedDataset
-from .training import TrainCallback, TrainConfig, TrainResult, train
+from .seeding import STREAM_ADAPTER, derive_seed, seeded_global_rng
+from .training import TrainCallback, TrainConfig, TrainResult, make_accelerator, train
 
 METHODS = ("full", "lora")
 # diffusers' own LoRA recipe for SD (train_text_to_image_lora.py) adapts the attention projections.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def attacker_train_config() -> TrainConfig:
+    """The user fine-tune a guard is evaluated against (the quick benchmark's and the demo's): 400 AdamW steps of
+    batch 32 at lr 1e-4. It is FinetuneConfig's default, so a default run is the attack the published numbers
+    measured, not a weaker one that would overstate the protection."""
+    return TrainConfig(max_steps=400, batch_size=32, learning_rate=1e-4, optimizer="adamw")
 
 
 class GuardViolation(FreezeAsGuardError):
@@ -34,7 +42,7 @@ class GuardViolation(FreezeAsGuardError):
 @dataclass
 class FinetuneConfig:
     method: str = "full"
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=attacker_train_config)
     lora_rank: int = 4
     lora_alpha: float | None = None  # None: equal to the rank (scale 1)
     lora_targets: tuple[str, ...] | None = None  # None: DEFAULT_LORA_TARGETS, frozen modules skipped
@@ -58,22 +66,48 @@ class FinetuneConfig:
 
 
 @dataclass
+class TrainableShare:
+    """How much of one model component a run trains. For LoRA the trained tensors are the adapter's, counted
+    against the UNet they adapt (so the parameter share is the adapter's size relative to the UNet)."""
+
+    tensors: int
+    parameters: int
+    trainable_tensors: int = 0
+    trainable_parameters: int = 0
+
+    @classmethod
+    def of(cls, own: list[torch.Tensor], trained: list[torch.Tensor]) -> TrainableShare:
+        return cls(len(own), sum(p.numel() for p in own), len(trained), sum(p.numel() for p in trained))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tensor_share": self.trainable_tensors / max(self.tensors, 1),
+                "parameter_share": self.trainable_parameters / max(self.parameters, 1)}
+
+
+@dataclass
 class FinetuneResult:
     train: TrainResult
     audit: AuditReport | None
-    trainable_tensors: int
-    trainable_parameters: int
-    unet_parameters: int
+    unet: TrainableShare
+    text_encoder: TrainableShare
     lora_modules: list[str]
     skipped_modules: list[str]
     output: Path | None
+
+    @property
+    def trainable_tensors(self) -> int:
+        return self.unet.trainable_tensors + self.text_encoder.trainable_tensors
+
+    @property
+    def trainable_parameters(self) -> int:
+        return self.unet.trainable_parameters + self.text_encoder.trainable_parameters
 
     def record(self) -> dict[str, Any]:
         return {
             "trainable_tensors": self.trainable_tensors,
             "trainable_parameters": self.trainable_parameters,
-            "unet_parameters": self.unet_parameters,
-            "trainable_fraction": self.trainable_parameters / self.unet_parameters,
+            "unet": self.unet.to_dict(),
+            "text_encoder": self.text_encoder.to_dict(),
             "lora_modules": self.lora_modules,
             "skipped_modules": self.skipped_modules,
             "audit": self.audit.to_dict() if self.audit is not None else None,
@@ -142,7 +176,6 @@ def finetune(
         guard.apply(unet)  # fingerprint and frozen values must match the guard's base
     frozen = set(guard.frozen) if guard is not None else set()
     base = unet_tensors(unet)
-    unet_params = sum(p.numel() for p in base.values())
 
     lora_modules: list[str] = []
     skipped: list[str] = []
@@ -152,8 +185,10 @@ def finetune(
         from peft import LoraConfig
 
         lora_modules, skipped = resolve_lora_targets(unet, cfg.lora_targets, guard, cfg.skip_frozen_targets)
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                    init_lora_weights="gaussian", target_modules=lora_modules))
+        # peft draws the initial lora_A from the global RNG: seed it from the run, so --seed decides it
+        with seeded_global_rng(derive_seed(cfg.train.seed, STREAM_ADAPTER)):
+            unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                        init_lora_weights="gaussian", target_modules=lora_modules))
         trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if ".lora_" in n}
         if guard is not None:
             landed = check_lora(guard, list(lora_state_dict(unet)))
@@ -173,6 +208,8 @@ def finetune(
             train_data = EncodedDataset(model, data, encode_text=not cfg.train_text_encoder)
     objective = DenoisingObjective(model, caption_dropout=cfg.caption_dropout)
     out = Path(output_dir) if output_dir is not None else None
+    # Made here, not left to train(), so that under torchrun this function knows which process writes.
+    accelerator = accelerator or make_accelerator(cfg.train.mixed_precision)
     result = train(objective, train_data, trainable, cfg.train, output_dir=out, accelerator=accelerator,
                    callbacks=callbacks, desc=f"finetune ({cfg.method}{', guarded' if guard is not None else ''})")
 
@@ -186,16 +223,20 @@ def finetune(
             raise GuardViolation("post-training audit failed, nothing written: " + report.describe(limit=5))
 
     ft = FinetuneResult(
-        train=result, audit=report, trainable_tensors=len(trainable),
-        trainable_parameters=sum(p.numel() for p in trainable.values()), unet_parameters=unet_params,
+        train=result, audit=report,
+        unet=TrainableShare.of(list(base.values()), [p for n, p in trainable.items() if n.startswith("unet.")]),
+        text_encoder=TrainableShare.of(list(model.text_encoder.parameters()),
+                                       [p for n, p in trainable.items() if n.startswith("text_encoder.")]),
         lora_modules=lora_modules, skipped_modules=skipped, output=None,
     )
     if out is not None:
-        is_main = getattr(accelerator, "is_main_process", True) if accelerator is not None else True
-        if is_main:
-            ft.output = _save(model, cfg, guard, out)
+        # One writer per output directory: the main process writes, the others wait until it is written.
+        if accelerator.is_main_process:
+            _save(model, cfg, guard, out)
             atomic_write_json(out / "finetune.json", {"config": cfg.to_dict(), "guard": guard.summary() if guard else None,
                                                       **ft.record()})
+        accelerator.wait_for_everyone()
+        ft.output = out / ("model" if cfg.method == "full" else "lora")
     return ft
 
 

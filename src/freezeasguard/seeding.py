@@ -8,6 +8,9 @@ for a sample as one process does.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -31,3 +34,15 @@ STREAM_ORDER = 1
 STREAM_AUGMENT = 2
 STREAM_NOISE = 3
 STREAM_GLOBAL = 4
+STREAM_ADAPTER = 5
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Run code that draws from torch's global RNG (peft's LoRA initialisation does) from `seed`, then restore
+    the caller's RNG state: the draws are reproducible and the caller's own stream is not disturbed."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield

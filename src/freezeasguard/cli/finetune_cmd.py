@@ -19,10 +19,10 @@ def finetune(
     model: ModelOpt = "embedded",
     guard: Annotated[Path | None, typer.Option("--guard", "-g", help="Guard JSON; omit for unguarded fine-tuning.")] = None,
     method: Annotated[str, typer.Option(help="'full' or 'lora'.")] = "full",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 500,
-    batch_size: Annotated[int, typer.Option(help="Per-process micro-batch.")] = 8,
+    steps: Annotated[int, typer.Option(help="Optimizer steps (default: the benchmark's attacker).")] = 400,
+    batch_size: Annotated[int, typer.Option(help="Per-process micro-batch.")] = 32,
     accumulation: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-5,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed of data order and noise.")] = 0,
     mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16.")] = "no",
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0: only at the end).")] = 0,
@@ -73,8 +73,14 @@ def finetune(
         raise _fail(exc) from exc
     rec = result.record()
     typer.echo(f"wrote {result.output}")
-    typer.echo(f"trainable: {rec['trainable_tensors']} tensors, {rec['trainable_parameters']:,} parameters "
-               f"({rec['trainable_fraction']:.1%} of the UNet)")
+    for part, label in (("unet", "UNet"), ("text_encoder", "text encoder")):
+        s = rec[part]
+        if part == "unet" and result.lora_modules:  # adapters: their size against the UNet they adapt
+            tensors = f"LoRA adapters on {len(result.lora_modules)} modules"
+        else:
+            tensors = f"{s['trainable_tensors']}/{s['tensors']} tensors ({s['tensor_share']:.1%})"
+        typer.echo(f"trained, {label}: {tensors}, "
+                   f"{s['trainable_parameters']:,}/{s['parameters']:,} parameters ({s['parameter_share']:.1%})")
     if result.skipped_modules:
         typer.echo(f"LoRA skipped {len(result.skipped_modules)} frozen module(s): {', '.join(result.skipped_modules[:5])}"
                    + (" ..." if len(result.skipped_modules) > 5 else ""))

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..data import collate_examples
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DivergedError
 from ..io import atomic_directory, atomic_write_json
 from ..seeding import STREAM_GLOBAL, STREAM_ORDER, derive_seed
 from . import memory
@@ -265,6 +265,10 @@ def _load_checkpoint(ckpt: Path, cfg: TrainConfig, trainable: dict[str, torch.nn
     if saved_cfg["max_steps"] != cfg.max_steps and cfg.lr_schedule != "constant":
         raise CheckpointError(f"{ckpt}: max_steps changed ({saved_cfg['max_steps']} -> {cfg.max_steps}) under the "
                               f"{cfg.lr_schedule!r} schedule, which depends on it")
+    if int(meta["step"]) > cfg.max_steps:
+        # resuming would return weights trained past max_steps: never silently
+        raise CheckpointError(f"{ckpt}: the checkpoint is at step {meta['step']}, past max_steps {cfg.max_steps}; "
+                              f"ask for at least {meta['step']} steps or use a new output directory")
     expected = {n: list(p.shape) for n, p in trainable.items()}
     if meta["trainable"] != expected:
         missing = sorted(set(expected) - set(meta["trainable"]))
@@ -280,6 +284,34 @@ def _load_checkpoint(ckpt: Path, cfg: TrainConfig, trainable: dict[str, torch.nn
 
 
 # ---------------------------------------------------------------------------- the loop
+@dataclass
+class _Run:
+    """One training run's state, built by _setup, filled by _resume and _start, advanced by _loop."""
+
+    cfg: TrainConfig
+    objective: torch.nn.Module
+    trainable: dict[str, torch.nn.Parameter]
+    accelerator: Any
+    optimizer: Any
+    scheduler: Any
+    ema: Any
+    callbacks: Sequence[TrainCallback]
+    out: Path | None
+    desc: str
+    start: int = 0
+    losses: list[float] = field(default_factory=list)
+    last_ckpt: Path | None = None
+    model: Any = None  # the prepared objective
+    ctx: TrainContext | None = None
+    times: list[float] = field(default_factory=list)
+    opt_bytes: int = 0
+    rss_before: int | None = None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.trainable.values())
+
+
 def train(
     objective: torch.nn.Module,
     data: Any,
@@ -297,13 +329,23 @@ def train(
     `data` has `__len__` and `example(index, seed) -> dict` (and optionally `collate`); `objective(batch)`
     returns the mean loss of a batch. With `output_dir`, checkpoints go to output_dir/checkpoints (the last
     `checkpoints_total_limit` kept) and metrics to output_dir/metrics.json; with `resume`, the latest
-    checkpoint there is continued.
+    checkpoint there is continued (one past `max_steps` is refused). A non-finite loss or gradient raises
+    DivergedError before the optimizer step, so the weights and checkpoints stay those of the last good step.
     """
+    run = _setup(objective, trainable, config, output_dir, callbacks, accelerator, desc)
+    if resume and run.out is not None:
+        _resume(run)
+    _start(run)
+    _loop(run, data)
+    return _finish(run)
+
+
+def _setup(objective: torch.nn.Module, trainable: Mapping[str, torch.nn.Parameter], cfg: TrainConfig,
+           output_dir: str | Path | None, callbacks: Sequence[TrainCallback], accelerator: Any, desc: str) -> _Run:
+    """Validate, freeze everything but `trainable`, build the optimizer, schedule and EMA."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
-    cfg = config
     cfg.validate()
     trainable = _check_trainable(objective, trainable)
     keep = {id(p) for p in trainable.values()}
@@ -312,120 +354,161 @@ def train(
     for p in objective.parameters():
         p.requires_grad_(id(p) in keep)
     params = list(trainable.values())
-
-    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    out = Path(output_dir) if output_dir is not None else None
-
     optimizer = _build_optimizer(cfg, params)
     scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_steps)
     ema = EMAModel(params, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
+    return _Run(cfg, objective, trainable, accelerator or make_accelerator(cfg.mixed_precision), optimizer, scheduler,
+                ema, callbacks, Path(output_dir) if output_dir is not None else None, desc)
 
-    start, losses = 0, []
-    ckpt = latest_checkpoint(out) if (out is not None and resume) else None
-    if ckpt is not None:
-        start, state, losses = _load_checkpoint(ckpt, cfg, trainable)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        for cb in callbacks:
-            cb.load_state_dict(state.get(f"callback/{cb.name}", {}))
 
-    model, optimizer = accelerator.prepare(objective, optimizer)
-    if ema is not None:
-        ema.to(accelerator.device)
-    ctx = TrainContext(accelerator, model, objective, optimizer, trainable, cfg, step=start,
-                       loss=losses[-1] if losses else None)
-    for cb in callbacks:
-        cb.on_train_start(ctx)
+def _resume(run: _Run) -> None:
+    """Continue from the latest checkpoint in the output directory, if there is one."""
+    ckpt = latest_checkpoint(run.out) if run.out is not None else None
+    if ckpt is None:
+        return
+    run.start, state, run.losses = _load_checkpoint(ckpt, run.cfg, run.trainable)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    for cb in run.callbacks:
+        cb.load_state_dict(state.get(f"callback/{cb.name}", {}))
+    run.last_ckpt = ckpt
 
-    order = _Order(cfg.seed, len(data))
+
+def _start(run: _Run) -> None:
+    """Hand the objective and optimizer to accelerate and tell the callbacks where the run starts."""
+    run.model, run.optimizer = run.accelerator.prepare(run.objective, run.optimizer)
+    if run.ema is not None:
+        run.ema.to(run.accelerator.device)
+    run.ctx = TrainContext(run.accelerator, run.model, run.objective, run.optimizer, run.trainable, run.cfg,
+                           step=run.start, loss=run.losses[-1] if run.losses else None)
+    for cb in run.callbacks:
+        cb.on_train_start(run.ctx)
+
+
+def _loop(run: _Run, data: Any) -> None:
+    """Steps from run.start to max_steps, checkpointing on schedule, at the end and on Ctrl-C."""
+    from tqdm.auto import tqdm
+
+    cfg, accelerator, ctx = run.cfg, run.accelerator, run.ctx
+    assert ctx is not None
     loader = torch.utils.data.DataLoader(
         _Examples(data),
-        batch_sampler=_MicroBatches(order, cfg, start, rank, world),
+        batch_sampler=_MicroBatches(_Order(cfg.seed, len(data)), cfg, run.start, accelerator.process_index,
+                                    accelerator.num_processes),
         collate_fn=getattr(data, "collate", collate_examples),
         num_workers=cfg.num_workers,
     )
     batches = iter(loader)
-    device = accelerator.device
-    rss_before = memory.current_rss()
-    memory.reset_peak(device)
-    times: list[float] = []
-    opt_bytes = 0
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=desc, disable=not (cfg.progress and accelerator.is_main_process),
-               dynamic_ncols=True)
-    last_ckpt: Path | None = ckpt
+    run.rss_before = memory.current_rss()
+    memory.reset_peak(accelerator.device)
+    bar = tqdm(total=cfg.max_steps, initial=run.start, desc=run.desc,
+               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
     try:
         with _Interrupt() as interrupt:
-            for step in range(start, cfg.max_steps):
-                torch.manual_seed(derive_seed(cfg.seed, STREAM_GLOBAL, step, rank))
+            for step in range(run.start, cfg.max_steps):
                 t0 = time.perf_counter()
-                model.train()
-                total = torch.zeros((), device=device)
-                for a in range(cfg.gradient_accumulation):
-                    batch = next(batches)
-                    sync = contextlib.nullcontext() if a == cfg.gradient_accumulation - 1 else accelerator.no_sync(model)
-                    with sync:
-                        loss = model(batch)
-                        accelerator.backward(loss / cfg.gradient_accumulation)
-                    total += loss.detach().float()
-                for cb in callbacks:
-                    cb.on_before_optimizer_step(ctx)
-                if cfg.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.step(params)
-                step_loss = float(accelerator.reduce(total / cfg.gradient_accumulation, reduction="mean"))
-                if not math.isfinite(step_loss):
-                    raise FloatingPointError(f"loss became {step_loss} at step {step + 1}; lower the learning rate")
-                losses.append(step_loss)
+                step_loss = _step(run, batches, step)
+                run.losses.append(step_loss)
                 ctx.step, ctx.loss = step + 1, step_loss
-                for cb in callbacks:
+                for cb in run.callbacks:
                     cb.on_step_end(ctx)
-                times.append(time.perf_counter() - t0)
-                if not opt_bytes:
-                    opt_bytes = optimizer_state_bytes(optimizer)
+                run.times.append(time.perf_counter() - t0)
+                if not run.opt_bytes:
+                    run.opt_bytes = optimizer_state_bytes(run.optimizer)
                 if ctx.step % cfg.log_every == 0 or ctx.step == cfg.max_steps:
                     bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{v:.4g}" for k, v in ctx.logs.items()})
                 bar.update(1)
-
-                stop = interrupt.requested
-                if world > 1:
-                    flag = torch.tensor(float(stop), device=device)
-                    stop = float(accelerator.reduce(flag, reduction="sum")) > 0
-                due = cfg.checkpoint_every and ctx.step % cfg.checkpoint_every == 0
-                if out is not None and (due or ctx.step == cfg.max_steps or stop):
-                    last_ckpt = _checkpoint(accelerator, out, ctx.step, cfg, trainable, optimizer, scheduler, ema,
-                                            callbacks, losses)
-                if stop:
-                    where = f"; checkpoint {last_ckpt}, run again to resume" if out is not None else ""
-                    raise KeyboardInterrupt(f"interrupted after step {ctx.step}{where}")
+                _after_step(run, interrupt.requested)
     finally:
         bar.close()
 
-    if ema is not None:
-        ema.copy_to(params)
+
+def _step(run: _Run, batches: Iterator[Any], step: int) -> float:
+    """One optimizer step over gradient_accumulation micro-batches; returns the global mean loss."""
+    cfg, accelerator, model, ctx = run.cfg, run.accelerator, run.model, run.ctx
+    torch.manual_seed(derive_seed(cfg.seed, STREAM_GLOBAL, step, accelerator.process_index))
+    model.train()
+    total = torch.zeros((), device=accelerator.device)
+    for a in range(cfg.gradient_accumulation):
+        batch = next(batches)
+        sync = contextlib.nullcontext() if a == cfg.gradient_accumulation - 1 else accelerator.no_sync(model)
+        with sync:
+            loss = model(batch)
+            accelerator.backward(loss / cfg.gradient_accumulation)
+        total += loss.detach().float()
+    # Checked before the optimizer step, so a divergence never reaches the weights: every process sees the
+    # same reduced loss and the same synchronised gradients, so all stop together.
+    step_loss = float(accelerator.reduce(total / cfg.gradient_accumulation, reduction="mean"))
+    if not math.isfinite(step_loss):
+        _diverged(run, step, f"non-finite loss ({step_loss})")
+    for cb in run.callbacks:
+        cb.on_before_optimizer_step(ctx)
+    if cfg.max_grad_norm is not None:
+        norm = accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
+    # Under fp16 the gradient scaler owns overflow: it skips the step and lowers the scale.
+    if getattr(accelerator, "scaler", None) is None and norm is not None and not math.isfinite(float(norm)):
+        _diverged(run, step, f"non-finite gradient (norm {float(norm)})")
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.step(run.params)
+    return step_loss
+
+
+def _diverged(run: _Run, step: int, what: str) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    kept = f"; last checkpoint {run.last_ckpt}" if run.last_ckpt is not None else ""
+    raise DivergedError(f"{what} at step {step + 1}: the step was not taken, the weights are those after step "
+                        f"{step}{kept}; lower the learning rate or check the data")
+
+
+def _after_step(run: _Run, interrupted: bool) -> None:
+    """Checkpoint when due, at the last step, or when any process was interrupted (then stop)."""
+    cfg, accelerator, ctx = run.cfg, run.accelerator, run.ctx
+    assert ctx is not None
+    stop = interrupted
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(stop), device=accelerator.device)
+        stop = float(accelerator.reduce(flag, reduction="sum")) > 0
+    due = cfg.checkpoint_every and ctx.step % cfg.checkpoint_every == 0
+    if run.out is not None and (due or ctx.step == cfg.max_steps or stop):
+        run.last_ckpt = _checkpoint(accelerator, run.out, ctx.step, cfg, run.trainable, run.optimizer, run.scheduler,
+                                    run.ema, run.callbacks, run.losses)
+    if stop:
+        where = f"; checkpoint {run.last_ckpt}, run again to resume" if run.out is not None else ""
+        raise KeyboardInterrupt(f"interrupted after step {ctx.step}{where}")
+
+
+def _finish(run: _Run) -> TrainResult:
+    """Final weights (EMA if kept), metrics (written to metrics.json by the main process)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    params = run.params
+    if run.ema is not None:
+        run.ema.copy_to(params)
+    device = accelerator.device
     peak, peak_kind = memory.peak_bytes(device)
+    times = run.times
     steady = times[2:] if len(times) > 4 else times
-    n_trainable = sum(p.numel() for p in params)
+    world = accelerator.num_processes
     metrics: dict[str, Any] = {
-        "desc": desc,
+        "desc": run.desc,
         "steps": cfg.max_steps,
-        "resumed_from": start,
+        "resumed_from": run.start,
         "steps_run": len(times),
         "world_size": world,
         "global_batch": cfg.batch_size * world * cfg.gradient_accumulation,
         "device": str(device),
         "mixed_precision": cfg.mixed_precision,
         "trainable_tensors": len(params),
-        "trainable_parameters": n_trainable,
-        "objective_parameters": sum(p.numel() for p in objective.parameters()),
-        "optimizer_state_bytes": opt_bytes,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "objective_parameters": sum(p.numel() for p in run.objective.parameters()),
+        "optimizer_state_bytes": run.opt_bytes,
         "step_time_s": {
             "mean_after_warmup": statistics.fmean(steady) if steady else None,
             "median": statistics.median(times) if times else None,
@@ -433,13 +516,14 @@ def train(
         },
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
-        "rss_before_train_bytes": rss_before,
-        "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None},
+        "rss_before_train_bytes": run.rss_before,
+        "loss": {"first": run.losses[0] if run.losses else None, "last": run.losses[-1] if run.losses else None},
         "config": cfg.to_dict(),
     }
-    if out is not None and accelerator.is_main_process:
-        atomic_write_json(out / "metrics.json", metrics)
-    return TrainResult(steps=cfg.max_steps, resumed_from=start, losses=losses, metrics=metrics, checkpoint=last_ckpt)
+    if run.out is not None and accelerator.is_main_process:
+        atomic_write_json(run.out / "metrics.json", metrics)
+    return TrainResult(steps=cfg.max_steps, resumed_from=run.start, losses=run.losses, metrics=metrics,
+                       checkpoint=run.last_ckpt)
 
 
 def _checkpoint(accelerator: Any, out: Path, step: int, cfg: TrainConfig, trainable: dict[str, torch.nn.Parameter],
