@@ -15,7 +15,16 @@ training core:
 Memory: the model's parameters hold theta(m); one flat buffer holds d = theta_pre - theta_ft. theta_pre and
 theta_ft are never stored: theta_ft = theta(m) - m d and theta_pre = theta(m) + (1 - m) d. Around the user's
 optimizer step the parameters are switched to theta_ft in place (p -= m d, d += p), the optimizer steps them
-(so its state and weight decay are the user's), and they are switched back (d -= p, p += m d).
+(so its state and weight decay are the user's, and its clipping acts on the user's gradient (1 - m) g), and
+they are switched back (d -= p, p += m d). Every update is in place tensor by tensor, and the mask step's dot
+products <g_i, d_i> are taken per tensor: beyond the one backward pass's gradients, no step allocates a
+model-size buffer.
+
+Mixed precision: under fp16 accelerate scales the loss; the mask step unscales its gradients by the scaler's
+scale and skips (and logs) a step whose gradient is not finite, as the scaler does for the user's step.
+
+Data: user batches (and the warm start's) are exactly half illegal, half legal, as the upper level assumes:
+the core draws (illegal, legal) pairs (`MixedData`), so its seeded permutation cannot unbalance a batch.
 
 The result is the hard mask: the top-k tensors by learned logit (exact ratio by count, or a parameter
 budget), with the logits kept as the guard's soft scores.
@@ -25,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +45,7 @@ from .guard import Guard, fingerprint_of, select_top, tensor_record
 from .io import atomic_write_json
 from .objective import DenoisingObjective, EncodedDataset
 from .seeding import derive_seed
-from .training import TrainCallback, TrainConfig, TrainContext, train
+from .training import TrainCallback, TrainConfig, TrainContext, TrainResult, train
 from .training.config import strict_from_dict
 
 STREAM_MASK = 5
@@ -61,14 +70,15 @@ class LearnConfig:
     temperature: float = 0.2  # [paper] T
     mask_every: int = 5  # [paper] k: user steps between mask steps
     mask_steps: int = 60  # [ours] the paper runs ~400 on SD 1.5
-    mask_batch: int = 32  # half illegal, half legal
+    mask_batch: int = 32  # half illegal, half legal (as every user batch)
     mask_lr: float = 0.02  # [ours] Adam on logits: each step moves a logit by about this much
     mask_optimizer: str = "adam"  # "adam" (ours) or "sgd" (the authors')
     ratio_control: str = "projection"  # "projection" (ours, exact) or "penalty" (the authors' c(rho - mean m)^2)
     penalty: float = 5e3  # [paper] c, used only with ratio_control="penalty"
     illegal_weight: float = 1.0  # upper level: -illegal_weight * L_illegal + legal_weight * L_legal, halved
     legal_weight: float = 1.0
-    user: TrainConfig = field(default_factory=_default_user)  # max_steps is set to mask_steps * mask_every
+    # batch_size counts samples (even: half illegal, half legal); max_steps is set to mask_steps * mask_every
+    user: TrainConfig = field(default_factory=_default_user)
     warm_start: TrainConfig = field(default_factory=_default_warm)  # the mixed fine-tune theta_ft starts from
     cache_encodings: bool = True
     seed: int = 0
@@ -94,6 +104,10 @@ class LearnConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.mask_batch < 2:
             raise ValueError("mask_batch must hold at least one illegal and one legal sample")
+        for name in ("user", "warm_start"):
+            if getattr(self, name).batch_size % 2:
+                raise ValueError(f"LearnConfig.{name}.batch_size must be even (half illegal, half legal), "
+                                 f"got {getattr(self, name).batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,30 +141,80 @@ def project_to_ratio(logits: torch.Tensor, ratio: float, temperature: float,
     return logits + (lo + hi) / 2
 
 
-def mask_logit_gradient(grads: list[torch.Tensor], d_flat: torch.Tensor, lengths: torch.Tensor,
-                        m: torch.Tensor, temperature: float) -> torch.Tensor:
-    """dLoss/dx from g = dLoss/dtheta(m) for every tensor at once: <g_i, d_i> * m_i (1 - m_i) / T."""
-    g_flat = torch.cat([g.reshape(-1) for g in grads]).to(d_flat.dtype)
-    dots = torch.segment_reduce(g_flat * d_flat, "sum", lengths=lengths)
+def tensor_dots(grads: list[torch.Tensor], others: list[torch.Tensor]) -> torch.Tensor:
+    """<g_i, d_i> for every tensor i, one dot product each: no concatenated copy, no elementwise product."""
+    dots = [torch.dot(g.reshape(-1), d.reshape(-1).to(g.dtype)) for g, d in zip(grads, others)]
+    return torch.stack(dots).to(others[0].dtype)
+
+
+def mask_logit_gradient(grads: list[torch.Tensor], d_views: list[torch.Tensor], m: torch.Tensor,
+                        temperature: float) -> torch.Tensor:
+    """dLoss/dx from g = dLoss/dtheta(m) for every tensor: <g_i, d_i> * m_i (1 - m_i) / T."""
+    dots = tensor_dots(grads, d_views).to(m.device)
     return (dots * m * (1 - m) / temperature).to(m.dtype)
+
+
+def add_scaled_(targets: list[torch.Tensor], sources: list[torch.Tensor], scales: list[float]) -> None:
+    """targets[i] += scales[i] * sources[i], in place; unlike torch._foreach_mul, no model-size temporary."""
+    for t, s, c in zip(targets, sources, scales):
+        t.add_(s, alpha=c)
+
+
+def mask_shares(m: torch.Tensor, sizes: torch.Tensor) -> dict[str, float]:
+    """The soft mask's mean and the hard mask's (m > 0.5) share, by tensor count and by parameter count."""
+    m, w = m.double().cpu(), sizes.double().cpu()
+    hard = (m > 0.5).double()
+    return {"soft_ratio_tensors": float(m.mean()), "soft_ratio_params": float((m * w).sum() / w.sum()),
+            "hard_ratio_tensors": float(hard.mean()), "hard_ratio_params": float((hard * w).sum() / w.sum())}
+
+
+def loss_scale(accelerator: Any) -> float:
+    """The factor accelerator.backward multiplied the loss by: the fp16 gradient scaler's scale, else 1."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
 
 
 # ---------------------------------------------------------------------------- data
 class MixedData:
-    """Illegal and legal examples interleaved (even index illegal, odd legal), so user batches are balanced."""
+    """(illegal, legal) pairs: item i is illegal[i mod n_illegal] and legal[i mod n_legal], each drawn with its
+    own seed derived from the item's. The collate flattens b items to b illegal then b legal samples.
+
+    The training core permutes item indices, so interleaving single samples could not balance a batch; pairs
+    make every batch and micro-batch exactly half and half, and item k's draws stay a function of (seed, k).
+    The core's batch_size therefore counts pairs: train through `train_mixed`, which takes samples."""
 
     def __init__(self, illegal: Any, legal: Any) -> None:
+        if len(illegal) < 1 or len(legal) < 1:
+            raise ValueError(f"guard learning needs illegal and legal samples, got {len(illegal)} and {len(legal)}")
         self.illegal, self.legal = illegal, legal
-        self.n = 2 * max(len(illegal), len(legal))
 
     def __len__(self) -> int:
-        return self.n
+        return max(len(self.illegal), len(self.legal))
 
     def example(self, index: int, seed: int | None) -> dict[str, Any]:
-        source = self.illegal if index % 2 == 0 else self.legal
-        return source.example((index // 2) % len(source), seed)
+        pair = []
+        for side, source in enumerate((self.illegal, self.legal)):
+            sub = None if seed is None else derive_seed(seed, side)
+            ex = dict(source.example(index % len(source), sub))
+            if sub is not None:
+                ex["seeds"] = sub
+            pair.append(ex)
+        return {"pair": tuple(pair)}
 
-    collate = staticmethod(collate_examples)
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_examples([it["pair"][0] for it in items] + [it["pair"][1] for it in items])
+
+
+def train_mixed(objective: torch.nn.Module, illegal: Any, legal: Any, trainable: dict[str, torch.nn.Parameter],
+                config: TrainConfig, **kwargs: Any) -> TrainResult:
+    """`train` on balanced illegal + legal batches; config.batch_size counts samples and must be even."""
+    if config.batch_size % 2:
+        raise ValueError(f"a mixed batch is half illegal, half legal: batch_size must be even, got {config.batch_size}")
+    return train(objective, MixedData(illegal, legal), trainable, replace(config, batch_size=config.batch_size // 2),
+                 **kwargs)
 
 
 # ---------------------------------------------------------------------------- the mask learner
@@ -165,7 +229,6 @@ class MaskLearner(TrainCallback):
         self.names = list(params)
         self.params = list(params.values())
         self.sizes = torch.tensor([p.numel() for p in self.params])
-        self.lengths = self.sizes.clone()
         self.illegal, self.legal = illegal, legal
         device = self.params[0].device
         self.d = initial_d.to(device=device, dtype=self.params[0].dtype)
@@ -215,7 +278,7 @@ class MaskLearner(TrainCallback):
         if self.initialized:
             return
         # The parameters hold theta_ft (the warm start); make them theta(m) = theta_ft + m d.
-        torch._foreach_add_(self.params, torch._foreach_mul(self.d_views, self._m_list()))
+        add_scaled_(self.params, self.d_views, self._m_list())
         self.initialized = True
 
     @torch.no_grad()
@@ -224,14 +287,14 @@ class MaskLearner(TrainCallback):
         grads = [p.grad for p in self.params]
         if any(g is None for g in grads):
             raise RuntimeError("a UNet tensor got no gradient in a user step")
-        torch._foreach_mul_(grads, [1.0 - v for v in m])  # dL/dtheta_ft = (1 - m) g
-        torch._foreach_sub_(self.params, torch._foreach_mul(self.d_views, m))  # p = theta_ft
+        torch._foreach_mul_(grads, [1.0 - v for v in m])  # dL/dtheta_ft = (1 - m) g, clipped after this hook
+        add_scaled_(self.params, self.d_views, [-v for v in m])  # p = theta_ft
         torch._foreach_add_(self.d_views, self.params)  # d = theta_pre (transiently)
 
     @torch.no_grad()
     def on_step_end(self, ctx: TrainContext) -> None:
         torch._foreach_sub_(self.d_views, self.params)  # d = theta_pre - theta_ft'
-        torch._foreach_add_(self.params, torch._foreach_mul(self.d_views, self._m_list()))  # p = theta(m)
+        add_scaled_(self.params, self.d_views, self._m_list())  # p = theta(m)
         if ctx.step % self.cfg.mask_every == 0:
             self.mask_step(ctx)
 
@@ -263,36 +326,51 @@ class MaskLearner(TrainCallback):
         with torch.enable_grad():
             loss = ctx.model(batch)
             ctx.accelerator.backward(loss)
+        scale = loss_scale(ctx.accelerator)
         with torch.no_grad():
             grads = [p.grad for p in self.params]
+            if scale != 1.0:  # fp16: the gradients are of scale * loss
+                torch._foreach_mul_(grads, 1.0 / scale)
             m_old = self.m()
-            grad = mask_logit_gradient(grads, self.d, self.lengths.to(self.d.device), m_old.to(self.d.device),
-                                       self.cfg.temperature).cpu()
-            if self.cfg.ratio_control == "penalty":
-                w = self._ratio_weights()
-                mean_m = float((m_old * w).sum() / w.sum())
-                grad = grad + 2 * self.cfg.penalty * (mean_m - self.cfg.ratio) * (w / w.sum()) * m_old * (1 - m_old) / self.cfg.temperature
-            self.logits.grad = grad.float()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.cfg.ratio_control == "projection":
-                self.logits.copy_(project_to_ratio(self.logits.detach(), self.cfg.ratio, self.cfg.temperature,
-                                                   self._ratio_weights()))
-            delta = (self.m() - m_old).double().tolist()
-            # theta(m) = theta_pre - (1 - m) d, so a new mask moves it by (m_new - m_old) d
-            torch._foreach_add_(self.params, torch._foreach_mul(self.d_views, delta))
+            grad = mask_logit_gradient(grads, self.d_views, m_old.to(self.d.device), self.cfg.temperature).cpu()
+            del grads
             for p in self.params:
-                p.grad = None
+                p.grad = None  # free the gradients before theta(m) moves
+            # An overflow (fp16) or a NaN must not reach the logits, Adam's moments or theta(m): skip the step.
+            skipped = not bool(torch.isfinite(grad).all())
+            if not skipped:
+                self._update_logits(grad, m_old)
+                # in float64: a float32 difference of two masks far apart is not exact, and its error would
+                # move theta(m) off m theta_pre + (1 - m) theta_ft
+                delta = (self.m().double() - m_old.double()).tolist()
+                # theta(m) = theta_pre - (1 - m) d, so a new mask moves it by (m_new - m_old) d
+                add_scaled_(self.params, self.d_views, delta)
         per_sample = getattr(ctx.objective, "last_per_sample", None)
         half = len(batch["weights"]) // 2
-        entry = {"mask_step": self.mask_steps_done + 1, "user_step": ctx.step, "loss": float(loss.detach()),
-                 "hard_ratio": float((self.m() > 0.5).float().mean()), "soft_ratio": float(self.m().mean())}
+        shares = mask_shares(self.m(), self.sizes)
+        by = "params" if self.cfg.ratio_by == "params" else "tensors"
+        entry: dict[str, Any] = {"mask_step": self.mask_steps_done + 1, "user_step": ctx.step,
+                                 "loss": float(loss.detach()), "skipped": skipped, "loss_scale": scale,
+                                 "hard_ratio": shares[f"hard_ratio_{by}"], "soft_ratio": shares[f"soft_ratio_{by}"],
+                                 **shares}
         if per_sample is not None and len(per_sample) == 2 * half:
             entry["illegal_loss"] = float(per_sample[:half].mean())
             entry["legal_loss"] = float(per_sample[half:].mean())
         self.history.append(entry)
         self.mask_steps_done += 1
         ctx.logs.update({k: entry[k] for k in ("illegal_loss", "legal_loss", "hard_ratio") if k in entry})
+
+    def _update_logits(self, grad: torch.Tensor, m_old: torch.Tensor) -> None:
+        if self.cfg.ratio_control == "penalty":
+            w = self._ratio_weights()
+            mean_m = float((m_old * w).sum() / w.sum())
+            grad = grad + 2 * self.cfg.penalty * (mean_m - self.cfg.ratio) * (w / w.sum()) * m_old * (1 - m_old) / self.cfg.temperature
+        self.logits.grad = grad.float()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.ratio_control == "projection":
+            self.logits.copy_(project_to_ratio(self.logits.detach(), self.cfg.ratio, self.cfg.temperature,
+                                               self._ratio_weights()))
 
     def _ratio_weights(self) -> torch.Tensor:
         return self.sizes.float() if self.cfg.ratio_by == "params" else torch.ones(len(self.sizes))
@@ -315,7 +393,6 @@ def learn_mask(objective: torch.nn.Module, params: dict[str, torch.nn.Parameter]
     out = Path(output_dir) if output_dir is not None else None
     plist = list(params.values())
     theta_pre = _flat(plist)  # becomes d once theta_ft is known (the only extra copy)
-    mixed = MixedData(illegal, legal)
     t0 = time.perf_counter()
     warm_metrics: dict[str, Any] = {}
     if warm_start_params is not None:
@@ -325,19 +402,20 @@ def learn_mask(objective: torch.nn.Module, params: dict[str, torch.nn.Parameter]
                     raise ValueError(f"warm-start weights lack tensor {name!r}")
                 p.copy_(warm_start_params[name].to(p))
     else:
-        warm_cfg = TrainConfig.from_dict({**config.warm_start.to_dict(), "seed": config.seed})
-        warm = train(objective, mixed, params, warm_cfg, output_dir=None if out is None else out / "warm-start",
-                     accelerator=accelerator, desc="warm start (mixed fine-tune)")
+        warm = train_mixed(objective, illegal, legal, params, replace(config.warm_start, seed=config.seed),
+                           output_dir=None if out is None else out / "warm-start", accelerator=accelerator,
+                           desc="warm start (mixed fine-tune)")
         warm_metrics = warm.metrics
     warm_seconds = time.perf_counter() - t0
     with torch.no_grad():
         d = theta_pre.sub_(_flat(plist))  # theta_pre - theta_ft
     learner = MaskLearner(params, illegal, legal, config, initial_d=d)
-    user_cfg = TrainConfig.from_dict({**config.user.to_dict(), "seed": config.seed + 1,
-                                      "max_steps": config.mask_steps * config.mask_every, "ema_decay": None})
+    user_cfg = replace(config.user, seed=config.seed + 1, max_steps=config.mask_steps * config.mask_every,
+                       ema_decay=None)
     t1 = time.perf_counter()
-    result = train(objective, mixed, params, user_cfg, output_dir=None if out is None else out / "mask-learning",
-                   callbacks=[learner], accelerator=accelerator, desc="learn guard")
+    result = train_mixed(objective, illegal, legal, params, user_cfg,
+                         output_dir=None if out is None else out / "mask-learning", callbacks=[learner],
+                         accelerator=accelerator, desc="learn guard")
     metrics = {"warm_start_seconds": warm_seconds, "learning_seconds": time.perf_counter() - t1,
                "warm_start": warm_metrics, "learning": result.metrics, "history": learner.history}
     return learner, metrics
