@@ -10,6 +10,7 @@ import torch
 
 from freezeasguard.data import collate_examples
 from freezeasguard.learn import (
+    STREAM_RANKING,
     LearnConfig,
     MaskLearner,
     MixedData,
@@ -17,7 +18,9 @@ from freezeasguard.learn import (
     learn_mask,
     mask_logit_gradient,
     project_to_ratio,
+    ranking_check,
     soft_mask,
+    temperature_at,
 )
 from freezeasguard.training import TrainCallback, TrainConfig, TrainContext
 
@@ -178,10 +181,11 @@ class Reference(TrainCallback):
         self.checked += 1
 
 
-def test_theta_m_bookkeeping_and_the_clipped_user_gradient_match_an_independent_reference():
+@pytest.mark.parametrize("schedule", ["constant", "geometric"])
+def test_theta_m_bookkeeping_and_the_clipped_user_gradient_match_an_independent_reference(schedule):
     model = Toy()
     params = _params(model)
-    cfg = _toy_cfg()
+    cfg = _toy_cfg(temperature_schedule=schedule)  # annealing moves theta(m) at every mask step too
     data = RecordingData(ToyData(0), ToyData(1))
     theta_pre = [p.detach().clone() for p in params.values()]
     g = torch.Generator().manual_seed(2)
@@ -362,7 +366,7 @@ def _explicit_upper_loss(model, learner, batch, x):
     m0 = learner.m().double()
     pre = [p.detach() + (1 - m0[i]) * dv for i, (p, dv) in enumerate(zip(learner.params, learner.d_views))]
     ft = [p.detach() - m0[i] * dv for i, (p, dv) in enumerate(zip(learner.params, learner.d_views))]
-    m = soft_mask(x, learner.cfg.temperature)
+    m = soft_mask(x, learner.temperature)
     explicit = {n: m[i] * pre[i] + (1 - m[i]) * ft[i] for i, n in enumerate(learner.names)}
     return torch.func.functional_call(model, explicit, (batch,)), m, pre, ft
 
@@ -409,6 +413,135 @@ def test_logged_ratios_give_both_shares_and_follow_the_parameter_weighting():
     assert abs(last["soft_ratio_tensors"] - 0.4) > 1e-3
 
 
+# ---------------------------------------------------------------------------- issue 11: learner levers
+def test_sgd_normalised_steps_are_the_autograd_gradient_over_one_fixed_scale():
+    lr = 0.05
+    model, params, learner, ctx = _bare(_toy_cfg(mask_optimizer="sgd-normalised", mask_lr=lr))
+    rms = []
+    for _ in range(3):
+        x = learner.logits.detach().double().clone()
+        xr = x.clone().requires_grad_(True)
+        loss, *_ = _explicit_upper_loss(model, learner, learner._mask_batch(ctx), xr)
+        (g,) = torch.autograd.grad(loss, xr)
+        rms.append(float(g.pow(2).mean().sqrt()))
+        learner.mask_step(ctx)
+        residual = learner.logits.detach().double() - x + lr * g / rms[0]
+        # the step is -lr g / (first step's RMS); the projection then adds one constant to every logit
+        assert float(residual.max() - residual.min()) < 1e-6, residual
+        assert learner.grad_scale == pytest.approx(rms[0], rel=1e-6)
+    assert abs(rms[2] / rms[0] - 1) > 0.05  # the gradient's scale changed, so a per-step rescale would differ
+
+
+class Scripted(torch.nn.Module):
+    """A constructed model: four scalar tensors; at its j-th call the loss is sum_i c_i(j) theta_i, so with d = 1
+    the mask gradient of tensor i is c_i(j) m_i (1 - m_i) / T. The `big` tensors have large gradients whose sign
+    flips every third step; the `steady` ones tiny gradients of constant sign. Freezing a big tensor lowers the
+    upper loss by about 100x more in total (sum over steps of -c_i): they are the decisive ones."""
+
+    names = ("big1", "big2", "steady1", "steady2")
+
+    def __init__(self):
+        super().__init__()
+        for name in self.names:
+            setattr(self, name, torch.nn.Parameter(torch.zeros(1, dtype=torch.float64)))
+        self.calls = 0
+
+    def coefficients(self, j):
+        flip = -0.6 if j % 3 == 2 else 1.0
+        return [-10.0 * flip, -8.0 * flip, -0.05, -0.04]
+
+    def forward(self, batch):
+        c = self.coefficients(self.calls)
+        self.calls += 1
+        return sum(ci * getattr(self, n).sum() for ci, n in zip(c, self.names))
+
+
+def test_the_magnitude_aware_learner_ranks_the_decisive_tensors_first_where_adam_does_not():
+    steps = 30
+    decisive = sorted(Scripted.names, key=lambda n: sum(Scripted().coefficients(j)[Scripted.names.index(n)]
+                                                         for j in range(steps)))[:2]
+    assert set(decisive) == {"big1", "big2"}
+    top = {}
+    for optimizer in ("adam", "sgd-normalised"):
+        model = Scripted()
+        cfg = _toy_cfg(ratio=0.5, mask_optimizer=optimizer, mask_lr=0.05, mask_steps=steps)
+        learner = MaskLearner(_params(model), ToyData(0), ToyData(1), cfg, initial_d=torch.ones(4, dtype=torch.float64))
+        from freezeasguard.training.core import make_accelerator
+
+        ctx = TrainContext(make_accelerator(), model, model, None, _params(model), TrainConfig(progress=False))
+        learner.on_train_start(ctx)
+        for _ in range(steps):
+            learner.mask_step(ctx)
+        scores = learner.scores()
+        top[optimizer] = set(sorted(scores, key=scores.get, reverse=True)[:2])
+    # Adam moves every logit by about mask_lr per step and rewards the steady sign; SGD on one scale moves
+    # logits in proportion to what freezing them is worth
+    assert top["sgd-normalised"] == set(decisive)
+    assert top["adam"] == {"steady1", "steady2"}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "geometric"])
+def test_annealing_polarises_while_the_projection_keeps_the_exact_weighted_ratio(schedule):
+    runs = {}
+    for sched in ("constant", schedule):
+        model = Toy()
+        params = _params(model)
+        cfg = _toy_cfg(ratio=0.4, ratio_by="params", mask_steps=6, temperature_schedule=sched,
+                       temperature_final=0.005)
+        learner, _ = learn_mask(model, params, ToyData(0), ToyData(1), cfg)
+        runs[sched] = (cfg, learner)
+    cfg, learner = runs[schedule]
+    temps = [h["temperature"] for h in learner.history]
+    assert temps == pytest.approx([temperature_at(cfg, j + 1) for j in range(6)], rel=1e-12)
+    assert temps[-1] == pytest.approx(0.005) and all(a > b for a, b in zip(temps, temps[1:]))
+    sizes = torch.tensor([float(p.numel()) for p in learner.params], dtype=torch.float64)
+    for h in learner.history:
+        assert abs(h["soft_ratio_params"] - 0.4) < 1e-6  # exact at every T
+        assert 0 <= h["polarisation_tensors"] <= 1 and h["polarisation"] == h["polarisation_params"]
+    m = learner.m().double()
+    polarised = ((m < 0.05) | (m > 0.95)).double()
+    last = learner.history[-1]
+    assert last["polarisation_tensors"] == pytest.approx(float(polarised.mean()), abs=1e-12)
+    assert last["polarisation_params"] == pytest.approx(float((polarised * sizes).sum() / sizes.sum()), abs=1e-12)
+    constant = runs["constant"][1].history[-1]
+    assert last["polarisation_tensors"] >= 0.75 > constant["polarisation_tensors"]
+    # the order of the logits is what the guard keeps; a temperature does not reorder it
+    assert (float((m * sizes).sum() / sizes.sum()) - 0.4) < 1e-6
+
+
+def test_restore_effect_is_the_first_order_change_of_restoring_tensors():
+    model, params, learner, ctx = _bare(_toy_cfg(ranking_samples=6))
+    names = list(params)
+    theta_m = [p.detach().clone() for p in params.values()]
+    effect = learner.restore_effect(model)
+    for p, t in zip(params.values(), theta_m):  # back at theta(m)
+        torch.testing.assert_close(p.detach(), t, rtol=0, atol=1e-15)
+    assert all(p.grad is None for p in params.values())
+    m = learner.m().double()
+    ft = {n: theta_m[i] - m[i] * learner.d_views[i] for i, n in enumerate(names)}
+    d = dict(zip(names, learner.d_views))
+    frozen = {"ill1.weight", "ill2.bias", "leg1.weight"}
+    for side, domain in ((0, "illegal"), (1, "legal")):
+        batch = collate_examples(learner._draw(side, range(6), STREAM_RANKING))
+
+        def loss(t, subset):
+            moved = {n: ft[n] + t * d[n] if n in subset else ft[n] for n in names}
+            return float(torch.func.functional_call(model, moved, (batch,)))
+
+        for subset in [{n} for n in names] + [frozen, set(names)]:
+            brute = (loss(1e-4, subset) - loss(-1e-4, subset)) / 2e-4  # brute force: restore a bit of d
+            predicted = sum(v for n, v in zip(names, effect[domain]) if n in subset)
+            assert predicted == pytest.approx(brute, rel=1e-6, abs=1e-12), (domain, subset)
+        # the toy's illegal loss does not depend on the leg* tensors, nor the legal loss on the ill* ones
+        other = "leg" if domain == "illegal" else "ill"
+        assert all(v == 0 for n, v in zip(names, effect[domain]) if n.startswith(other))
+    summary = ranking_check(effect, names, frozen)
+    assert summary["illegal"]["frozen"] == pytest.approx(sum(v for n, v in zip(names, effect["illegal"]) if n in frozen))
+    assert summary["legal"]["all"] == pytest.approx(sum(effect["legal"]))
+    assert [t["tensor"] for t in summary["top_frozen"]] == sorted(
+        frozen, key=lambda n: -effect["illegal"][names.index(n)])
+
+
 # ---------------------------------------------------------------------------- the diffusion path
 def _guard_cfg(**kw):
     base = dict(ratio=0.3, mask_every=2, mask_steps=3, mask_batch=4, mask_lr=0.05,
@@ -431,6 +564,17 @@ def test_learned_guard_is_exact_deterministic_and_resumable(toy_data, tmp_path):
     assert len(first.frozen) == round(0.3 * n) and first.method == "learned"
     assert set(first.scores) == set(first.names)
     assert (tmp_path / "a" / "guard.json").is_file() and (tmp_path / "a" / "mask.png").is_file()
+    import json as _json
+
+    from PIL import Image
+
+    report = _json.loads((tmp_path / "a" / "learn.json").read_text())
+    assert len(report["history"]) == 3 and {"polarisation_tensors", "hard_ratio_params", "temperature"} <= set(report["history"][0])
+    check = report["ranking_check"]
+    frozen_share = check["illegal"]["frozen_share_of_all"]
+    assert frozen_share is not None and abs(frozen_share - check["illegal"]["frozen"] / check["illegal"]["all"]) < 1e-12
+    assert {t["tensor"] for t in check["top_frozen"]} <= set(first.frozen)
+    assert Image.open(tmp_path / "a" / "learn.png").size[0] > 100
     again = learn_guard(_tiny(), ill, leg, _guard_cfg())
     assert again.frozen == first.frozen and again.scores == first.scores
 
@@ -473,6 +617,10 @@ def test_config_options_are_validated():
         LearnConfig(ratio=1.5)
     with pytest.raises(ValueError, match="mask_optimizer"):
         LearnConfig(mask_optimizer="lion")
+    with pytest.raises(ValueError, match="temperature_schedule"):
+        LearnConfig(temperature_schedule="cosine")
+    with pytest.raises(ValueError, match="temperature_final"):
+        LearnConfig(temperature_final=0.0)
     with pytest.raises(ValueError, match="unknown LearnConfig"):
         LearnConfig.from_dict({"ratios": 0.3})
     cfg = LearnConfig.from_dict(copy.deepcopy(LearnConfig().to_dict()))
