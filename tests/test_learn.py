@@ -542,6 +542,49 @@ def test_restore_effect_is_the_first_order_change_of_restoring_tensors():
         frozen, key=lambda n: -effect["illegal"][names.index(n)])
 
 
+def _crash_at(step):
+    """Patch learn.train so the guard-learning run raises after `step` user steps (its checkpoint is then the
+    last one written); returns the undo function."""
+    from freezeasguard import learn as learn_module
+
+    class Crash(TrainCallback):
+        name = "crash"
+
+        def on_step_end(self, ctx):
+            if ctx.step == step:
+                raise RuntimeError("crash")
+
+    real_train = learn_module.train
+
+    def crashing_train(*args, **kwargs):
+        if kwargs.get("desc") == "learn guard":
+            kwargs["callbacks"] = list(kwargs["callbacks"]) + [Crash()]
+        return real_train(*args, **kwargs)
+
+    learn_module.train = crashing_train
+    return lambda: setattr(learn_module, "train", real_train)
+
+
+def test_the_levers_state_resumes_bit_identically(tmp_path):
+    """sgd-normalised's fixed scale and the annealed temperature are checkpointed with the logits."""
+    cfg = _toy_cfg(mask_optimizer="sgd-normalised", temperature_schedule="geometric", mask_steps=6,
+                   user=TrainConfig(batch_size=4, learning_rate=1e-2, progress=False, checkpoint_every=4))
+    model = Toy()
+    straight, _ = learn_mask(model, _params(model), ToyData(0), ToyData(1), cfg)
+    undo = _crash_at(7)
+    try:
+        with pytest.raises(RuntimeError, match="crash"):
+            model = Toy()
+            learn_mask(model, _params(model), ToyData(0), ToyData(1), cfg, output_dir=tmp_path)
+    finally:
+        undo()
+    model = Toy()
+    resumed, _ = learn_mask(model, _params(model), ToyData(0), ToyData(1), cfg, output_dir=tmp_path)
+    assert torch.equal(resumed.logits, straight.logits) and resumed.grad_scale == straight.grad_scale
+    assert resumed.temperature == straight.temperature == pytest.approx(cfg.temperature_final)
+    assert resumed.history == straight.history
+
+
 # ---------------------------------------------------------------------------- the diffusion path
 def _guard_cfg(**kw):
     base = dict(ratio=0.3, mask_every=2, mask_steps=3, mask_batch=4, mask_lr=0.05,
@@ -578,28 +621,12 @@ def test_learned_guard_is_exact_deterministic_and_resumable(toy_data, tmp_path):
     again = learn_guard(_tiny(), ill, leg, _guard_cfg())
     assert again.frozen == first.frozen and again.scores == first.scores
 
-    class Crash(TrainCallback):
-        name = "crash"
-
-        def on_step_end(self, ctx):
-            if ctx.step == 5:
-                raise RuntimeError("crash")
-
-    from freezeasguard import learn as learn_module
-
-    real_train = learn_module.train
-
-    def crashing_train(*args, **kwargs):
-        if kwargs.get("desc") == "learn guard":
-            kwargs["callbacks"] = list(kwargs["callbacks"]) + [Crash()]
-        return real_train(*args, **kwargs)
-
-    learn_module.train = crashing_train
+    undo = _crash_at(5)
     try:
         with pytest.raises(RuntimeError, match="crash"):
             learn_guard(_tiny(), ill, leg, _guard_cfg(), output_dir=tmp_path / "b")
     finally:
-        learn_module.train = real_train
+        undo()
     resumed = learn_guard(_tiny(), ill, leg, _guard_cfg(), output_dir=tmp_path / "b")
     assert resumed.frozen == first.frozen and resumed.scores == first.scores
 
