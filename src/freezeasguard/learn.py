@@ -412,7 +412,7 @@ class MaskLearner(TrainCallback):
             entry["legal_loss"] = float(per_sample[half:].mean())
         self.history.append(entry)
         self.mask_steps_done += 1
-        ctx.logs.update({k: entry[k] for k in ("illegal_loss", "legal_loss", "hard_ratio") if k in entry})
+        ctx.logs.update({k: entry[k] for k in ("illegal_loss", "legal_loss", "hard_ratio", "polarisation") if k in entry})
 
     def _update_logits(self, grad: torch.Tensor, m_old: torch.Tensor) -> None:
         if self.cfg.ratio_control == "penalty":
