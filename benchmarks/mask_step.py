@@ -1,18 +1,51 @@
-"""Time a guard-learning mask step and a guard-learning user step against a plain fine-tuning step.
+"""Time a guard-learning mask step and a guard-learning user step against a plain fine-tuning step, and
+measure the bytes each step allocates, before and after issue 14 (item 7) side by side.
 
 Same model, same batch size, one process, measurements interleaved (plain, user, mask, plain, ...), medians
 reported with their ratios. Goal (BENCHMARK.md): a mask step <= 1.25x a plain fine-tuning step.
 
+Memory: the peak of the bytes allocated by torch operators during one step (freezeasguard.allocations: exact
+on CPU and GPU; the parameters, d and the optimizer state that exist before the step are not counted). "before"
+runs the learner with the pre-issue-14 implementation patched in (gradients concatenated into one flat copy,
+multiplied by d into a second, and theta(m) updated through a temporary of d times the mask); "after" is the
+library as it is: per-tensor dot products and in-place updates.
+
     python benchmarks/mask_step.py                      # the embedded default on the figures scenario
+    python benchmarks/mask_step.py --model tiny --repeats 3
     python benchmarks/mask_step.py --model PATH --batch-size 16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def before_issue_14(learner) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Patch the learner's module with the implementation before issue 14 item 7 (kept here to measure it)."""
+    import torch
+
+    from freezeasguard import learn
+
+    def mask_logit_gradient(grads, d_views, m, temperature):  # type: ignore[no-untyped-def]
+        g_flat = torch.cat([g.reshape(-1) for g in grads]).to(learner.d.dtype)
+        dots = torch.segment_reduce(g_flat * learner.d, "sum", lengths=learner.sizes.to(learner.d.device))
+        return (dots * m * (1 - m) / temperature).to(m.dtype)
+
+    def add_scaled_(targets, sources, scales):  # type: ignore[no-untyped-def]
+        torch._foreach_add_(targets, torch._foreach_mul(sources, scales))
+
+    saved = learn.mask_logit_gradient, learn.add_scaled_
+    learn.mask_logit_gradient, learn.add_scaled_ = mask_logit_gradient, add_scaled_
+    try:
+        yield
+    finally:
+        learn.mask_logit_gradient, learn.add_scaled_ = saved
 
 
 def main() -> None:
@@ -26,6 +59,7 @@ def main() -> None:
 
     import torch
 
+    from freezeasguard.allocations import AllocationPeak
     from freezeasguard.learn import LearnConfig, MaskLearner, MixedData
     from freezeasguard.model import DiffusionModel
     from freezeasguard.objective import DenoisingObjective, EncodedDataset
@@ -71,15 +105,26 @@ def main() -> None:
     learner.on_train_start(ctx)
 
     def batch(step: int):
-        examples = [dict(mixed.example((step * args.batch_size + i) % len(mixed), 1000 * step + i), seeds=1000 * step + i)
-                    for i in range(args.batch_size)]
-        return mixed.collate(examples)
+        pairs = args.batch_size // 2  # half illegal, half legal, as the learner's user batches
+        return mixed.collate([mixed.example((step * pairs + i) % len(mixed), 1000 * step + i) for i in range(pairs)])
+
+    # Memory pass: after each backward, the live bytes (the gradients) are noted and the peak restarts, so
+    # "after backward" is what the step allocates beyond its gradients once the activations are freed.
+    tracker: list = []  # the active AllocationPeak, the peak up to the end of the backward, the bytes live then
+
+    def backward(loss) -> None:  # type: ignore[no-untyped-def]
+        loss.backward()
+        if tracker:
+            tracker[1] = tracker[0].peak
+            tracker[2] = tracker[0].reset_peak()
+
+    acc.backward = backward  # what the mask step calls (no gradient scaler here)
 
     def plain(step: int) -> float:
         b = batch(step)
         t0 = time.perf_counter()
         loss = objective(b)
-        loss.backward()
+        backward(loss)
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -89,7 +134,7 @@ def main() -> None:
         b = batch(step)
         t0 = time.perf_counter()
         loss = objective(b)
-        loss.backward()
+        backward(loss)
         learner.on_before_optimizer_step(ctx)
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
@@ -103,19 +148,46 @@ def main() -> None:
         learner.mask_step(ctx)
         return time.perf_counter() - t0
 
-    times: dict[str, list[float]] = {"plain fine-tuning step": [], "guard-learning user step": [], "mask step": []}
+    def mask_before(step: int) -> float:
+        with before_issue_14(learner):
+            return mask(step)
+
+    def user_before(step: int) -> float:
+        with before_issue_14(learner):
+            return user(step)
+
+    steps = {"plain fine-tuning step": plain, "guard-learning user step": user, "mask step": mask,
+             "user step, before #14": user_before, "mask step, before #14": mask_before}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for step in range(args.repeats + 2):
-        for name, fn in zip(times, (plain, user, mask)):
+        for name, fn in steps.items():
             t = fn(step)
             if step >= 2:  # warm-up
                 times[name].append(t)
+    peaks, after = {}, {}
+    for name, fn in steps.items():
+        with AllocationPeak() as alloc:
+            tracker[:] = [alloc, 0, 0]
+            fn(args.repeats + 2)
+        peaks[name] = max(tracker[1], alloc.peak)  # forward + backward, or what came after
+        after[name] = alloc.peak - tracker[2]
+        tracker.clear()
     base = statistics.median(times["plain fine-tuning step"])
     n_params = sum(p_.numel() for p_ in params.values())
-    print(f"model: {args.model}; UNet {len(params)} tensors, {n_params:,} parameters; batch {args.batch_size}; "
-          f"{args.repeats} interleaved repeats, medians")
+    model_bytes = sum(p_.numel() * p_.element_size() for p_ in params.values())
+    print(f"model: {args.model}; UNet {len(params)} tensors, {n_params:,} parameters ({model_bytes / 2**20:.1f} MiB); "
+          f"batch {args.batch_size}; {args.repeats} interleaved repeats, medians; peak = bytes allocated by the step")
+    print(f"{'':<26} {'time':>10} {'vs plain':>9} {'step peak':>11} {'after backward, beyond gradients':>34}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<26} {med * 1000:8.1f} ms   {med / base:5.2f}x plain")
+        print(f"{name:<26} {med * 1000:8.1f}ms {med / base:8.2f}x {peaks[name] / 2**20:8.1f}MiB "
+              f"{after[name] / 2**20:12.2f}MiB = {after[name] / model_bytes:5.2f}x UNet size")
+    for kind, now, old in (("mask step", "mask step", "mask step, before #14"),
+                           ("user step", "guard-learning user step", "user step, before #14")):
+        print(f"{kind}: allocated after the backward, beyond the gradients, before -> after issue 14: "
+              f"{after[old] / model_bytes:.2f}x -> {after[now] / model_bytes:.2f}x the UNet "
+              f"({after[old] / 2**20:.2f} -> {after[now] / 2**20:.2f} MiB); step peak "
+              f"{peaks[old] / 2**20:.1f} -> {peaks[now] / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

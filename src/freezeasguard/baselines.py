@@ -146,15 +146,14 @@ def warm_start(model: DiffusionModel, ctx: MethodContext) -> dict[str, torch.Ten
     """The mixed fine-tune of the guard learner's warm start, returned as UNet tensors (the model is untouched)."""
     import copy
 
-    from .learn import MixedData
-    from .training import train
+    from .learn import train_mixed
 
     tuned = copy.deepcopy(model)
     objective = _objective(tuned)
     params = {f"unet.{n}": p for n, p in tuned.unet.named_parameters()}
     warm_cfg = dataclasses.replace(ctx.options.learn_config().warm_start, seed=ctx.seed)
-    train(objective, MixedData(_encoded(tuned, ctx.illegal), _encoded(tuned, ctx.legal)), params, warm_cfg,
-          desc="warm start (importance)")
+    train_mixed(objective, _encoded(tuned, ctx.illegal), _encoded(tuned, ctx.legal), params, warm_cfg,
+                desc="warm start (importance)")
     return {n: p.detach().clone() for n, p in unet_tensors(tuned.unet).items()}
 
 

@@ -30,6 +30,12 @@ def plot_blocks(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> 
     ax.set_xlabel("fraction frozen")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -42,3 +48,42 @@ def plot_guard(guard: Any, path: str | Path, *, depth: int = 2) -> Path:
     title = (f"guard ({s['method']}): {s['frozen_tensors']}/{s['total_tensors']} tensors "
              f"({s['ratio_by_count']:.1%}), {s['ratio_by_params']:.1%} of parameters")
     return plot_blocks(guard.per_block(depth), path, title=title)
+
+
+def plot_learning(history: list[dict[str, Any]], path: str | Path, *, by: str = "count") -> Path:
+    """Guard learning per mask step: hard and soft ratio and polarisation (by tensors and by parameters) with
+    the temperature; below, the illegal and legal losses of the mask batches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["mask_step"] for h in history]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for key, colour in (("hard_ratio", "#3b6ea8"), ("soft_ratio", "#7a9cc6"), ("polarisation", "#e08a3c")):
+        for unit, style in (("tensors", "-"), ("params", "--")):
+            values = [h.get(f"{key}_{unit}") for h in history]
+            if any(v is not None for v in values):
+                top.plot(steps, values, style, color=colour, label=f"{key.replace('_', ' ')} ({unit})")
+    top.set_ylim(-0.02, 1.02)
+    top.set_ylabel("share")
+    temps = [h.get("temperature") for h in history]
+    if any(t is not None for t in temps):
+        right = top.twinx()
+        right.plot(steps, temps, ":", color="#555555", label="temperature")
+        right.set_ylabel("temperature T")
+        right.legend(loc="center right", fontsize=7)
+    top.legend(loc="upper left", fontsize=7, ncol=2)
+    top.set_title(f"guard learning (ratio counted by {by})", fontsize=10)
+    for key, colour in (("illegal_loss", "#c0392b"), ("legal_loss", "#27ae60")):
+        values = [h.get(key) for h in history]
+        if any(v is not None for v in values):
+            bottom.plot(steps, values, color=colour, label=key.replace("_", " "))
+    skipped = [h["mask_step"] for h in history if h.get("skipped")]
+    for x in skipped:
+        bottom.axvline(x, color="#999999", linewidth=0.5)
+    bottom.set_xlabel("mask step" + (f" (grey: {len(skipped)} skipped, non-finite gradient)" if skipped else ""))
+    bottom.set_ylabel("mask-batch loss")
+    if bottom.lines:
+        bottom.legend(fontsize=7)
+    return _save(fig, path)

@@ -24,7 +24,7 @@ def scenario_data(name: str, resolution: int, seed: int = 0):  # type: ignore[no
 
 @app.command()
 def learn(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: guard.json, learn.json, mask.png, checkpoints.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: guard.json, learn.json, learn.png, mask.png, checkpoints.")],
     model: ModelOpt = "embedded",
     scenario: Annotated[str | None, typer.Option(help="Embedded scenario for the data: figures or artstyle.")] = None,
     illegal: Annotated[Path | None, typer.Option(help="Image folder of the illegal domain (publisher's samples).")] = None,
