@@ -1,0 +1,63 @@
+"""Guard learning versus one user fine-tune of the attack budget, side by side on the embedded default.
+
+Budget (docs/benchmark.md): a whole guard learning costs <= 5x one user fine-tune of the attack budget. Both
+run here in one process, one after the other, on the same model, the same scenario data and the same batch
+size, and the script prints the ratio of their wall times (and of each stage of the learning: warm start,
+mask learning). Absolute times on a shared machine are noise; the ratio is the figure.
+
+    python benchmarks/learn_cost.py                         # figures, seed 0, LearnConfig defaults
+    python benchmarks/learn_cost.py --mask-steps 120 --steps 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="figures")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=400, help="the user's attack budget")
+    parser.add_argument("--mask-steps", type=int, default=None, help="LearnConfig.mask_steps (default: its default)")
+    parser.add_argument("--ratio", type=float, default=0.3)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from freezeasguard import emoji, zoo
+    from freezeasguard.finetuning import FinetuneConfig, attacker_train_config, finetune
+    from freezeasguard.learn import LearnConfig, learn_guard
+
+    sc = emoji.scenario(args.scenario, args.seed)
+    res = zoo.load_base().resolution
+    ill = emoji.dataset(sc.items("illegal", "publisher"), res, preload=True)
+    leg = emoji.dataset(sc.items("legal_near", "publisher") + sc.items("legal_far", "publisher"), res, preload=True)
+    user = emoji.dataset(sc.items("illegal", "user"), res, preload=True)
+    cfg = LearnConfig(ratio=args.ratio, seed=args.seed)
+    if args.mask_steps is not None:
+        cfg = dataclasses.replace(cfg, mask_steps=args.mask_steps)
+    train = dataclasses.replace(attacker_train_config(), max_steps=args.steps, progress=False, seed=args.seed)
+
+    t0 = time.perf_counter()
+    finetune(zoo.load_base(), user, config=FinetuneConfig(method="full", train=train))
+    t_user = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        guard = learn_guard(zoo.load_base(), ill, leg, cfg, output_dir=tmp)
+        t_learn = time.perf_counter() - t0
+    stages = guard.provenance.get("timing_seconds", {})
+    report = {"user_finetune_s": t_user, "learn_guard_s": t_learn, "ratio": t_learn / t_user,
+              "stages_s": stages, "budget": 5.0, "within_budget": t_learn / t_user <= 5.0,
+              "config": {"steps": args.steps, "mask_steps": cfg.mask_steps, "mask_every": cfg.mask_every,
+                         "warm_start_steps": cfg.warm_start.max_steps, "batch_size": train.batch_size}}
+    print(json.dumps(report, indent=2))
+    print(f"guard learning / one user fine-tune of {args.steps} steps: {t_learn / t_user:.2f}x (budget 5x)")
+
+
+if __name__ == "__main__":
+    main()
