@@ -1,7 +1,7 @@
 """Time a guard-learning mask step and a guard-learning user step against a plain fine-tuning step.
 
 Same model, same batch size, one process, measurements interleaved (plain, user, mask, plain, ...), medians
-reported with their ratios. Goal (BENCHMARK.md): a mask step <= 1.25x a plain fine-tuning step.
+reported with their ratios. Goal (docs/benchmark.md): a mask step <= 1.25x a plain fine-tuning step.
 
     python benchmarks/mask_step.py                      # the embedded default on the figures scenario
     python benchmarks/mask_step.py --model PATH --batch-size 16

@@ -57,14 +57,14 @@ def test_info_on_a_bad_directory(tmp_path):
 def test_sample_writes_a_grid(tiny_dir, tmp_path):
     out = tmp_path / "grid.png"
     args = ["sample", "--model", str(tiny_dir), "-p", "a red cat", "-p", "a dog", "--n", "3", "--steps", "3",
-            "--out", str(out), "--scale", "2"]
+            "--png", str(out), "--scale", "2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     img = Image.open(out)
     # 2 rows x 3 columns of 16 px images with 1 px borders, scaled 2x
     assert img.size == ((3 * 17 + 1) * 2, (2 * 17 + 1) * 2)
     again = tmp_path / "again.png"
-    runner.invoke(app, args[:-4] + ["--out", str(again), "--scale", "2"])
+    runner.invoke(app, args[:-4] + ["--png", str(again), "--scale", "2"])
     assert np.array_equal(np.asarray(img), np.asarray(Image.open(again)))
 
 

@@ -310,7 +310,9 @@ def test_cli_learn_from_image_folders(tmp_path):
     from freezeasguard.guard import Guard
 
     g = Guard.load(tmp_path / "g" / "guard.json")
-    assert len(g.frozen) == round(0.25 * len(g.names)) and g.method == "learned"
+    # the CLI's default freeze ratio is a parameter budget (the same in every command)
+    assert g.provenance["config"]["ratio_by"] == "params" and g.method == "learned"
+    assert 0.2 < g.ratio_by_params <= 0.25
     assert g.provenance["illegal"]["items"] == 4
     bad = CliRunner().invoke(app, ["learn", "--model", str(base), "--illegal", str(ill), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--legal" in bad.output
