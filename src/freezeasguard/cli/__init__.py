@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from .options import DebugOpt, ModelOpt, SeedOpt, debug_enabled, reset_debug
+from .options import DebugOpt, JsonOpt, ModelOpt, OverwriteOpt, SeedOpt, debug_enabled, reset_debug
 
 # Exit codes, the same for every command: 0 done (verify: compliant); 1 a negative verdict (verify: not
 # compliant, zoo check: files differ); 2 bad input, named in the message; 3 a bug in freezeasguard.
@@ -97,7 +97,7 @@ def load_model_arg(model: str | Path):  # type: ignore[no-untyped-def]
 @app.command()
 def info(
     model: ModelOpt = "embedded",
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Components, tensor and parameter counts of a model directory."""
@@ -131,7 +131,7 @@ def sample(
     png: Annotated[Path, typer.Option(help="PNG grid to write (one row per prompt).", dir_okay=False)] = Path("grid.png"),
     n: Annotated[int, typer.Option("--n", help="Images per prompt.", min=1)] = 4,
     seed: SeedOpt = 0,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
+    sampling_steps: Annotated[int, typer.Option(help="Denoising steps of the sampler.", min=1)] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none).")] = 3.0,
     sampler: Annotated[str, typer.Option(help="ddim, ddpm, euler or dpm.")] = "ddim",
     scale: Annotated[int, typer.Option(help="Upscale factor for viewing small images (nearest).", min=1)] = 4,
@@ -144,7 +144,7 @@ def sample(
     m = load_model_arg(model)
     try:
         prompts = [p for p in prompt for _ in range(n)]
-        images = m.sample(prompts, seed=seed, num_inference_steps=steps, guidance_scale=guidance, sampler=sampler)
+        images = m.sample(prompts, seed=seed, num_inference_steps=sampling_steps, guidance_scale=guidance, sampler=sampler)
     except (FreezeAsGuardError, ValueError) as exc:
         raise _fail(exc) from exc
     save_grid(images, png, nrow=n, scale=scale)
@@ -157,7 +157,7 @@ def tiny(
     latent: Annotated[bool, typer.Option(help="Latent model with a small AutoencoderKL (else pixel space).")] = False,
     resolution: Annotated[int, typer.Option(help="Image side in pixels.")] = 16,
     seed: SeedOpt = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing directory.")] = False,
+    overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Write a tiny randomly initialised Stable-Diffusion-format model (for tests and trying the tools)."""

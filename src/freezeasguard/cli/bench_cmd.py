@@ -8,11 +8,12 @@ from typing import Annotated
 import typer
 
 from . import _fail, _offline, app
+from .options import OutOpt
 
 
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Work directory (cells are cached here).")] = Path("runs/bench"),
+    out: OutOpt = Path("runs/bench"),
     profile: Annotated[str, typer.Option(help="quick or full.")] = "quick",
     scenario: Annotated[list[str] | None, typer.Option(help="Replace the profile's scenarios (repeat): figures, artstyle, figures-scratch, artstyle-scratch.")] = None,
     method: Annotated[list[str] | None, typer.Option(help="Replace the profile's methods (repeat).")] = None,

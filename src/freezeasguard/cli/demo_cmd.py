@@ -9,14 +9,15 @@ from typing import Annotated
 import typer
 
 from . import _fail, _offline, app
+from .options import OutOpt, SeedOpt
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Work directory; the report goes to OUT/report.")] = Path("runs/demo"),
+    out: OutOpt = Path("runs/demo"),
     scenario: Annotated[str, typer.Option(help="figures or artstyle (relearn form), or figures-scratch / artstyle-scratch.")] = "figures",
     ratio: Annotated[float, typer.Option(help="Freeze ratio of the learned guard, as a share of the UNet's parameters.")] = 0.3,
-    seed: Annotated[int, typer.Option(help="Seed of splits, training and sampling.")] = 0,
+    seed: SeedOpt = 0,
     steps: Annotated[int, typer.Option(help="The illegal user's fine-tuning steps (the attack budget).")] = 400,
     legal_steps: Annotated[int, typer.Option(help="The legal user's fine-tuning steps.")] = 400,
     lr: Annotated[float, typer.Option(help="The users' learning rate (AdamW).")] = 1e-4,

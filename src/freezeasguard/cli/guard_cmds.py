@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from . import _offline, app, load_model_arg
-from .options import (choice, DebugOpt, GuardOpt, ModelOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt,
+from .options import (choice, DebugOpt, JsonOpt, GuardOpt, ModelOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt,
                       ToleranceOpt)
 
 guard_app = typer.Typer(help="Make, combine and compare guard files. Each writes OUT/guard.json.",
@@ -130,7 +130,7 @@ def guard_combine(
 def guard_diff(
     a: GuardArg,
     b: GuardArg,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Tensors frozen by only one of two guards, and by both."""
@@ -152,7 +152,7 @@ def inspect(
                                              dir_okay=False)] = None,
     depth: Annotated[int, typer.Option(help="2: per block; 3: per block part (attentions, resnets, ...).",
                                        min=1)] = 2,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Print the freeze per UNet block and write it as a PNG."""
@@ -186,7 +186,7 @@ def verify(
     guard: GuardOpt,
     base: Annotated[Path | None, typer.Option(help="Base model directory, for elementwise --tolerance checks.")] = None,
     tolerance: ToleranceOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Audit a derivative against a guard: exit 0 when compliant, 1 with the offending tensors otherwise,

@@ -108,7 +108,8 @@ PrintConfigOpt = Annotated[bool, typer.Option(
                            "--config) and exit without running.")]
 DebugOpt = Annotated[bool, typer.Option(
     "--debug", help=f"Show the full traceback of an error (also: {DEBUG_ENV}=1).", callback=_set_debug)]
-OverwriteOpt = Annotated[bool, typer.Option(help="Replace the files this command writes if they already exist.")]
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace what this command writes if it already exists.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (machine-readable) instead of text.")]
 ToleranceOpt = Annotated[float | None, typer.Option(
     help="Accept a frozen tensor that differs by at most this much: with --base, the largest elementwise "
          "difference relative to the base tensor's largest magnitude; without it, the relative difference of the "
@@ -170,7 +171,7 @@ def print_config(cfg: Any) -> None:
 
 
 __all__ = [
-    "BatchSizeOpt", "ConfigOpt", "DebugOpt", "GuardOpt", "LrOpt", "MaybeGuardOpt", "ModelOpt", "OutOpt",
+    "BatchSizeOpt", "ConfigOpt", "DebugOpt", "GuardOpt", "JsonOpt", "LrOpt", "MaybeGuardOpt", "ModelOpt", "OutOpt",
     "OverwriteOpt", "PrintConfigOpt", "RATIO_BY", "RatioByOpt", "RatioOpt", "SeedOpt", "StepsOpt", "ToleranceOpt",
     "choice", "config_from", "debug_enabled", "finite_nonnegative", "finite_positive", "open_unit", "print_config", "read_config_file", "reset_debug",
 ]
