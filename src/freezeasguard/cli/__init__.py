@@ -79,6 +79,13 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(code=EXIT_USAGE)
 
 
+def frozen_shares(guard) -> str:  # type: ignore[no-untyped-def]
+    """'N/M UNet tensors frozen (x% of tensors, y% of parameters)': every command shows both shares."""
+    s = guard.summary()
+    return (f"{s['frozen_tensors']}/{s['total_tensors']} UNet tensors frozen ({s['ratio_by_count']:.1%} of tensors, "
+            f"{s['ratio_by_params']:.1%} of parameters)")
+
+
 def load_model_arg(model: str | Path):  # type: ignore[no-untyped-def]
     """The model a command names: 'embedded' or a Stable-Diffusion-format directory."""
     _offline()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from . import _offline, app, load_model_arg
+from . import _offline, app, frozen_shares, load_model_arg
 from .options import (choice, BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, MaybeGuardOpt, ModelOpt, OutOpt, PrintConfigOpt,
                       SeedOpt, StepsOpt, config_from, print_config)
 
@@ -47,8 +47,9 @@ def finetune(
     show_config: PrintConfigOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Fine-tune a model, full or LoRA, under a guard (without --guard: unguarded); the frozen tensors are
-    audited before anything is written. Writes OUT/model (full) or OUT/lora, OUT/metrics.json, checkpoints.
+    """Fine-tune a model, full or LoRA, under a guard; frozen tensors are audited before anything is written.
+
+    Without --guard: unguarded. Writes OUT/model (full) or OUT/lora, OUT/metrics.json and checkpoints.
 
     The defaults are the user the benchmark evaluates guards against (400 AdamW steps, batch 32, lr 1e-4).
     Rerunning the same command continues from the latest checkpoint in --out (Ctrl-C stops at a step
@@ -79,9 +80,7 @@ def finetune(
         typer.echo(f"trained, {label}: {tensors}, "
                    f"{s['trainable_parameters']:,}/{s['parameters']:,} parameters ({s['parameter_share']:.1%})")
     if g is not None:
-        s = g.summary()
-        typer.echo(f"guard: {s['frozen_tensors']}/{s['total_tensors']} UNet tensors frozen "
-                   f"({s['ratio_by_count']:.1%} of tensors, {s['ratio_by_params']:.1%} of parameters)")
+        typer.echo(f"guard: {frozen_shares(g)}")
     if result.skipped_modules:
         typer.echo(f"LoRA skipped {len(result.skipped_modules)} frozen module(s): {', '.join(result.skipped_modules[:5])}"
                    + (" ..." if len(result.skipped_modules) > 5 else ""))

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from . import _offline, app, load_model_arg
+from . import _offline, app, frozen_shares, load_model_arg
 from .options import (choice, DebugOpt, JsonOpt, GuardOpt, ModelOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt,
                       ToleranceOpt)
 
@@ -51,9 +51,7 @@ def _save(guard, out: Path, overwrite: bool) -> None:  # type: ignore[no-untyped
     path = _target(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     guard.save(path)
-    s = guard.summary()
-    typer.echo(f"wrote {path}: {s['frozen_tensors']}/{s['total_tensors']} tensors frozen "
-               f"({s['ratio_by_count']:.2%} of tensors, {s['ratio_by_params']:.2%} of parameters)")
+    typer.echo(f"wrote {path}: {frozen_shares(guard)}")
 
 
 @guard_app.command("random")
@@ -169,8 +167,7 @@ def inspect(
     from rich.table import Table
 
     s = g.summary()
-    table = Table(title=f"{guard}: {s['method']}, {s['frozen_tensors']}/{s['total_tensors']} tensors "
-                        f"({s['ratio_by_count']:.1%} of tensors, {s['ratio_by_params']:.1%} of parameters)")
+    table = Table(title=f"{guard}: {s['method']}, {frozen_shares(g)}")
     for col in ("block", "frozen tensors", "frozen parameters"):
         table.add_column(col, justify="left" if col == "block" else "right")
     for r in rows:
@@ -189,8 +186,7 @@ def verify(
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Audit a derivative against a guard: exit 0 when compliant, 1 with the offending tensors otherwise,
-    2 when an input cannot be read."""
+    """Audit a derivative against a guard: exit 0 compliant, 1 not (tensors listed), 2 unreadable input."""
     from ..audit import verify as run_verify
 
     g = _load_guard(guard)
@@ -199,7 +195,7 @@ def verify(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         verdict = "COMPLIANT" if report.compliant else "NOT COMPLIANT"
-        typer.echo(f"{verdict}: {derivative} ({report.kind}) against {guard}")
+        typer.echo(f"{verdict}: {derivative} ({report.kind}) against {guard}: {frozen_shares(g)}")
         for f in report.violations:
             typer.echo(f"  {f.status:>18}  {f.name}  {f.detail}")
         for f in report.findings:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from . import _offline, app, load_model_arg
+from . import _offline, app, frozen_shares, load_model_arg
 from .options import (choice, BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, ModelOpt, OutOpt, PrintConfigOpt, RatioByOpt,
                       RatioOpt, SeedOpt, finite_positive, config_from, print_config)
 
@@ -76,8 +76,10 @@ def learn(
     show_config: PrintConfigOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Learn a guard (FreezeAsGuard's bilevel mask learning) from --scenario or --illegal/--legal folders.
-    Writes OUT/guard.json, OUT/learn.json, OUT/mask.png and checkpoints; rerun the same command to resume.
+    """Learn a guard (FreezeAsGuard's bilevel mask learning) from illegal and legal samples.
+
+    The data: --scenario, or --illegal and --legal image folders. Writes OUT/guard.json, OUT/learn.json,
+    OUT/mask.png and checkpoints; rerun the same command to resume.
 
     --lr and --batch-size are the simulated user's (the same user `finetune` defaults to); every other field
     of the configuration is in --config (see --print-config and docs/cli.md)."""
@@ -104,7 +106,4 @@ def learn(
     warm = DiffusionModel.from_pretrained(warm_start_model) if warm_start_model else None
     guard = learn_guard(m, ill, leg, cfg, output_dir=out, warm_start_model=warm,
                         provenance={"model": str(model), "scenario": scenario})
-    s = guard.summary()
-    typer.echo(f"wrote {out / 'guard.json'}: {s['frozen_tensors']}/{s['total_tensors']} tensors frozen "
-               f"({s['ratio_by_count']:.1%} of tensors, {s['ratio_by_params']:.1%} of parameters); "
-               f"per block: {out / 'mask.png'}")
+    typer.echo(f"wrote {out / 'guard.json'}: {frozen_shares(guard)}; per block: {out / 'mask.png'}")

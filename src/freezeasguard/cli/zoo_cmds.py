@@ -26,9 +26,10 @@ def pretrain(
     ship: Annotated[bool, typer.Option(help="Ship into the installed package's zoo/embedded.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Train the VAE, the base UNet + text encoder and the recogniser, then evaluate them (the recipe of the
-    shipped default; --config takes ZooRecipe fields). Writes checkpoints, stage outputs and record.json in
-    OUT. Resumable: rerun the same command after an interruption."""
+    """Train the VAE, the base UNet + text encoder and the recogniser, then evaluate them.
+
+    The recipe of the shipped default; --config takes ZooRecipe fields. Writes checkpoints, stage outputs and
+    record.json in OUT. Resumable: rerun the same command after an interruption."""
     _offline()
     import json
 
