@@ -66,7 +66,8 @@ class ToyData:
 
 
 def _toy_cfg(**kw):
-    base = dict(ratio=0.5, mask_every=2, mask_steps=4, mask_batch=8, mask_lr=0.05,
+    # by tensor count: these tests check the mechanism with every tensor weighted alike
+    base = dict(ratio=0.5, ratio_by="count", mask_every=2, mask_steps=4, mask_batch=8, mask_lr=0.05,
                 user=TrainConfig(batch_size=4, learning_rate=1e-2, progress=False, max_grad_norm=None),
                 warm_start=TrainConfig(max_steps=30, batch_size=8, learning_rate=3e-2, progress=False),
                 cache_encodings=False)
@@ -219,7 +220,7 @@ def test_authors_penalty_is_available_and_only_approximates_the_ratio():
 
 # ---------------------------------------------------------------------------- the diffusion path
 def _guard_cfg(**kw):
-    base = dict(ratio=0.3, mask_every=2, mask_steps=3, mask_batch=4, mask_lr=0.05,
+    base = dict(ratio=0.3, ratio_by="count", mask_every=2, mask_steps=3, mask_batch=4, mask_lr=0.05,
                 user=TrainConfig(batch_size=2, learning_rate=1e-3, progress=False, checkpoint_every=2),
                 warm_start=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-3, progress=False))
     base.update(kw)
