@@ -334,3 +334,23 @@ def test_a_clean_run_prints_no_library_noise(tiny_dir, tmp_path):
                            "--n", "1", "--sampling-steps", "2", "--png", str(tmp_path / "g.png")],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_guard_top_freezes_the_highest_scores_within_the_budget(tmp_path, tiny_dir):
+    from freezeasguard.guard import Guard
+    from freezeasguard.model import DiffusionModel
+
+    sizes = {n: p.numel() for n, p in DiffusionModel.from_pretrained(tiny_dir).unet.named_parameters()}
+    # score = rank by name: the highest names first, so the expected set is computable independently
+    names = sorted(sizes)
+    (tmp_path / "scores.json").write_text(json.dumps({n: float(i) for i, n in enumerate(names)}))
+    result = runner.invoke(app, ["guard", "top", str(tmp_path / "scores.json"), "--model", str(tiny_dir),
+                                 "--ratio", "0.25", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    g = Guard.load(tmp_path / "g" / "guard.json")
+    budget, taken, want = 0.25 * sum(sizes.values()), 0, set()
+    for n in reversed(names):  # greedy in score order: every tensor that still fits
+        if taken + sizes[n] <= budget:
+            want.add(n)
+            taken += sizes[n]
+    assert set(g.frozen) == want and g.ratio_by_params <= 0.25
