@@ -112,8 +112,9 @@ OverwriteOpt = Annotated[bool, typer.Option(help="Replace what this command writ
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON (machine-readable) instead of text.")]
 ToleranceOpt = Annotated[float | None, typer.Option(
     help="Accept a frozen tensor that differs by at most this much: with --base, the largest elementwise "
-         "difference relative to the base tensor's largest magnitude; without it, the relative difference of the "
-         "tensor's norm from the one recorded in the guard (a weaker check). Finite, >= 0.",
+         "difference relative to the base tensor's largest magnitude; without it, a relative distance estimated "
+         "from the summary of the values the guard file records (weaker; each finding says how it was measured). "
+         "Finite, >= 0.",
     callback=finite_nonnegative)]
 
 
