@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any
@@ -56,12 +57,12 @@ def choice(*allowed: str):  # type: ignore[no-untyped-def]
 
 
 DEBUG_ENV = "FREEZEASGUARD_DEBUG"
+# Set by --debug's callback while a command's options are parsed, reset before each invocation (the app's
+# group does both), so one CliRunner invocation's flag never leaks into the next.
 _debug = {"on": False}
 
 
 def debug_enabled() -> bool:
-    import os
-
     return _debug["on"] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
