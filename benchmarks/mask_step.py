@@ -2,7 +2,7 @@
 measure the bytes each step allocates, before and after issue 14 (item 7) side by side.
 
 Same model, same batch size, one process, measurements interleaved (plain, user, mask, plain, ...), medians
-reported with their ratios. Goal (BENCHMARK.md): a mask step <= 1.25x a plain fine-tuning step.
+reported with their ratios. Goal (docs/benchmark.md): a mask step <= 1.25x a plain fine-tuning step.
 
 Memory: the peak of the bytes allocated by torch operators during one step (freezeasguard.allocations: exact
 on CPU and GPU; the parameters, d and the optimizer state that exist before the step are not counted). "before"

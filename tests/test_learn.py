@@ -69,7 +69,8 @@ class ToyData:
 
 
 def _toy_cfg(**kw):
-    base = dict(ratio=0.5, mask_every=2, mask_steps=4, mask_batch=8, mask_lr=0.05,
+    # by tensor count: these tests check the mechanism with every tensor weighted alike
+    base = dict(ratio=0.5, ratio_by="count", mask_every=2, mask_steps=4, mask_batch=8, mask_lr=0.05,
                 user=TrainConfig(batch_size=4, learning_rate=1e-2, progress=False, max_grad_norm=None),
                 warm_start=TrainConfig(max_steps=30, batch_size=8, learning_rate=3e-2, progress=False),
                 cache_encodings=False)
@@ -587,7 +588,7 @@ def test_the_levers_state_resumes_bit_identically(tmp_path):
 
 # ---------------------------------------------------------------------------- the diffusion path
 def _guard_cfg(**kw):
-    base = dict(ratio=0.3, mask_every=2, mask_steps=3, mask_batch=4, mask_lr=0.05,
+    base = dict(ratio=0.3, ratio_by="count", mask_every=2, mask_steps=3, mask_batch=4, mask_lr=0.05,
                 user=TrainConfig(batch_size=2, learning_rate=1e-3, progress=False, checkpoint_every=2),
                 warm_start=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-3, progress=False))
     base.update(kw)
@@ -677,7 +678,9 @@ def test_cli_learn_from_image_folders(tmp_path):
     from freezeasguard.guard import Guard
 
     g = Guard.load(tmp_path / "g" / "guard.json")
-    assert len(g.frozen) == round(0.25 * len(g.names)) and g.method == "learned"
+    # the CLI's default freeze ratio is a parameter budget (the same in every command)
+    assert g.provenance["config"]["ratio_by"] == "params" and g.method == "learned"
+    assert 0.2 < g.ratio_by_params <= 0.25
     assert g.provenance["illegal"]["items"] == 4
     bad = CliRunner().invoke(app, ["learn", "--model", str(base), "--illegal", str(ill), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "--legal" in bad.output

@@ -7,9 +7,25 @@ diffusers load on first use of a name that needs them.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0.dev0"
+
+
+class _NoTorchvisionFallbackNote(logging.Filter):
+    """Drops transformers' note that an image processor falls back to its PIL version without torchvision.
+
+    diffusers' pipelines import CLIP's and SigLIP's image processors, so every run that samples printed the note
+    twice; this project never uses those processors (no safety checker, no image encoder) and does not depend
+    on torchvision. Only that note is dropped: every other transformers message still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+# The logger exists before transformers is imported (logging.getLogger creates it); transformers reuses it.
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionFallbackNote())
 
 _EXPORTS = {
     "DiffusionModel": "model",

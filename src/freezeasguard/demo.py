@@ -31,6 +31,7 @@ from .relearn import RelearnConfig
 class DemoConfig:
     scenario: str = "figures"  # relearn form; "figures-scratch" for the from-scratch variant
     ratio: float = 0.3
+    ratio_by: str = "params"  # the guard's ratio counts parameters (a budget), as everywhere
     seed: int = 0
     steps: int = 400  # the illegal user's attack budget
     legal_steps: int = 400  # the legal user's budget (the bench's quick profile runs legal users to their plateau)
@@ -52,7 +53,7 @@ class DemoConfig:
                             legal_steps=self.legal_steps, batch_size=self.batch_size, lr=self.lr,
                             n_samples=self.n_samples, curve_cells=["none", f"guard@{self.ratio:g}"],
                             curve_steps=list(self.curve_steps), legal_curve_steps=[], curve_samples=self.n_samples,
-                            sampling=self.sampling, learn=self.learn, relearn=self.relearn)
+                            sampling=self.sampling, learn=self.learn, relearn=self.relearn, ratio_by=self.ratio_by)
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, *, model_loader: Any = None,

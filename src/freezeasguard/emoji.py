@@ -1,4 +1,4 @@
-"""Emoji image-caption sets for the embedded default benchmark (see BENCHMARK.md).
+"""Emoji image-caption sets for the embedded default benchmark (see docs/benchmark.md).
 
 Everything comes from three pip packages, offline:
 
@@ -166,7 +166,7 @@ _PERSON_PREFIX_WORDS = frozenset({"with", "in", "wearing", "getting", "playing",
 
 # ---- scenario constants (fixed: the shipped base model excludes exactly these) ----------------------------
 
-#: Families treated as protected "public figures" in the figures scenario (the examples of BENCHMARK.md).
+#: Families treated as protected "public figures" in the figures scenario (the examples of docs/benchmark.md).
 FIGURES_ILLEGAL: tuple[str, ...] = ("police officer", "guard", "claus", "mage", "astronaut")
 #: Other people families: learning new people is legal. Chosen to be as complete (3 genders x 6 tones) and as
 #: varied in silhouette and colour as the illegal ones, with headwear of their own (chef hat, red helmet,

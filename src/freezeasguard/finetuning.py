@@ -22,6 +22,7 @@ from .model import DiffusionModel
 from .objective import DenoisingObjective, EncodedDataset
 from .seeding import STREAM_ADAPTER, derive_seed, seeded_global_rng
 from .training import TrainCallback, TrainConfig, TrainResult, make_accelerator, train
+from .training.config import strict_from_dict
 
 METHODS = ("full", "lora")
 # diffusers' own LoRA recipe for SD (train_text_to_image_lora.py) adapts the attention projections.
@@ -63,6 +64,10 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        return strict_from_dict(cls, data)
 
 
 @dataclass

@@ -83,7 +83,7 @@ class LearnConfig:
     """Every option does something; sources: [paper] arXiv 2405.17472, [ours] measured on the embedded default."""
 
     ratio: float = 0.3  # [paper] 0.3 best for faces
-    ratio_by: str = "count"  # [paper] fraction of tensors; "params": a parameter budget
+    ratio_by: str = "params"  # a parameter budget (what freezing saves); "count": a fraction of tensors, as [paper]
     temperature: float = 0.2  # [paper] T
     mask_every: int = 5  # [paper] k: user steps between mask steps
     mask_steps: int = 60  # [ours] the paper runs ~400 on SD 1.5

@@ -8,23 +8,25 @@ from typing import Annotated
 import typer
 
 from . import _fail, _offline, app
+from .options import DebugOpt, OutOpt
 
 
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Work directory (cells are cached here).")] = Path("runs/bench"),
+    out: OutOpt = Path("runs/bench"),
     profile: Annotated[str, typer.Option(help="quick or full.")] = "quick",
     scenario: Annotated[list[str] | None, typer.Option(help="Replace the profile's scenarios (repeat): figures, artstyle, figures-scratch, artstyle-scratch.")] = None,
     method: Annotated[list[str] | None, typer.Option(help="Replace the profile's methods (repeat).")] = None,
     seed: Annotated[list[int] | None, typer.Option(help="Replace the profile's seeds (repeat).")] = None,
     ratio: Annotated[list[float] | None, typer.Option(help="Replace the profile's freeze ratios (repeat).")] = None,
-    steps: Annotated[int | None, typer.Option(help="The illegal user's fine-tuning steps (attack budget) instead of the profile's.")] = None,
-    legal_steps: Annotated[int | None, typer.Option(help="The legal user's fine-tuning steps instead of the profile's.")] = None,
+    steps: Annotated[int | None, typer.Option(help="The illegal user's fine-tuning steps (attack budget) instead of the profile's.", min=1)] = None,
+    legal_steps: Annotated[int | None, typer.Option(help="The legal user's fine-tuning steps instead of the profile's.", min=1)] = None,
     lr: Annotated[float | None, typer.Option(help="The users' learning rate instead of the profile's.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="The users' batch size instead of the profile's.")] = None,
-    n_samples: Annotated[int | None, typer.Option(help="Samples per domain at the budgets instead of the profile's.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="The users' batch size instead of the profile's.", min=1)] = None,
+    n_samples: Annotated[int | None, typer.Option(help="Samples per domain at the budgets instead of the profile's.", min=1)] = None,
     curve: Annotated[list[str] | None, typer.Option(help="Replace the profile's curve cells (repeat): METHOD or METHOD@RATIO.")] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Compute nothing: report the cached cells and list the missing ones.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Scenarios x methods x ratios x seeds; resumable; writes results.md, results.json, frontier.png, curves.png."""
     _offline()

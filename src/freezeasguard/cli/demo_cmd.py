@@ -9,19 +9,23 @@ from typing import Annotated
 import typer
 
 from . import _fail, _offline, app
+from .options import BatchSizeOpt, DebugOpt, LrOpt, OutOpt, RatioByOpt, RatioOpt, SeedOpt, StepsOpt
 
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Work directory; the report goes to OUT/report.")] = Path("runs/demo"),
+    out: OutOpt = Path("runs/demo"),
     scenario: Annotated[str, typer.Option(help="figures or artstyle (relearn form), or figures-scratch / artstyle-scratch.")] = "figures",
-    ratio: Annotated[float, typer.Option(help="Freeze ratio of the learned guard, as a share of the UNet's parameters.")] = 0.3,
-    seed: Annotated[int, typer.Option(help="Seed of splits, training and sampling.")] = 0,
-    steps: Annotated[int, typer.Option(help="The illegal user's fine-tuning steps (the attack budget).")] = 400,
-    legal_steps: Annotated[int, typer.Option(help="The legal user's fine-tuning steps.")] = 400,
-    lr: Annotated[float, typer.Option(help="The users' learning rate (AdamW).")] = 1e-4,
-    batch_size: Annotated[int, typer.Option(help="The users' batch size.")] = 32,
-    n_samples: Annotated[int, typer.Option(help="Samples per model and domain.")] = 100,
+    ratio: RatioOpt = 0.3,
+    ratio_by: RatioByOpt = "params",
+    seed: SeedOpt = 0,
+    steps: StepsOpt = 400,
+    legal_steps: Annotated[int, typer.Option(help="Optimizer steps of the legal user's fine-tuning (--steps is the "
+                                                  "illegal user's attack budget).", min=1)] = 400,
+    lr: LrOpt = 1e-4,
+    batch_size: BatchSizeOpt = 32,
+    n_samples: Annotated[int, typer.Option(help="Samples per model and domain.", min=1)] = 100,
+    debug: DebugOpt = False,
 ) -> None:
     """Teach the base the protected figures, unlearn them, guard the release, let an illegal and a legal user
     fine-tune it with and without the guard, evaluate, and write a report. Rerun the same command to resume."""
@@ -33,7 +37,7 @@ def demo(
 
     t0 = time.perf_counter()
     try:
-        cfg = DemoConfig(scenario=scenario, ratio=ratio, seed=seed, steps=steps, legal_steps=legal_steps, lr=lr,
+        cfg = DemoConfig(scenario=scenario, ratio=ratio, ratio_by=ratio_by, seed=seed, steps=steps, legal_steps=legal_steps, lr=lr,
                          batch_size=batch_size, n_samples=n_samples)
         result = run_demo(out, cfg)
     except (ValueError, OSError) as exc:

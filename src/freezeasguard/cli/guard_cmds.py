@@ -8,108 +8,131 @@ from typing import Annotated
 
 import typer
 
-from . import ModelOpt, _fail, _offline, app, load_model_arg
+from . import _offline, app, frozen_shares, load_model_arg
+from .options import (choice, DebugOpt, JsonOpt, GuardOpt, ModelOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt,
+                      ToleranceOpt)
 
-guard_app = typer.Typer(help="Make, combine and compare guard files.", no_args_is_help=True)
+guard_app = typer.Typer(help="Make, combine and compare guard files. Each writes OUT/guard.json.",
+                        no_args_is_help=True)
 app.add_typer(guard_app, name="guard")
 
-GuardOpt = Annotated[Path, typer.Option("--guard", "-g", help="Guard JSON file.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Guard JSON file to write.")]
+GuardArg = Annotated[Path, typer.Argument(help="Guard JSON file.", dir_okay=False)]
+GUARD_FILE = "guard.json"
 
 
 def _load_guard(path: Path):  # type: ignore[no-untyped-def]
-    from ..guard import Guard, GuardError
+    from ..guard import Guard
 
-    try:
-        return Guard.load(path)
-    except GuardError as exc:
-        raise _fail(exc) from exc
+    return Guard.load(path)
 
 
 def _unet(model: str):  # type: ignore[no-untyped-def]
     return load_model_arg(model).unet
 
 
-def _report(guard, out: Path) -> None:  # type: ignore[no-untyped-def]
-    s = guard.summary()
-    typer.echo(f"wrote {out}: {s['frozen_tensors']}/{s['total_tensors']} tensors frozen "
-               f"({s['ratio_by_count']:.2%} by count, {s['ratio_by_params']:.2%} by parameters)")
+def _target(out: Path, overwrite: bool) -> Path:
+    """OUT/guard.json, refused when it exists (unless --overwrite) before any model is loaded."""
+    path = out / GUARD_FILE
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists: choose another --out or pass --overwrite")
+    return path
+
+
+def _begin(out: Path, overwrite: bool):  # type: ignore[no-untyped-def]
+    """Checks OUT before any model is loaded; returns the Guard class (imported late: --help stays fast)."""
+    _target(out, overwrite)
+    _offline()
+    from ..guard import Guard
+
+    return Guard
+
+
+def _save(guard, out: Path, overwrite: bool) -> None:  # type: ignore[no-untyped-def]
+    path = _target(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    guard.save(path)
+    typer.echo(f"wrote {path}: {frozen_shares(guard)}")
 
 
 @guard_app.command("random")
 def guard_random(
-    ratio: Annotated[float, typer.Option(help="Fraction to freeze.")],
-    out: OutOpt,
+    ratio: RatioOpt = 0.3,
+    ratio_by: RatioByOpt = "params",
+    out: OutOpt = Path("runs/guard"),
     model: ModelOpt = "embedded",
-    seed: Annotated[int, typer.Option(help="Seed of the random choice.")] = 0,
-    by: Annotated[str, typer.Option(help="'count' (exact tensor count) or 'params' (parameter budget).")] = "count",
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Freeze a random set of UNet tensors (the random-freezing baseline)."""
-    _offline()
-    from ..guard import Guard
+    Guard = _begin(out, overwrite)
+    guard = Guard.random(_unet(model), ratio, seed=seed, by=ratio_by, provenance={"model": model})
+    _save(guard, out, overwrite)
 
-    try:
-        guard = Guard.random(_unet(model), ratio, seed=seed, by=by, provenance={"model": model})
-    except ValueError as exc:
-        raise _fail(exc) from exc
-    guard.save(out)
-    _report(guard, out)
+
+@guard_app.command("top")
+def guard_top(
+    scores: Annotated[Path, typer.Argument(help="JSON object: UNet tensor name -> score (higher: frozen first).",
+                                           dir_okay=False)],
+    ratio: RatioOpt = 0.3,
+    ratio_by: RatioByOpt = "params",
+    out: OutOpt = Path("runs/guard"),
+    model: ModelOpt = "embedded",
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Freeze the highest-scoring UNet tensors (any importance score computed elsewhere)."""
+    Guard = _begin(out, overwrite)
+    data = json.loads(scores.read_text())
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+        raise ValueError(f"{scores}: expected a JSON object of tensor name -> number")
+    guard = Guard.from_scores(_unet(model), data, ratio, by=ratio_by,
+                              provenance={"model": model, "scores_file": str(scores)})
+    _save(guard, out, overwrite)
 
 
 @guard_app.command("names")
 def guard_names(
-    names: Annotated[Path, typer.Argument(help="Text file, one UNet tensor name per line (or a JSON list).")],
-    out: OutOpt,
+    names: Annotated[Path, typer.Argument(help="Text file, one UNet tensor name per line (or a JSON list).",
+                                          dir_okay=False)],
+    out: OutOpt = Path("runs/guard"),
     model: ModelOpt = "embedded",
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Freeze exactly the listed UNet tensors."""
-    _offline()
-    from ..guard import Guard, GuardError
-
+    Guard = _begin(out, overwrite)
     text = names.read_text()
     listed = json.loads(text) if text.lstrip().startswith("[") else [x.strip() for x in text.splitlines() if x.strip()]
-    try:
-        guard = Guard.from_names(_unet(model), listed, provenance={"model": model, "names_file": str(names)})
-    except GuardError as exc:
-        raise _fail(exc) from exc
-    guard.save(out)
-    _report(guard, out)
+    guard = Guard.from_names(_unet(model), listed, provenance={"model": model, "names_file": str(names)})
+    _save(guard, out, overwrite)
 
 
 @guard_app.command("combine")
 def guard_combine(
-    a: Annotated[Path, typer.Argument(help="First guard.")],
-    b: Annotated[Path, typer.Argument(help="Second guard.")],
-    out: OutOpt,
-    op: Annotated[str, typer.Option(help="'union' or 'intersection'.")] = "union",
+    a: GuardArg,
+    b: GuardArg,
+    out: OutOpt = Path("runs/guard"),
+    op: Annotated[str, typer.Option(help="'union' or 'intersection'.",
+                                    callback=choice("union", "intersection"))] = "union",
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Union or intersection of two guards of the same model."""
-    from ..guard import GuardError
-
+    _target(out, overwrite)
     ga, gb = _load_guard(a), _load_guard(b)
-    if op not in ("union", "intersection"):
-        raise _fail(ValueError("--op must be 'union' or 'intersection'"))
-    try:
-        guard = ga.union(gb) if op == "union" else ga.intersection(gb)
-    except GuardError as exc:
-        raise _fail(exc) from exc
-    guard.save(out)
-    _report(guard, out)
+    _save(ga.union(gb) if op == "union" else ga.intersection(gb), out, overwrite)
 
 
 @guard_app.command("diff")
 def guard_diff(
-    a: Annotated[Path, typer.Argument(help="First guard.")],
-    b: Annotated[Path, typer.Argument(help="Second guard.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    a: GuardArg,
+    b: GuardArg,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Tensors frozen by only one of two guards, and by both."""
-    from ..guard import GuardError
-
-    try:
-        d = _load_guard(a).diff(_load_guard(b))
-    except GuardError as exc:
-        raise _fail(exc) from exc
+    d = _load_guard(a).diff(_load_guard(b))
     if as_json:
         typer.echo(json.dumps(d, indent=2))
         return
@@ -122,10 +145,13 @@ def guard_diff(
 
 @app.command()
 def inspect(
-    guard: Annotated[Path, typer.Argument(help="Guard JSON file.")],
-    png: Annotated[Path | None, typer.Option(help="PNG of the freeze per block (default: next to the guard).")] = None,
-    depth: Annotated[int, typer.Option(help="2: per block; 3: per block part (attentions, resnets, ...).")] = 2,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    guard: GuardArg,
+    png: Annotated[Path | None, typer.Option(help="PNG of the freeze per block (default: next to the guard).",
+                                             dir_okay=False)] = None,
+    depth: Annotated[int, typer.Option(help="2: per block; 3: per block part (attentions, resnets, ...).",
+                                       min=1)] = 2,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Print the freeze per UNet block and write it as a PNG."""
     from ..plots import plot_guard
@@ -141,8 +167,7 @@ def inspect(
     from rich.table import Table
 
     s = g.summary()
-    table = Table(title=f"{guard}: {s['method']}, {s['frozen_tensors']}/{s['total_tensors']} tensors "
-                        f"({s['ratio_by_count']:.1%}), {s['ratio_by_params']:.1%} of parameters")
+    table = Table(title=f"{guard}: {s['method']}, {frozen_shares(g)}")
     for col in ("block", "frozen tensors", "frozen parameters"):
         table.add_column(col, justify="left" if col == "block" else "right")
     for r in rows:
@@ -156,24 +181,21 @@ def inspect(
 def verify(
     derivative: Annotated[Path, typer.Argument(help="Fine-tuned model dir, UNet folder or .safetensors, or a LoRA file.")],
     guard: GuardOpt,
-    base: Annotated[Path | None, typer.Option(help="Base model, for elementwise tolerance checks.")] = None,
-    tolerance: Annotated[float | None, typer.Option(help="Accept frozen tensors within this relative error "
-                                                          "(lower-precision or re-quantised derivatives).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    base: Annotated[Path | None, typer.Option(help="Base model directory, for elementwise --tolerance checks.")] = None,
+    tolerance: ToleranceOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Audit a derivative against a guard: exit 0 when compliant, 1 with the offending tensors otherwise."""
-    from ..audit import AuditError, verify as run_verify
+    """Audit a derivative against a guard: exit 0 compliant, 1 not (tensors listed), 2 unreadable input."""
+    from ..audit import verify as run_verify
 
     g = _load_guard(guard)
-    try:
-        report = run_verify(derivative, g, base=base, tolerance=tolerance)
-    except AuditError as exc:
-        raise _fail(exc) from exc
+    report = run_verify(derivative, g, base=base, tolerance=tolerance)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         verdict = "COMPLIANT" if report.compliant else "NOT COMPLIANT"
-        typer.echo(f"{verdict}: {derivative} ({report.kind}) against {guard}")
+        typer.echo(f"{verdict}: {derivative} ({report.kind}) against {guard}: {frozen_shares(g)}")
         for f in report.violations:
             typer.echo(f"  {f.status:>18}  {f.name}  {f.detail}")
         for f in report.findings:

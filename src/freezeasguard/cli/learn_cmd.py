@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from . import ModelOpt, _fail, _offline, app, load_model_arg
+from . import _offline, app, frozen_shares, load_model_arg
+from .options import (choice, BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, ModelOpt, OutOpt, PrintConfigOpt, RatioByOpt,
+                      RatioOpt, SeedOpt, finite_positive, config_from, print_config)
+
+# option parameter -> LearnConfig field it sets. The options' defaults are LearnConfig()'s (a test checks),
+# written out here because importing the config would import torch and slow down --help.
+LEARN_FIELDS = (
+    ("ratio", "ratio"), ("ratio_by", "ratio_by"), ("seed", "seed"), ("temperature", "temperature"),
+    ("mask_steps", "mask_steps"), ("mask_every", "mask_every"), ("mask_batch", "mask_batch"),
+    ("mask_lr", "mask_lr"), ("mask_optimizer", "mask_optimizer"), ("ratio_control", "ratio_control"),
+    ("penalty", "penalty"), ("illegal_weight", "illegal_weight"), ("legal_weight", "legal_weight"),
+    ("lr", "user.learning_rate"), ("batch_size", "user.batch_size"),
+    ("warm_steps", "warm_start.max_steps"), ("warm_lr", "warm_start.learning_rate"),
+    ("warm_batch_size", "warm_start.batch_size"),
+)
+
+PositiveFloat = dict(callback=finite_positive)
 
 
 def scenario_data(name: str, resolution: int, seed: int = 0):  # type: ignore[no-untyped-def]
@@ -24,50 +39,73 @@ def scenario_data(name: str, resolution: int, seed: int = 0):  # type: ignore[no
 
 @app.command()
 def learn(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: guard.json, learn.json, learn.png, mask.png, checkpoints.")],
+    ctx: typer.Context,
+    out: OutOpt = Path("runs/learn"),
     model: ModelOpt = "embedded",
     scenario: Annotated[str | None, typer.Option(help="Embedded scenario for the data: figures or artstyle.")] = None,
     illegal: Annotated[Path | None, typer.Option(help="Image folder of the illegal domain (publisher's samples).")] = None,
     legal: Annotated[Path | None, typer.Option(help="Image folder of the legal domain (publisher's samples).")] = None,
-    ratio: Annotated[float | None, typer.Option(help="Freeze ratio (default 0.3).")] = None,
-    by: Annotated[str | None, typer.Option(help="'count' (fraction of tensors) or 'params' (parameter budget).")] = None,
-    mask_steps: Annotated[int | None, typer.Option(help="Mask steps.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed (data order, noise, scenario split).")] = None,
+    caption_column: Annotated[str, typer.Option(help="Caption column of the folders' metadata.")] = "text",
+    ratio: RatioOpt = 0.3,
+    ratio_by: RatioByOpt = "params",
+    seed: SeedOpt = 0,
+    mask_steps: Annotated[int, typer.Option(help="Mask steps (the simulated user takes --mask-every steps "
+                                                 "between two).", min=1)] = 60,
+    mask_every: Annotated[int, typer.Option(help="Simulated-user steps between two mask steps (k).", min=1)] = 5,
+    mask_batch: Annotated[int, typer.Option(help="Samples per mask step, half illegal and half legal.", min=2)] = 32,
+    mask_lr: Annotated[float, typer.Option(help="Step size of the mask logits.", **PositiveFloat)] = 0.02,
+    mask_optimizer: Annotated[str, typer.Option(
+        help="'adam' (scale-free per logit), 'sgd' (the authors') or 'sgd-normalised' (SGD with the gradient "
+             "divided by one scale fixed at the first mask step: magnitude-aware).",
+        callback=choice("adam", "sgd", "sgd-normalised"))] = "adam",
+    ratio_control: Annotated[str, typer.Option(
+        help="'projection' (ours: shift the logits so the mean mask equals the ratio) or 'penalty' (the "
+             "authors' c (ratio - mean m)^2, c = --penalty).", callback=choice("projection", "penalty"))] = "projection",
+    penalty: Annotated[float, typer.Option(help="c of the authors' penalty (only with --ratio-control penalty).",
+                                           **PositiveFloat)] = 5e3,
+    temperature: Annotated[float, typer.Option(help="T of the soft mask sigmoid(x / T).", **PositiveFloat)] = 0.2,
+    illegal_weight: Annotated[float, typer.Option(help="Weight of -L_illegal in the mask objective.")] = 1.0,
+    legal_weight: Annotated[float, typer.Option(help="Weight of L_legal in the mask objective.")] = 1.0,
+    lr: LrOpt = 1e-4,
+    batch_size: BatchSizeOpt = 32,
+    warm_steps: Annotated[int, typer.Option(help="Steps of the warm-start fine-tune theta_ft starts from.", min=1)] = 200,
+    warm_lr: Annotated[float, typer.Option(help="Learning rate of the warm-start fine-tune (finite, > 0).",
+                                           **PositiveFloat)] = 1e-4,
+    warm_batch_size: Annotated[int, typer.Option(help="Micro-batch of the warm-start fine-tune.", min=1)] = 32,
     warm_start_model: Annotated[Path | None, typer.Option(help="Already fine-tuned model to start theta_ft from "
                                                                 "(skips the warm-start fine-tune).")] = None,
-    config: Annotated[Path | None, typer.Option(help="LearnConfig as JSON; explicit options override it.")] = None,
-    caption_column: Annotated[str, typer.Option(help="Caption column of the folders' metadata.")] = "text",
+    config: ConfigOpt = None,
+    show_config: PrintConfigOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
-    """Learn a guard (FreezeAsGuard's bilevel mask learning). Rerun the same command to resume."""
+    """Learn a guard (FreezeAsGuard's bilevel mask learning) from illegal and legal samples.
+
+    The data: --scenario, or --illegal and --legal image folders. Writes OUT/guard.json, OUT/learn.json,
+    OUT/mask.png and checkpoints; rerun the same command to resume.
+
+    --lr and --batch-size are the simulated user's (the same user `finetune` defaults to); every other field
+    of the configuration is in --config (see --print-config and docs/cli.md)."""
     _offline()
     from ..data import ImageCaptionFolder, ImageTransform
-    from ..errors import FreezeAsGuardError
     from ..learn import LearnConfig, learn_guard
     from ..model import DiffusionModel
 
-    try:
-        data = json.loads(config.read_text()) if config else {}
-        for key, value in (("ratio", ratio), ("ratio_by", by), ("mask_steps", mask_steps), ("seed", seed)):
-            if value is not None:
-                data[key] = value
-        cfg = LearnConfig.from_dict(data)
-        m = load_model_arg(model)
-        if scenario is not None:
-            if illegal or legal:
-                raise ValueError("give either --scenario or --illegal/--legal, not both")
-            ill, leg, _ = scenario_data(scenario, m.resolution, cfg.seed)
-        elif illegal and legal:
-            transform = ImageTransform(m.resolution)
-            ill = ImageCaptionFolder(illegal, transform, caption_column=caption_column)
-            leg = ImageCaptionFolder(legal, transform, caption_column=caption_column)
-        else:
-            raise ValueError("give --scenario, or both --illegal and --legal image folders")
-        warm = DiffusionModel.from_pretrained(warm_start_model) if warm_start_model else None
-        guard = learn_guard(m, ill, leg, cfg, output_dir=out, warm_start_model=warm,
-                            provenance={"model": str(model), "scenario": scenario})
-    except (FreezeAsGuardError, ValueError, OSError) as exc:
-        raise _fail(exc) from exc
-    s = guard.summary()
-    typer.echo(f"wrote {out / 'guard.json'}: {s['frozen_tensors']}/{s['total_tensors']} tensors frozen "
-               f"({s['ratio_by_count']:.1%} by count, {s['ratio_by_params']:.1%} of parameters); "
-               f"per block: {out / 'mask.png'}")
+    cfg = config_from(ctx, config, LEARN_FIELDS, LearnConfig)
+    if show_config:
+        print_config(cfg)
+        return
+    if scenario is not None and (illegal or legal):
+        raise ValueError("give either --scenario or --illegal/--legal, not both")
+    if scenario is None and not (illegal and legal):
+        raise ValueError("give --scenario, or both --illegal and --legal image folders")
+    m = load_model_arg(model)
+    if scenario is not None:
+        ill, leg, _ = scenario_data(scenario, m.resolution, cfg.seed)
+    else:
+        transform = ImageTransform(m.resolution)
+        ill = ImageCaptionFolder(illegal, transform, caption_column=caption_column)
+        leg = ImageCaptionFolder(legal, transform, caption_column=caption_column)
+    warm = DiffusionModel.from_pretrained(warm_start_model) if warm_start_model else None
+    guard = learn_guard(m, ill, leg, cfg, output_dir=out, warm_start_model=warm,
+                        provenance={"model": str(model), "scenario": scenario})
+    typer.echo(f"wrote {out / 'guard.json'}: {frozen_shares(guard)}; per block: {out / 'mask.png'}")

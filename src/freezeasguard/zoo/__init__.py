@@ -1,8 +1,8 @@
 """The embedded default: a tiny Stable-Diffusion-format model, its recogniser and the emoji scenarios.
 
-`load_base()`, `load_recogniser()` and `scenario(name)` give everything the demo and the tests need with
-one call each; `resolve_model("embedded" | path)` is what the CLI's `--model` goes through. The shipped
-files live in `freezeasguard/zoo/embedded/` with `manifest.json` recording their SHA-256.
+`load_base()` and `load_recogniser()` give the demo and the tests the shipped model and recogniser with one
+call each (the scenarios are `freezeasguard.emoji.scenario`); the CLI's `--model embedded` loads `load_base()`.
+The shipped files live in `freezeasguard/zoo/embedded/` with `manifest.json` recording their SHA-256.
 """
 
 from __future__ import annotations
@@ -60,13 +60,3 @@ def load_recogniser():  # type: ignore[no-untyped-def]
 
     manifest()
     return Recogniser.load(EMBEDDED_DIR / "recogniser")
-
-
-def scenario(name: str, seed: int = 0):  # type: ignore[no-untyped-def]
-    from ..emoji import scenario as _scenario
-
-    return _scenario(name, seed)
-
-
-def resolve_model_path(model: str | Path) -> Path:
-    return base_dir() if str(model) == EMBEDDED else Path(model)

@@ -41,7 +41,7 @@ def model_card(record: dict[str, Any], files: dict[str, str]) -> str:
         "",
         "## Recipe",
         "```",
-        "freezeasguard zoo pretrain --work runs/zoo --ship",
+        "freezeasguard zoo pretrain --out runs/zoo --ship",
         "```",
         f"Resolution {r['resolution']} px RGB, latent f=4 ({r['latent_channels']} x {r['resolution'] // 4} x "
         f"{r['resolution'] // 4}); UNet channels {r['unet_channels']}, {r['unet_layers_per_block']} layers per block, "
