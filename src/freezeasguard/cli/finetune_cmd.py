@@ -32,6 +32,7 @@ def finetune(
     caption_column: Annotated[str, typer.Option(help="Caption column of the metadata file.")] = "text",
     random_flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = False,
     config: Annotated[Path | None, typer.Option(help="FinetuneConfig as JSON; explicit options above override it.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run's results in --out (other files are kept).")] = False,
 ) -> None:
     """Fine-tune a model, full or LoRA, under a guard; the frozen tensors are audited before anything is written.
 
@@ -68,7 +69,7 @@ def finetune(
         g = Guard.load(guard) if guard else None
         dataset = ImageCaptionFolder(data, ImageTransform(m.resolution, random_flip=random_flip),
                                      caption_column=caption_column)
-        result = run_finetune(m, dataset, guard=g, config=cfg, output_dir=out)
+        result = run_finetune(m, dataset, guard=g, config=cfg, output_dir=out, overwrite=overwrite)
     except (FreezeAsGuardError, ValueError, OSError) as exc:
         raise _fail(exc) from exc
     rec = result.record()

@@ -37,6 +37,7 @@ def learn(
                                                                 "(skips the warm-start fine-tune).")] = None,
     config: Annotated[Path | None, typer.Option(help="LearnConfig as JSON; explicit options override it.")] = None,
     caption_column: Annotated[str, typer.Option(help="Caption column of the folders' metadata.")] = "text",
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run's results in --out (other files are kept).")] = False,
 ) -> None:
     """Learn a guard (FreezeAsGuard's bilevel mask learning). Rerun the same command to resume."""
     _offline()
@@ -64,7 +65,7 @@ def learn(
             raise ValueError("give --scenario, or both --illegal and --legal image folders")
         warm = DiffusionModel.from_pretrained(warm_start_model) if warm_start_model else None
         guard = learn_guard(m, ill, leg, cfg, output_dir=out, warm_start_model=warm,
-                            provenance={"model": str(model), "scenario": scenario})
+                            provenance={"model": str(model), "scenario": scenario}, overwrite=overwrite)
     except (FreezeAsGuardError, ValueError, OSError) as exc:
         raise _fail(exc) from exc
     s = guard.summary()
