@@ -267,14 +267,26 @@ def _check_user_files(out: Path, files: dict[str, bytes]) -> None:
         assert (out / rel).read_bytes() == content, rel
 
 
-def _stale(out: Path) -> list[Path]:
+def _stale(out: Path) -> list[Any]:
+    """A finished run, then a run killed with SIGKILL while it wrote a checkpoint and the model: the
+    leftovers are the real ones atomic_directory leaves, not made-up names."""
     _finetune_once(out)
-    ours = [out / ".model.tmp-abcd1234", out / "checkpoints" / ".step-00000002.tmp-zz99yy88",
-            out / ".metrics.json.tmp-a1b2c3d4"]
-    ours[0].mkdir()
-    (ours[0] / "half.safetensors").write_bytes(b"partial")
-    ours[1].mkdir()
-    ours[2].write_text("partial")
+    code = textwrap.dedent(f"""
+        import os, time
+        from pathlib import Path
+        from freezeasguard.io import atomic_directory
+        out = Path({str(out)!r})
+        with atomic_directory(out / "checkpoints" / "step-00000009") as ckpt, atomic_directory(out / "model", overwrite=True) as tmp:
+            (tmp / "half.safetensors").write_bytes(b"partial")
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    proc.kill()  # SIGKILL: no cleanup runs
+    proc.wait()
+    ours = [p for p in list(out.glob(".model.tmp-*")) + list((out / "checkpoints").glob(".step-*.tmp-*"))]
+    assert len(ours) == 2, sorted(p.name for p in out.rglob("*"))
     foreign = out / ".notes.tmp-12345678"
     foreign.write_text("not ours")
     return [ours, foreign]
