@@ -226,7 +226,7 @@ def test_value_sketch_estimates_distance_and_needs_no_library_rng():
     for _ in range(20):
         a = torch.randn(300, 7, generator=g)
         b = a + 0.01 * torch.randn(300, 7, generator=g)
-        est = (torch.tensor(tensor_sketch(a)) - torch.tensor(tensor_sketch(b))).pow(2).mean().sqrt()
+        est = (torch.tensor(tensor_sketch(a)) - torch.tensor(tensor_sketch(b))).pow(2).sum().sqrt()
         ratios.append(float(est / (a - b).double().norm()))
     assert all(0.4 < r < 1.7 for r in ratios), ratios  # chi distribution, 16 degrees of freedom
     assert 0.8 < sum(ratios) / len(ratios) < 1.2
@@ -234,6 +234,11 @@ def test_value_sketch_estimates_distance_and_needs_no_library_rng():
     a = torch.randn(50)
     assert tensor_sketch(a) == tensor_sketch(a.clone()) and len(tensor_sketch(a)) == SKETCH["k"]
     assert tensor_sketch(a) != tensor_sketch(a, seed=1)
+    # a change in one element is measured exactly, however large the tensor
+    b = a.clone()
+    b[17] += 0.5
+    est = (torch.tensor(tensor_sketch(a)) - torch.tensor(tensor_sketch(b))).pow(2).sum().sqrt()
+    assert abs(float(est) - 0.5) < 1e-6
 
 
 def test_a_guard_file_without_sketches_still_loads(unet, tmp_path):

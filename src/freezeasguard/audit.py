@@ -117,7 +117,7 @@ def _sketch_distance(t: torch.Tensor, record: Mapping[str, Any], spec: Mapping[s
     """Estimated ||t - base||_2 / ||base||_2 from the guard's value sketch of the base."""
     ours = torch.tensor(tensor_sketch(t, k=spec["k"], seed=spec["seed"]), dtype=torch.float64)
     theirs = torch.tensor(record["sketch"], dtype=torch.float64)
-    return float((ours - theirs).pow(2).mean().sqrt()) / max(float(record["norm"]), 1e-12)
+    return float((ours - theirs).pow(2).sum().sqrt()) / max(float(record["norm"]), 1e-12)
 
 
 def _check_one(name: str, t: torch.Tensor, record: Mapping[str, Any], shape: list[int], guard: Guard,
@@ -143,7 +143,7 @@ def _check_one(name: str, t: torch.Tensor, record: Mapping[str, Any], shape: lis
             return Finding(name, "changed", f"{got}; max |diff| {err:.3g} > {tolerance:g} x max|base| {scale:.3g}")
         if guard.sketch is not None and "sketch" in record:
             rel = _sketch_distance(t, record, guard.sketch)
-            how = f"relative L2 distance from the base ~{rel:.3g}, estimated from the guard's {guard.sketch['k']} value projections"
+            how = f"relative L2 distance from the base ~{rel:.3g}, estimated from the guard's {guard.sketch['k']}-bucket value sketch"
             if rel <= tolerance:
                 return Finding(name, "ok_within_tolerance", f"{got}; {how} <= {tolerance:g}")
             return Finding(name, "changed", f"{got}; {how} > {tolerance:g}")

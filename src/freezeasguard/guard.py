@@ -8,9 +8,10 @@ A guard file is one JSON document (format `freezeasguard-guard`, version 1):
 - `tensors`: for each frozen tensor, SHA-256 digests of its bytes in float32, float16 and bfloat16, its
   L2 norm and a value sketch (below), so a derivative can be checked without the base weights, including one
   saved in lower precision;
-- `sketch`: how the sketches were made: k signed projections <s_j, t> in float64 whose signs come from
-  SHAKE-256 of the seed and the tensor's size, so `verify --tolerance` compares values, not norms, without the
-  base (files written before sketches existed lack it and fall back to norms);
+- `sketch`: how the sketches were made: a count sketch (k signed bucket sums in float64, a sparse random
+  projection) whose buckets and signs come from SHAKE-256 of the seed and the tensor's size, so
+  `verify --tolerance` compares values, not norms, without the base (files written before sketches existed
+  lack it and fall back to norms);
 - `scores`: optional per-name soft scores (learned mask, importance) the frozen set was chosen from;
 - `ratio`: frozen fraction by tensor count and by parameter count;
 - `method`, `provenance` (config, data manifests, seeds, library versions), `created`, `allow_text_encoder`;
@@ -45,11 +46,11 @@ CAST_DTYPES = ("float32", "float16", "bfloat16")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Bits of mantissa+exponent, to tell a tensor stored in lower precision from one that changed.
 PRECISION = {"float64": 64, "float32": 32, "bfloat16": 16, "float16": 16, "float8_e4m3fn": 8, "float8_e5m2": 8}
-# The value sketch stored per frozen tensor (see the module docstring). 16 projections estimate the L2
-# distance of a derivative's tensor from the base within about +-25% (chi distribution with 16 degrees of
-# freedom), which separates rounding (relative error ~1e-3) from a real change (~1) by orders of magnitude.
-SKETCH = {"method": "sign-projections/shake256", "k": 16, "seed": 0}
-_SKETCH_CHUNK = 1 << 18
+# The value sketch stored per frozen tensor (see the module docstring). 16 buckets estimate the L2 distance of
+# a derivative's tensor from the base within about +-25% (chi distribution with 16 degrees of freedom), which
+# separates rounding (relative error ~1e-3) from a real change (~1) by orders of magnitude. k is a power of two
+# up to 128 (one hash byte per element: 7 bits of bucket, 1 of sign).
+SKETCH = {"method": "count-sketch/shake256", "k": 16, "seed": 0}
 
 
 class GuardError(FreezeAsGuardError, ValueError):
@@ -70,24 +71,22 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def tensor_sketch(t: torch.Tensor, *, k: int = SKETCH["k"], seed: int = SKETCH["seed"]) -> list[float]:
-    """k projections <s_j, t> (float64) on sign vectors s_j in {-1, +1}^n read from SHAKE-256 of (seed, n).
+    """A count sketch of `t` in float64: element i adds s_i x_i to bucket h_i (h_i in [0, k), s_i = +-1), both
+    read from one byte of SHAKE-256 of (seed, numel) per element.
 
-    sqrt(mean_j (sketch_j(a) - sketch_j(b))^2) estimates ||a - b||_2 without either tensor at hand. The signs
-    come from a hash, not a library RNG, so any release of any library recomputes the same sketch. The seed is
-    public (it is in the guard file): someone who wants to fool a tolerance check can craft a change the k
-    projections miss, which is why the exact digest check, not the tolerance, is what a guard certifies.
+    sqrt(sum_j (sketch_j(a) - sketch_j(b))^2) estimates ||a - b||_2 without either tensor at hand (exactly for
+    a change in one element; within about +-25% for a change spread over many). The hash, not a library RNG,
+    makes the buckets, so any release of any library recomputes the same sketch, in one pass over the tensor.
+    The seed is public (it is in the guard file): someone who wants to fool a tolerance check can craft a
+    change the sketch misses, which is why the exact digest check, not the tolerance, is what a guard certifies.
     """
     import numpy as np
 
-    x = t.detach().cpu().reshape(-1).double().numpy()
-    n, width = x.size, (k + 7) // 8
-    stream = hashlib.shake_256(f"freezeasguard-sketch|{seed}|{n}".encode()).digest(n * width) if n else b""
-    raw = np.frombuffer(stream, dtype=np.uint8).reshape(n, width)
-    out = np.zeros(k, dtype=np.float64)
-    for start in range(0, n, _SKETCH_CHUNK):
-        bits = np.unpackbits(raw[start:start + _SKETCH_CHUNK], axis=1)[:, :k]
-        out += x[start:start + _SKETCH_CHUNK] @ (1.0 - 2.0 * bits.astype(np.float64))
-    return out.tolist()
+    x = t.detach().cpu().reshape(-1).to(torch.float64, copy=True).numpy()  # a private copy, negated in place
+    stream = hashlib.shake_256(f"freezeasguard-sketch|{seed}|{x.size}".encode()).digest(x.size)
+    byte = np.frombuffer(stream, dtype=np.uint8)
+    np.negative(x, out=x, where=byte >= 128)
+    return np.bincount(byte & (k - 1), weights=x, minlength=k).tolist()
 
 
 def tensor_record(t: torch.Tensor) -> dict[str, Any]:
@@ -414,9 +413,9 @@ class Guard:
             raise bad("'scores' must give one score per UNet tensor")
         sketch = data.get("sketch")
         if sketch is not None and not (isinstance(sketch, dict) and sketch.get("method") == SKETCH["method"]
-                                       and isinstance(sketch.get("k"), int) and sketch["k"] >= 1
+                                       and sketch.get("k") in (1, 2, 4, 8, 16, 32, 64, 128)
                                        and isinstance(sketch.get("seed"), int)):
-            raise bad(f"'sketch' must be {{'method': {SKETCH['method']!r}, 'k': int >= 1, 'seed': int}}")
+            raise bad(f"'sketch' must be {{'method': {SKETCH['method']!r}, 'k': a power of two <= 128, 'seed': int}}")
         for name, record in data["tensors"].items():
             problem = _record_problem(record, sketch)
             if problem:

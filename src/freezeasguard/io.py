@@ -233,8 +233,9 @@ def claim_output_dir(path: str | Path | None, command: str, identity: Mapping[st
         left = {p.name for p in dest.iterdir()}
         foreign = sorted(n for n in products if n in left and n not in owned_before)
         if foreign:
-            raise OutputDirError(f"{dest}: {', '.join(foreign)} already there and not written by freezeasguard; "
-                                 "move it away (it is never deleted) or choose another output directory")
+            raise OutputDirError(f"{dest}: {', '.join(foreign)} already there and not written by this tool (not in "
+                                 f"its {RUN_RECORD}); move it away (it is never deleted) or choose another output "
+                                 "directory")
         atomic_write_json(dest / RUN_RECORD, {"format": "freezeasguard-run", "command": command, "identity": ident,
                                               "products": products})
         yield OutputClaim(dest, resumed=same and not overwrite)
