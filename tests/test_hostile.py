@@ -330,6 +330,10 @@ DIR_CASES = [
             lambda e, d, o: _finetune(e, d, o, _ft_cfg(max_steps=3)), None,
             lambda o, p: json.loads((o / "metrics.json").read_text())["resumed_from"] == 2 or
             pytest.fail("did not resume")),
+    DirCase("a-run-that-failed-before-writing-anything-does-not-block-another-configuration",
+            lambda o: pytest.raises(Exception, _ONCE["fail"], o),
+            lambda e, d, o: _finetune(e, d, o, _ft_cfg(learning_rate=2e-3)), None,
+            lambda o, p: (o / "model" / "model_index.json").is_file() or pytest.fail("no model written")),
     DirCase("7-a-second-concurrent-run-fails-at-once-naming-the-holder", _holder,
             lambda e, d, o: _finetune(e, d, o), r"in use by another run \(pid \d+"),
     DirCase("8-out-is-a-file", lambda o: o.write_text("a file"), lambda e, d, o: _finetune(e, d, o),
@@ -346,6 +350,7 @@ def test_output_dir_catalogue(case: DirCase, env: Env, toy_data, tmp_path, monke
     data = toy_data(4)
     out = tmp_path / "out"
     _ONCE["run"] = lambda o: _finetune(env, data, o)
+    _ONCE["fail"] = lambda o: _finetune(env, data, o, FinetuneConfig(method="lora", lora_targets=("to_q",)))
     prepared = case.prepare(out)
     try:
         if case.error is not None:

@@ -539,10 +539,13 @@ def verify(derivative: str | Path, guard: Guard, *, base: str | Path | None = No
     max |base| per tensor; without it, the relative L2 distance estimated from the guard's value sketch."""
     _check_tolerance(tolerance)
     path = Path(derivative)
-    unets, adapters, findings, notes = _resolve(path)
-    base_map = _base_tensors(base) if base is not None else None
-    reports = [_audit_target(t, guard, False, base_map, str(base), tolerance) for t in unets]
-    reports += [_audit_target(t, guard, True, base_map, str(base), tolerance) for t in adapters]
+    try:
+        unets, adapters, findings, notes = _resolve(path)
+        base_map = _base_tensors(base) if base is not None else None
+        reports = [_audit_target(t, guard, False, base_map, str(base), tolerance) for t in unets]
+        reports += [_audit_target(t, guard, True, base_map, str(base), tolerance) for t in adapters]
+    except OSError as exc:  # unreadable folder or file: name it instead of a traceback
+        raise AuditError(f"{exc.filename or path}: cannot be read ({exc.strerror or exc})") from exc
     if len(reports) == 1 and not findings:
         report = reports[0]
         report.derivative = str(derivative)

@@ -216,6 +216,8 @@ def claim_output_dir(path: str | Path | None, command: str, identity: Mapping[st
             _remove(stale)
         present = sorted(p.name for p in dest.iterdir() if p.name not in (LOCK_NAME, RUN_RECORD))
         same = record is not None and record.get("command") == command and record.get("identity") == ident
+        if record is not None and not same and not any((dest / n).exists() for n in owned_before):
+            record = None  # an earlier run that wrote nothing (it failed before its first output): nothing to keep
         if record is None and present and not overwrite:
             raise OutputDirError(f"{dest}: not empty and not a freezeasguard {command} run (holds {present[:5]}); "
                                  "choose an empty output directory or pass --overwrite (files the tool did not "
