@@ -260,6 +260,7 @@ class DirCase:
     act: Callable[[Env, Any, Path], Any]  # the run (env, data, out)
     error: str | None  # regex the OutputDirError must match, or None for success
     check: Callable[[Path, Any], None] = lambda out, prepared: None
+    skip: str | None = None  # a reason this case cannot run here
 
 
 def _check_user_files(out: Path, files: dict[str, bytes]) -> None:
@@ -338,6 +339,9 @@ DIR_CASES = [
             lambda e, d, o: _finetune(e, d, o), r"in use by another run \(pid \d+"),
     DirCase("8-out-is-a-file", lambda o: o.write_text("a file"), lambda e, d, o: _finetune(e, d, o),
             r"exists and is not a directory"),
+    DirCase("8-out-not-writable", lambda o: (o.mkdir(), o.chmod(0o555)), lambda e, d, o: _finetune(e, d, o),
+            r"not writable", lambda o, p: o.chmod(0o755),
+            skip="root writes anywhere" if hasattr(os, "geteuid") and os.geteuid() == 0 else None),
     DirCase("8-out-under-a-file", lambda o: o.write_text("a file"), lambda e, d, o: _finetune(e, d, o / "sub"),
             r"cannot create the output directory"),
     DirCase("9-stale-temp-dirs-of-a-killed-run-are-cleaned", _stale, lambda e, d, o: _finetune(e, d, o), None,
@@ -347,6 +351,8 @@ DIR_CASES = [
 
 @pytest.mark.parametrize("case", DIR_CASES, ids=lambda c: c.id)
 def test_output_dir_catalogue(case: DirCase, env: Env, toy_data, tmp_path, monkeypatch):
+    if case.skip:
+        pytest.skip(case.skip)
     data = toy_data(4)
     out = tmp_path / "out"
     _ONCE["run"] = lambda o: _finetune(env, data, o)
