@@ -160,6 +160,9 @@ VERIFY_CASES = [
     VerifyCase("4-unet-keys-plus-one-lora-key", lambda e: e.file(
         "mixed.safetensors", {**e.changed(), f"{e.free_module}.lora_A.weight": torch.zeros(2, 32)}),
         "violation", lambda e: [e.victim, "mixed_file"]),
+    VerifyCase("unet-file-with-keys-of-no-known-kind", lambda e: e.file(
+        "extra.safetensors", {**e.weights, "conv_in.weight.diff": torch.zeros(3)}), "violation",
+        lambda e: ["unrecognised", "extra.safetensors"]),
     VerifyCase("sharded-index-wins-over-the-clean-single-file", _sharded, "violation",
                lambda e: [e.victim, "diffusion_pytorch_model.safetensors"]),
     VerifyCase("modified-fp16-variant-beside-a-clean-unet", lambda e: e.unet_folder(

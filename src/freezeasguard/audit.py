@@ -492,9 +492,10 @@ def _audit_target(target: _Target, guard: Guard, named_adapter: bool, base: Any,
             report.notes += lora.notes
             report.checked += lora.checked
             report.kind = "mixed"
-        if other:
-            report.notes.append(f"{target.label}: {len(other)} key(s) that are neither UNet tensors of the guarded "
-                                f"model nor adapter keys (a UNet loader ignores them), e.g. {sorted(other)[:3]}")
+        if other:  # not a clean UNet: a UNet loader would ignore them, another loader might not
+            report.findings.append(Finding(target.label, "unrecognised",
+                                           f"{len(other)} key(s) that are neither UNet tensors of the guarded model "
+                                           f"nor adapter keys, e.g. {sorted(other)[:3]}"))
         stored = {dtype_name(tensors[n].dtype) for n in guard.frozen[:1] if n in tensors}
         if stored:
             report.notes.append(f"{target.label}: stored as {', '.join(sorted(stored))}")
