@@ -273,3 +273,20 @@ def test_digest_names_what_the_guard_enforces(unet):
     assert dataclasses.replace(g, created="another day", provenance={"x": 1}).digest() == g.digest()
     assert dataclasses.replace(g, allow_text_encoder=True).digest() != g.digest()
     assert Guard.random(unet, 0.3, seed=1).digest() != g.digest()
+
+
+def test_combining_an_old_guard_with_a_new_one_drops_the_sketches_consistently(unet):
+    from freezeasguard.guard import _checksum
+
+    new = Guard.random(unet, 0.3, seed=0)
+    data = Guard.random(unet, 0.3, seed=1).to_dict()
+    data.pop("checksum")
+    data.pop("sketch")
+    for record in data["tensors"].values():
+        record.pop("sketch")
+    data["checksum"] = _checksum(data)
+    old = Guard.from_dict(data)
+    union = new.union(old)
+    assert union.sketch is None and all("sketch" not in r for r in union.tensors.values())
+    assert Guard.from_dict(union.to_dict()).frozen == union.frozen
+    assert all("sketch" in r for r in new.tensors.values())  # the operands are left as they were
