@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import without_sketches
 from freezeasguard.guard import Guard, GuardError, block_of, select_top
 from freezeasguard.tiny import TinySpec, build_tiny_model
 
@@ -241,23 +242,10 @@ def test_value_sketch_estimates_distance_and_needs_no_library_rng():
     assert abs(float(est) - 0.5) < 1e-6
 
 
-def _without_sketches(guard: Guard) -> dict:
-    """The guard as a file written before value sketches existed."""
-    from freezeasguard.guard import _checksum
-
-    data = guard.to_dict()
-    data.pop("checksum")
-    data.pop("sketch")
-    for record in data["tensors"].values():
-        record.pop("sketch")
-    data["checksum"] = _checksum(data)
-    return data
-
-
 def test_a_guard_file_without_sketches_still_loads(unet, tmp_path):
     from freezeasguard.guard import _checksum
 
-    data = _without_sketches(Guard.random(unet, 0.3, seed=0))
+    data = without_sketches(Guard.random(unet, 0.3, seed=0))
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = Guard.load(tmp_path / "old.json")
     assert old.sketch is None and old.to_dict()["checksum"] == data["checksum"]
@@ -285,7 +273,7 @@ def test_digest_names_what_the_guard_enforces(unet):
 
 def test_combining_an_old_guard_with_a_new_one_drops_the_sketches_consistently(unet):
     new = Guard.random(unet, 0.3, seed=0)
-    old = Guard.from_dict(_without_sketches(Guard.random(unet, 0.3, seed=1)))
+    old = Guard.from_dict(without_sketches(Guard.random(unet, 0.3, seed=1)))
     union = new.union(old)
     assert union.sketch is None and all("sketch" not in r for r in union.tensors.values())
     assert Guard.from_dict(union.to_dict()).frozen == union.frozen

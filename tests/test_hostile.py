@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import without_sketches
 from freezeasguard.audit import AuditError, verify
 from freezeasguard.finetuning import FinetuneConfig, finetune
 from freezeasguard.guard import Guard
@@ -87,19 +88,6 @@ def env(shared, tmp_path):
     return Env(**{**shared.__dict__, "tmp": tmp_path})
 
 
-def _strip_sketches(guard: Guard) -> Guard:
-    """The same guard as a file written before value sketches existed (format version 1 without them)."""
-    from freezeasguard.guard import _checksum
-
-    data = guard.to_dict()
-    data.pop("checksum")
-    data.pop("sketch")
-    for record in data["tensors"].values():
-        record.pop("sketch")
-    data["checksum"] = _checksum(data)
-    return Guard.from_dict(data)
-
-
 # ---------------------------------------------------------------------------- verify: the catalogue
 @dataclass
 class VerifyCase:
@@ -156,7 +144,7 @@ VERIFY_CASES = [
         kwargs=lambda e: {"tolerance": 1e-2}),
     VerifyCase("3-old-guard-without-sketches-falls-back-to-norms-and-says-so", lambda e: e.file(
         "neg.safetensors", e.changed(lambda t: -t)), "compliant", kwargs=lambda e: {"tolerance": 1e-2},
-        guard=lambda e: _strip_sketches(e.guard), notes=["predates value sketches"]),
+        guard=lambda e: Guard.from_dict(without_sketches(e.guard)), notes=["predates value sketches"]),
     VerifyCase("4-unet-keys-plus-one-lora-key", lambda e: e.file(
         "mixed.safetensors", {**e.changed(), f"{e.free_module}.lora_A.weight": torch.zeros(2, 32)}),
         "violation", lambda e: [e.victim, "mixed_file"]),
