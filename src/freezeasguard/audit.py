@@ -44,7 +44,8 @@ UNET_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 ADAPTER_WEIGHTS = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 UNET_CLASSES = ("UNet2DConditionModel",)
 _VARIANT = re.compile(r"^diffusion_pytorch_model\.(?P<v>[^-]+)\.safetensors$")
-_VARIANT_INDEX = re.compile(r"^diffusion_pytorch_model\.safetensors(?:\.index\.(?P<v>.+)\.json|\.(?P<legacy>.+)\.index\.json)$")
+_VARIANT_INDEX = re.compile(r"^diffusion_pytorch_model\.safetensors"
+                            r"(?:\.index\.(?P<v>.+)\.json|\.(?P<legacy>.+)\.index\.json)$")
 _WEIGHT_FILE = re.compile(r"\.(safetensors|bin|ckpt|pt|pth|pkl|pickle|gguf|msgpack|h5|onnx|pb|flashpack|npz)$"
                           r"|\.index(\.[^.]+)?\.json$", re.IGNORECASE)
 _PICKLE = re.compile(r"\.(bin|ckpt|pt|pth|pkl|pickle)$", re.IGNORECASE)
@@ -143,7 +144,8 @@ def _check_one(name: str, t: torch.Tensor, record: Mapping[str, Any], shape: lis
             return Finding(name, "changed", f"{got}; max |diff| {err:.3g} > {tolerance:g} x max|base| {scale:.3g}")
         if guard.sketch is not None and "sketch" in record:
             rel = _sketch_distance(t, record, guard.sketch)
-            how = f"relative L2 distance from the base ~{rel:.3g}, estimated from the guard's {guard.sketch['k']}-bucket value sketch"
+            how = (f"relative L2 distance from the base ~{rel:.3g}, estimated from the guard's "
+                   f"{guard.sketch['k']}-bucket value sketch")
             if rel <= tolerance:
                 return Finding(name, "ok_within_tolerance", f"{got}; {how} <= {tolerance:g}")
             return Finding(name, "changed", f"{got}; {how} > {tolerance:g}")
@@ -485,7 +487,8 @@ def _audit_target(target: _Target, guard: Guard, named_adapter: bool, base: Any,
         report = check_lora(guard, adapter + other, shapes={k: probe.shape(k) for k in adapter + other},
                             derivative=target.label)
     else:
-        report = check_tensors(guard, _Subset(tensors, set(unet.values())), base=base, tolerance=tolerance, derivative=target.label, base_label=base_label)
+        report = check_tensors(guard, _Subset(tensors, set(unet.values())), base=base, tolerance=tolerance,
+                               derivative=target.label, base_label=base_label)
         if adapter:
             lora = check_lora(guard, adapter, shapes={k: probe.shape(k) for k in adapter}, derivative=target.label)
             report.findings += lora.findings
