@@ -111,22 +111,26 @@ def _holder() -> str:
 
 def _lock(dest: Path) -> int:
     """An exclusive lock on dest/.freezeasguard.lock for this process's life of the claim; fails at once,
-    naming the holder, if another run holds it."""
-    import fcntl
-
+    naming the holder, if another run holds it. (Where there is no flock, on Windows, the directory is still
+    checked writable and owned, but not locked.)"""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None  # type: ignore[assignment]
     try:
         fd = os.open(dest / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     except OSError as exc:
         raise OutputDirError(f"{dest}: not writable ({exc.strerror}); choose another output directory") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+        holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
         os.close(fd)
         raise OutputDirError(f"{dest}: in use by another run ({holder}); wait for it to finish or choose another "
                              "output directory") from exc
     os.ftruncate(fd, 0)
-    os.pwrite(fd, (_holder() + "\n").encode(), 0)
+    os.write(fd, (_holder() + "\n").encode())
     return fd
 
 
