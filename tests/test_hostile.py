@@ -291,6 +291,16 @@ def _finetune_once(out: Path) -> None:
     _ONCE["run"](out)
 
 
+def _edited_record(out: Path) -> Path:
+    _finetune_once(out)
+    victim = out.parent / "victim.txt"
+    victim.write_text("keep")
+    record = json.loads((out / ".freezeasguard-run.json").read_text())
+    record["products"].append("../victim.txt")
+    (out / ".freezeasguard-run.json").write_text(json.dumps(record))
+    return victim
+
+
 def _check_stale(out: Path, prepared: Any) -> None:
     ours, foreign = prepared
     assert not any(p.exists() for p in ours), [p for p in ours if p.exists()]
@@ -326,6 +336,10 @@ DIR_CASES = [
             lambda o: pytest.raises(Exception, _ONCE["fail"], o),
             lambda e, d, o: _finetune(e, d, o, _ft_cfg(learning_rate=2e-3)), None,
             lambda o, p: (o / "model" / "model_index.json").is_file() or pytest.fail("no model written")),
+    DirCase("edited-run-record-cannot-make-overwrite-delete-outside-out", _edited_record,
+            lambda e, d, o: _finetune(e, d, o, _ft_cfg(learning_rate=2e-3), overwrite=True),
+            r"unreadable run record .*not plain names", lambda o, victim: victim.read_text() == "keep" or
+            pytest.fail("a file outside --out was deleted")),
     DirCase("7-a-second-concurrent-run-fails-at-once-naming-the-holder", _holder,
             lambda e, d, o: _finetune(e, d, o), r"in use by another run \(pid \d+"),
     DirCase("8-out-is-a-file", lambda o: o.write_text("a file"), lambda e, d, o: _finetune(e, d, o),

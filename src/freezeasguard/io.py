@@ -211,6 +211,10 @@ def claim_output_dir(path: str | Path | None, command: str, identity: Mapping[st
             try:
                 record = json.loads((dest / RUN_RECORD).read_text())
                 owned_before = set(record["products"])
+                # only plain names directly in dest: an edited record must not make --overwrite delete elsewhere
+                bad = [n for n in owned_before if not isinstance(n, str) or n in ("", ".", "..") or Path(n).name != n]
+                if bad:
+                    raise ValueError(f"product names that are not plain names in the directory: {bad[:3]}")
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise OutputDirError(f"{dest / RUN_RECORD}: unreadable run record ({exc}); delete it to reuse "
                                      "the directory") from exc
