@@ -43,12 +43,13 @@ class Env:
     frozen_module: str
     tmp: Path = field(default=Path())
 
-    def unet_folder(self, name: str, weights: dict[str, torch.Tensor], extra: dict[str, dict[str, torch.Tensor]] = {}) -> Path:
+    def unet_folder(self, name: str, weights: dict[str, torch.Tensor],
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
         folder = self.tmp / name
         folder.mkdir(parents=True)
         shutil.copy(self.base / "unet" / "config.json", folder / "config.json")
         save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
-        for file, tensors in extra.items():
+        for file, tensors in (extra or {}).items():
             save_file(tensors, str(folder / file))
         return folder
 
@@ -58,8 +59,16 @@ class Env:
         return out
 
     def file(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+        (self.tmp / name).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(self.tmp / name))
         return self.tmp / name
+
+    def raw(self, name: str, content: bytes, folder: Path | None = None) -> Path:
+        """Write bytes to `name` (in `folder`, made if needed); return the folder if given, else the file."""
+        where = folder if folder is not None else self.tmp
+        where.mkdir(parents=True, exist_ok=True)
+        (where / name).write_bytes(content)
+        return folder if folder is not None else where / name
 
     def adapter(self, module: str, rank: int = 2, prefix: str = "unet.") -> dict[str, torch.Tensor]:
         out_f, in_f = self.weights[f"{module}.weight"].shape[:2]
@@ -156,9 +165,9 @@ VERIFY_CASES = [
     VerifyCase("modified-fp16-variant-beside-a-clean-unet", lambda e: e.unet_folder(
         "unet", e.weights, {"diffusion_pytorch_model.fp16.safetensors": {k: v.half() for k, v in e.changed().items()}}),
         "violation", lambda e: [e.victim]),
-    VerifyCase("pickle-beside-clean-weights-is-reported-unread", lambda e: (
-        lambda d: ((d / "diffusion_pytorch_model.bin").write_bytes(b"never unpickled"), d)[1])(
-        e.unet_folder("unet", e.weights)), "violation", lambda e: ["diffusion_pytorch_model.bin", "unreadable"]),
+    VerifyCase("pickle-beside-clean-weights-is-reported-unread", lambda e: e.raw(
+        "diffusion_pytorch_model.bin", b"never unpickled", e.unet_folder("unet", e.weights)), "violation",
+        lambda e: ["diffusion_pytorch_model.bin", "unreadable"]),
     VerifyCase("model-index-names-another-unet-class", lambda e: _model_dir_with_unet_class(
         e, ["diffusers", "UNet2DModel"]), "violation", lambda e: ["component"]),
     VerifyCase("adapter-tensor-of-the-wrong-shape", lambda e: e.file(
@@ -178,14 +187,12 @@ VERIFY_CASES = [
                lambda e: [e.victim, "not the base"], kwargs=lambda e: {"base": e.tmp / "d.safetensors", "tolerance": 0.0}),
     VerifyCase("tolerance-nan", lambda e: e.base, "error", lambda e: ["tolerance"],
                kwargs=lambda e: {"tolerance": float("nan")}),
-    VerifyCase("tolerance-negative", lambda e: e.base, "error", lambda e: ["tolerance"], kwargs=lambda e: {"tolerance": -1.0}),
-    VerifyCase("folder-with-weights-under-no-loader-name", lambda e: (
-        lambda d: (d.mkdir(), save_file(e.weights, str(d / "weights.safetensors")), d)[2])(e.tmp / "odd"),
-        "error", lambda e: ["odd", "weights.safetensors", "no weights under a name a loader reads"]),
-    VerifyCase("pickled-file", lambda e: (lambda p: (p.write_bytes(b"x"), p)[1])(e.tmp / "m.ckpt"), "error",
-               lambda e: ["m.ckpt", "never loaded"]),
-    VerifyCase("corrupt-safetensors", lambda e: (lambda p: (p.write_bytes(b"garbage"), p)[1])(e.tmp / "j.safetensors"),
-               "error", lambda e: ["j.safetensors"]),
+    VerifyCase("tolerance-negative", lambda e: e.base, "error", lambda e: ["tolerance"],
+               kwargs=lambda e: {"tolerance": -1.0}),
+    VerifyCase("folder-with-weights-under-no-loader-name", lambda e: e.file("odd/weights.safetensors", e.weights).parent,
+               "error", lambda e: ["odd", "weights.safetensors", "no weights under a name a loader reads"]),
+    VerifyCase("pickled-file", lambda e: e.raw("m.ckpt", b"x"), "error", lambda e: ["m.ckpt", "never loaded"]),
+    VerifyCase("corrupt-safetensors", lambda e: e.raw("j.safetensors", b"garbage"), "error", lambda e: ["j.safetensors"]),
     VerifyCase("clean-model-directory", lambda e: e.base, "compliant"),
     VerifyCase("clean-unet-plus-clean-adapter", lambda e: e.unet_folder(
         "unet", e.weights, {"pytorch_lora_weights.safetensors": e.adapter(e.free_module)}), "compliant"),
@@ -222,14 +229,14 @@ def _finetune(env: Env, data: Any, out: Path, cfg: FinetuneConfig | None = None,
                     output_dir=out, **kw)
 
 
-def _user_files(out: Path) -> dict[str, bytes]:
+def _user_files(out: Path, run: Callable[..., Any]) -> dict[str, bytes]:
     (out / "model").mkdir(parents=True)
     (out / "model" / "notes.txt").write_text("mine")
     (out / "metrics.json").write_text('{"mine": true}')
     return {"model/notes.txt": b"mine", "metrics.json": b'{"mine": true}'}
 
 
-def _holder(out: Path):  # type: ignore[no-untyped-def]
+def _holder(out: Path, run: Callable[..., Any]):  # type: ignore[no-untyped-def]
     """Another process holding the directory, as a second concurrent run would."""
     code = textwrap.dedent(f"""
         import sys, time
@@ -247,7 +254,8 @@ def _holder(out: Path):  # type: ignore[no-untyped-def]
 @dataclass
 class DirCase:
     id: str
-    prepare: Callable[[Path], Any]  # sets up --out; its return value is passed to `check`
+    # sets up --out, given run(out, cfg=None, **kw) that fine-tunes the base into it; returns what `check` gets
+    prepare: Callable[[Path, Callable[..., Any]], Any]
     act: Callable[[Env, Any, Path], Any]  # the run (env, data, out)
     error: str | None  # regex the OutputDirError must match, or None for success
     check: Callable[[Path, Any], None] = lambda out, prepared: None
@@ -259,16 +267,16 @@ def _check_user_files(out: Path, files: dict[str, bytes]) -> None:
         assert (out / rel).read_bytes() == content, rel
 
 
-def _stale(out: Path) -> list[Any]:
+def _stale(out: Path, run: Callable[..., Any]) -> list[Any]:
     """A finished run, then a run killed with SIGKILL while it wrote a checkpoint and the model: the
     leftovers are the real ones atomic_directory leaves, not made-up names."""
-    _finetune_once(out)
+    run(out)
     code = textwrap.dedent(f"""
         import os, time
         from pathlib import Path
         from freezeasguard.io import atomic_directory
         out = Path({str(out)!r})
-        with atomic_directory(out / "checkpoints" / "step-00000009") as ckpt, atomic_directory(out / "model", overwrite=True) as tmp:
+        with atomic_directory(out / "checkpoints" / "step-00000009"), atomic_directory(out / "model", overwrite=True) as tmp:
             (tmp / "half.safetensors").write_bytes(b"partial")
             print("writing", flush=True)
             time.sleep(60)
@@ -284,15 +292,8 @@ def _stale(out: Path) -> list[Any]:
     return [ours, foreign]
 
 
-_ONCE: dict[str, Any] = {}
-
-
-def _finetune_once(out: Path) -> None:
-    _ONCE["run"](out)
-
-
-def _edited_record(out: Path) -> Path:
-    _finetune_once(out)
+def _edited_record(out: Path, run: Callable[..., Any]) -> Path:
+    run(out)
     victim = out.parent / "victim.txt"
     victim.write_text("keep")
     record = json.loads((out / ".freezeasguard-run.json").read_text())
@@ -307,9 +308,35 @@ def _check_stale(out: Path, prepared: Any) -> None:
     assert foreign.read_text() == "not ours"
 
 
+def _holds(ok: bool, why: str) -> None:
+    assert ok, why
+
+
 def _no_training(*args: Any, **kwargs: Any) -> Any:
     raise AssertionError("training started before the output directory was checked")
 
+
+def _failing_lora(out: Path, run: Callable[..., Any]) -> None:
+    with pytest.raises(Exception, match="own tensors the guard freezes"):  # fails after claiming, before output
+        run(out, FinetuneConfig(method="lora", lora_targets=("to_q",)))
+
+
+def _readme(out: Path, run: Callable[..., Any]) -> None:
+    out.mkdir()
+    (out / "README").write_text("mine")
+
+
+def _unwritable(out: Path, run: Callable[..., Any]) -> None:
+    out.mkdir()
+    out.chmod(0o555)
+
+
+def _json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+LR2 = _ft_cfg(learning_rate=2e-3)
 
 DIR_CASES = [
     DirCase("5-user-files-in-out-are-refused", _user_files, lambda e, d, o: _finetune(e, d, o),
@@ -317,37 +344,30 @@ DIR_CASES = [
     DirCase("5-overwrite-never-deletes-files-the-tool-did-not-write", _user_files,
             lambda e, d, o: _finetune(e, d, o, overwrite=True), r"metrics\.json, model already there and not written",
             _check_user_files),
-    DirCase("5-overwrite-keeps-unrelated-user-files", lambda o: (o.mkdir(), (o / "README").write_text("mine"))[1],
-            lambda e, d, o: _finetune(e, d, o, overwrite=True), None,
-            lambda o, p: ((o / "README").read_text() == "mine" and (o / "model" / "model_index.json").is_file()) or
-            pytest.fail("user file lost or model missing")),
-    DirCase("5-another-configuration-is-refused", lambda o: _finetune_once(o),
-            lambda e, d, o: _finetune(e, d, o, _ft_cfg(learning_rate=2e-3)),
+    DirCase("5-overwrite-keeps-unrelated-user-files", _readme, lambda e, d, o: _finetune(e, d, o, overwrite=True), None,
+            lambda o, p: _holds((o / "README").read_text() == "mine" and (o / "model" / "model_index.json").is_file(),
+                                "user file lost or model missing")),
+    DirCase("5-another-configuration-is-refused", lambda o, run: run(o), lambda e, d, o: _finetune(e, d, o, LR2),
             r"another configuration \(config\.train\.learning_rate: 0\.001 -> 0\.002\)"),
-    DirCase("5-another-configuration-with-overwrite-replaces-the-tools-own-results", lambda o: _finetune_once(o),
-            lambda e, d, o: _finetune(e, d, o, _ft_cfg(learning_rate=2e-3), overwrite=True), None,
-            lambda o, p: json.loads((o / "finetune.json").read_text())["config"]["train"]["learning_rate"] == 2e-3 or
-            pytest.fail("finetune.json not replaced")),
-    DirCase("same-configuration-resumes", lambda o: _finetune_once(o),
-            lambda e, d, o: _finetune(e, d, o, _ft_cfg(max_steps=3)), None,
-            lambda o, p: json.loads((o / "metrics.json").read_text())["resumed_from"] == 2 or
-            pytest.fail("did not resume")),
-    DirCase("a-run-that-failed-before-writing-anything-does-not-block-another-configuration",
-            lambda o: pytest.raises(Exception, _ONCE["fail"], o),
-            lambda e, d, o: _finetune(e, d, o, _ft_cfg(learning_rate=2e-3)), None,
-            lambda o, p: (o / "model" / "model_index.json").is_file() or pytest.fail("no model written")),
+    DirCase("5-another-configuration-with-overwrite-replaces-the-tools-own-results", lambda o, run: run(o),
+            lambda e, d, o: _finetune(e, d, o, LR2, overwrite=True), None,
+            lambda o, p: _holds(_json(o / "finetune.json")["config"]["train"]["learning_rate"] == 2e-3,
+                                "finetune.json not replaced")),
+    DirCase("same-configuration-resumes", lambda o, run: run(o), lambda e, d, o: _finetune(e, d, o, _ft_cfg(max_steps=3)),
+            None, lambda o, p: _holds(_json(o / "metrics.json")["resumed_from"] == 2, "did not resume")),
+    DirCase("a-run-that-failed-before-writing-anything-does-not-block-another-configuration", _failing_lora,
+            lambda e, d, o: _finetune(e, d, o, LR2), None,
+            lambda o, p: _holds((o / "model" / "model_index.json").is_file(), "no model written")),
     DirCase("edited-run-record-cannot-make-overwrite-delete-outside-out", _edited_record,
-            lambda e, d, o: _finetune(e, d, o, _ft_cfg(learning_rate=2e-3), overwrite=True),
-            r"unreadable run record .*not plain names", lambda o, victim: victim.read_text() == "keep" or
-            pytest.fail("a file outside --out was deleted")),
+            lambda e, d, o: _finetune(e, d, o, LR2, overwrite=True), r"unreadable run record .*not plain names",
+            lambda o, victim: _holds(victim.read_text() == "keep", "a file outside --out was deleted")),
     DirCase("7-a-second-concurrent-run-fails-at-once-naming-the-holder", _holder,
             lambda e, d, o: _finetune(e, d, o), r"in use by another run \(pid \d+"),
-    DirCase("8-out-is-a-file", lambda o: o.write_text("a file"), lambda e, d, o: _finetune(e, d, o),
+    DirCase("8-out-is-a-file", lambda o, run: o.write_text("a file"), lambda e, d, o: _finetune(e, d, o),
             r"exists and is not a directory"),
-    DirCase("8-out-not-writable", lambda o: (o.mkdir(), o.chmod(0o555)), lambda e, d, o: _finetune(e, d, o),
-            r"not writable", lambda o, p: o.chmod(0o755),
-            skip="root writes anywhere" if hasattr(os, "geteuid") and os.geteuid() == 0 else None),
-    DirCase("8-out-under-a-file", lambda o: o.write_text("a file"), lambda e, d, o: _finetune(e, d, o / "sub"),
+    DirCase("8-out-not-writable", _unwritable, lambda e, d, o: _finetune(e, d, o), r"not writable",
+            lambda o, p: o.chmod(0o755), skip="root writes anywhere" if AS_ROOT else None),
+    DirCase("8-out-under-a-file", lambda o, run: o.write_text("a file"), lambda e, d, o: _finetune(e, d, o / "sub"),
             r"cannot create the output directory"),
     DirCase("9-stale-temp-dirs-of-a-killed-run-are-cleaned", _stale, lambda e, d, o: _finetune(e, d, o), None,
             _check_stale),
@@ -360,9 +380,7 @@ def test_output_dir_catalogue(case: DirCase, env: Env, toy_data, tmp_path, monke
         pytest.skip(case.skip)
     data = toy_data(4)
     out = tmp_path / "out"
-    _ONCE["run"] = lambda o: _finetune(env, data, o)
-    _ONCE["fail"] = lambda o: _finetune(env, data, o, FinetuneConfig(method="lora", lora_targets=("to_q",)))
-    prepared = case.prepare(out)
+    prepared = case.prepare(out, lambda o, cfg=None, **kw: _finetune(env, data, o, cfg, **kw))
     try:
         if case.error is not None:
             from freezeasguard import finetuning
