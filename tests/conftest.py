@@ -76,3 +76,16 @@ def check_train_metrics(m: dict, *, steps: int, global_batch: int, trainable_ten
         assert 50e6 < m["peak_memory_bytes"] <= ram and m["peak_memory_bytes"] >= m["rss_before_train_bytes"]
     # denoising MSE against unit-variance noise starts near 1
     assert all(math.isfinite(m["loss"][k]) and 0 < m["loss"][k] < 10 for k in ("first", "last")), m["loss"]
+
+
+def without_sketches(guard):
+    """A guard as the file an older freezeasguard wrote: version 1 without value sketches (checksum recomputed)."""
+    from freezeasguard.guard import _checksum
+
+    data = guard.to_dict()
+    data.pop("checksum")
+    data.pop("sketch")
+    for record in data["tensors"].values():
+        record.pop("sketch")
+    data["checksum"] = _checksum(data)
+    return data

@@ -110,7 +110,8 @@ SHARED = {
     "--ratio-by": {"learn", "guard random", "guard top", "demo"},
     "--config": {"finetune", "learn", "zoo pretrain"},
     "--print-config": {"finetune", "learn", "zoo pretrain"},
-    "--overwrite": {"tiny", "guard random", "guard top", "guard names", "guard combine"},
+    "--overwrite": {"tiny", "guard random", "guard top", "guard names", "guard combine", "finetune", "learn",
+                    "demo", "bench"},
     "--json": {"info", "inspect", "verify", "guard diff"},
     "--debug": ALL,
 }

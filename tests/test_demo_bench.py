@@ -252,7 +252,7 @@ def test_bench_relearn_grid_runs_caches_and_reports(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == mtimes
     # report-only computes nothing; a fresh directory lists every cell as missing
     empty = run_bench(tmp_path / "empty", profile, model_loader=_loader(), recogniser=_recogniser(), report_only=True)
-    assert len(empty["missing_cells"]) == 5 and not list((tmp_path / "empty" / "cells").iterdir())
+    assert len(empty["missing_cells"]) == 5 and not (tmp_path / "empty" / "cells").exists()
     # a cached cell is never reused under other settings, nor a relearn cache under another recipe
     with pytest.raises(ValueError, match="legal_steps"):
         run_bench(tmp_path, _profile(legal_steps=3), model_loader=_loader(), recogniser=_recogniser())

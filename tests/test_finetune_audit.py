@@ -284,3 +284,18 @@ def test_finetune_defaults_are_the_attacker_the_guard_is_evaluated_against():
     command = typer.main.get_command(app).commands["finetune"]
     cli = {opt: p.default for p in command.params for opt in p.opts}
     assert (cli["--steps"], cli["--batch-size"], cli["--lr"]) == (t.max_steps, t.batch_size, t.learning_rate)
+
+
+def test_cli_verify_refuses_a_base_that_is_not_the_guards_base(base_and_guard, tmp_path):
+    """`verify D --base D --tolerance 0` used to say COMPLIANT for any D: the base is now checked first."""
+    base, guard = base_and_guard
+    weights = load_file(str(next((base / "unet").glob("*.safetensors"))))
+    weights[guard.frozen[0]] = weights[guard.frozen[0]] + 1
+    save_file(weights, str(tmp_path / "d.safetensors"))
+    d = str(tmp_path / "d.safetensors")
+    result = runner.invoke(app, ["verify", d, "--guard", str(tmp_path / "guard.json"), "--base", d, "--tolerance", "0"])
+    assert result.exit_code == 2, result.output
+    assert guard.frozen[0] in result.output and "not the base" in result.output
+    # the real base still serves the elementwise check
+    ok = runner.invoke(app, ["verify", d, "--guard", str(tmp_path / "guard.json"), "--base", str(base), "--tolerance", "0"])
+    assert ok.exit_code == 1 and guard.frozen[0] in ok.output

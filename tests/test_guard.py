@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import without_sketches
 from freezeasguard.guard import Guard, GuardError, block_of, select_top
 from freezeasguard.tiny import TinySpec, build_tiny_model
 
@@ -162,3 +163,118 @@ def test_per_block_counts_add_up(unet):
     assert {r["block"] for r in rows} >= {"conv_in", "down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0"}
     assert block_of("down_blocks.1.attentions.0.proj_in.weight", depth=3) == "down_blocks.1.attentions"
     assert block_of("mid_block.resnets.0.conv1.weight", depth=3) == "mid_block.resnets"
+
+
+def test_combinations_keep_the_text_encoder_rule(unet):
+    import dataclasses
+
+    a = dataclasses.replace(Guard.random(unet, 0.3, seed=0), allow_text_encoder=True)
+    b = Guard.random(unet, 0.3, seed=1)
+    # the union freezes what either freezes (the text encoder included), the intersection what both freeze
+    assert a.union(b).allow_text_encoder is False and b.union(a).allow_text_encoder is False
+    assert a.intersection(b).allow_text_encoder is True
+    both = dataclasses.replace(b, allow_text_encoder=True)
+    assert a.union(both).allow_text_encoder is True
+    assert Guard.from_dict(a.intersection(b).to_dict()).allow_text_encoder is True
+    assert a.diff(b)["allow_text_encoder"] == [True, False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_loaded_in_lower_precision_is_the_same_model(dtype):
+    """One rule for Guard.apply and verify: precision is storage; the values must be the base rounded."""
+    model = build_tiny_model(TinySpec(), seed=0).unet
+    g = Guard.random(model, 0.3, seed=0)
+    low = build_tiny_model(TinySpec(), seed=0).unet.to(dtype)
+    trainable = g.apply(low)
+    assert sorted(trainable) == sorted(n for n in g.names if n not in g.frozen)
+    from freezeasguard.audit import check_tensors
+
+    report = check_tensors(g, dict(low.named_parameters()))
+    assert report.compliant and {f.status for f in report.findings} == {"ok_lower_precision"}
+    with torch.no_grad():
+        dict(low.named_parameters())[g.frozen[0]].mul_(2)
+    with pytest.raises(GuardError, match="frozen tensors differ") as err:
+        g.apply(low)
+    assert g.frozen[0] in str(err.value)
+    assert not check_tensors(g, dict(low.named_parameters())).compliant
+
+
+def test_an_integer_dtype_is_another_model(unet):
+    g = Guard.random(unet, 0.3, seed=0)
+    tensors = {n: p.detach() for n, p in unet.named_parameters()}
+    tensors[g.names[0]] = tensors[g.names[0]].to(torch.int32)
+    with pytest.raises(GuardError, match="another model"):
+        g.check_fingerprint(tensors)
+
+
+def test_the_guard_file_format_does_not_import_the_auditor():
+    import ast
+    import inspect
+
+    import freezeasguard.guard as guard_module
+
+    tree = ast.parse(inspect.getsource(guard_module))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(m and m.endswith("audit") for m in imported), imported
+    assert not hasattr(Guard, "is_frozen")
+
+
+def test_value_sketch_estimates_distance_and_needs_no_library_rng():
+    from freezeasguard.guard import SKETCH, tensor_sketch
+
+    g = torch.Generator().manual_seed(0)
+    ratios = []
+    for _ in range(20):
+        a = torch.randn(300, 7, generator=g)
+        b = a + 0.01 * torch.randn(300, 7, generator=g)
+        est = (torch.tensor(tensor_sketch(a)) - torch.tensor(tensor_sketch(b))).pow(2).sum().sqrt()
+        ratios.append(float(est / (a - b).double().norm()))
+    assert all(0.4 < r < 1.7 for r in ratios), ratios  # chi distribution, 16 degrees of freedom
+    assert 0.8 < sum(ratios) / len(ratios) < 1.2
+    torch.manual_seed(123)
+    a = torch.randn(50)
+    assert tensor_sketch(a) == tensor_sketch(a.clone()) and len(tensor_sketch(a)) == SKETCH["k"]
+    assert tensor_sketch(a) != tensor_sketch(a, seed=1)
+    # a change in one element is measured exactly, however large the tensor
+    b = a.clone()
+    b[17] += 0.5
+    est = (torch.tensor(tensor_sketch(a)) - torch.tensor(tensor_sketch(b))).pow(2).sum().sqrt()
+    assert abs(float(est) - 0.5) < 1e-6
+
+
+def test_a_guard_file_without_sketches_still_loads(unet, tmp_path):
+    from freezeasguard.guard import _checksum
+
+    data = without_sketches(Guard.random(unet, 0.3, seed=0))
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = Guard.load(tmp_path / "old.json")
+    assert old.sketch is None and old.to_dict()["checksum"] == data["checksum"]
+    # a sketch record without the file's sketch parameters, or a record without digests, is refused
+    bad = json.loads(json.dumps(data))
+    bad["tensors"][bad["frozen"][0]]["sketch"] = [0.0] * 16
+    bad["checksum"] = _checksum({k: v for k, v in bad.items() if k != "checksum"})
+    with pytest.raises(GuardError, match="sketch"):
+        Guard.from_dict(bad)
+    bad = json.loads(json.dumps(data))
+    del bad["tensors"][bad["frozen"][0]]["digests"]
+    bad["checksum"] = _checksum({k: v for k, v in bad.items() if k != "checksum"})
+    with pytest.raises(GuardError, match="digests"):
+        Guard.from_dict(bad)
+
+
+def test_digest_names_what_the_guard_enforces(unet):
+    import dataclasses
+
+    g = Guard.random(unet, 0.3, seed=0)
+    assert dataclasses.replace(g, created="another day", provenance={"x": 1}).digest() == g.digest()
+    assert dataclasses.replace(g, allow_text_encoder=True).digest() != g.digest()
+    assert Guard.random(unet, 0.3, seed=1).digest() != g.digest()
+
+
+def test_combining_an_old_guard_with_a_new_one_drops_the_sketches_consistently(unet):
+    new = Guard.random(unet, 0.3, seed=0)
+    old = Guard.from_dict(without_sketches(Guard.random(unet, 0.3, seed=1)))
+    union = new.union(old)
+    assert union.sketch is None and all("sketch" not in r for r in union.tensors.values())
+    assert Guard.from_dict(union.to_dict()).frozen == union.frozen
+    assert all("sketch" in r for r in new.tensors.values())  # the operands are left as they were

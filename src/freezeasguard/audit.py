@@ -1,16 +1,26 @@
 """Auditing derivatives against a guard: are the frozen tensors still the released ones, and does no adapter
-sit on a frozen module?
+sit on a frozen module or break the guard's rules?
 
-Reads only safetensors (lazily, via `safe_open`, so a multi-GB UNet is checked tensor by tensor) and JSON.
-A derivative is one of: a model directory (model_index.json + unet/), a UNet folder (config.json +
-*.safetensors), a single safetensors UNet state dict, or a LoRA file (peft/diffusers `lora_A`/`lora_B` keys,
-or kohya-style `lora_unet_...` keys).
+What is checked is exactly what a loader would load. A model directory (model_index.json) is audited through
+its unet/ folder (and an adapter at its root, which `load_lora_weights(dir)` reads); a folder is resolved the
+way diffusers resolves it: `diffusion_pytorch_model[.<variant>].safetensors`, or the sharded index
+`diffusion_pytorch_model.safetensors.index[.<variant>].json` (which wins when present), for every variant
+present; `pytorch_lora_weights.safetensors` / `adapter_model.safetensors` beside them are adapters and are
+checked too. Any other weight file in the folder is a finding, never a substitute for the loaded weights. A
+file is classified by its whole key set (UNet tensors of the guarded model, adapter keys, or both: a mixed file
+is reported as such and every UNet tensor in it is still checked), and every adapter tensor's shape is checked
+against the guarded model's fingerprint.
+
+Reads only safetensors (lazily, via `safe_open`, so a multi-GB UNet is checked tensor by tensor) and JSON:
+no path reaches pickle or `torch.load`; pickled weights where a loader would look are reported, unread.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,27 +28,41 @@ from typing import Any
 import torch
 
 from .errors import FreezeAsGuardError
-from .guard import Guard, dtype_name, tensor_digest
+from .guard import PRECISION, Guard, dtype_name, record_match, tensor_sketch
 
-# Bits of mantissa+exponent, to tell a derivative saved in lower precision from one that changed.
-_PRECISION = {"float64": 64, "float32": 32, "bfloat16": 16, "float16": 16, "float8_e4m3fn": 8, "float8_e5m2": 8}
 _LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?:unet\.)?(?P<module>.+?)\.(?:lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up"
-    r"|lora_magnitude_vector|lora_embedding_A|lora_embedding_B|alpha)(?:\..*)?$"
+    r"^(?:base_model\.model\.)?(?:unet\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_down"
+    r"|lora_up|lora_magnitude_vector|lora_embedding_A|lora_embedding_B|alpha)(?:\..*)?$"
 )
+_KOHYA = re.compile(r"^(?P<head>lora_(?:unet|te\d?)_[^.]+)\.(?P<part>lora_down|lora_up|alpha|dora_scale)(?:\..*)?$")
 _TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.")
+_DOWN, _UP = ("lora_A", "lora.down", "lora_down"), ("lora_B", "lora.up", "lora_up")
+
+# diffusers' names (diffusers.utils.constants) and how it inserts a variant (`_add_variant`).
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+UNET_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+ADAPTER_WEIGHTS = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+UNET_CLASSES = ("UNet2DConditionModel",)
+_VARIANT = re.compile(r"^diffusion_pytorch_model\.(?P<v>[^-]+)\.safetensors$")
+_VARIANT_INDEX = re.compile(r"^diffusion_pytorch_model\.safetensors"
+                            r"(?:\.index\.(?P<v>.+)\.json|\.(?P<legacy>.+)\.index\.json)$")
+_WEIGHT_FILE = re.compile(r"\.(safetensors|bin|ckpt|pt|pth|pkl|pickle|gguf|msgpack|h5|onnx|pb|flashpack|npz)$"
+                          r"|\.index(\.[^.]+)?\.json$", re.IGNORECASE)
+_PICKLE = re.compile(r"\.(bin|ckpt|pt|pth|pkl|pickle)$", re.IGNORECASE)
 
 OK_STATUSES = frozenset({"ok", "ok_lower_precision", "ok_within_tolerance"})
 
 
 class AuditError(FreezeAsGuardError, ValueError):
-    """A derivative cannot be read or is not in a format the auditor understands."""
+    """A derivative (or the base given for comparison) cannot be read, or is not the model it claims to be."""
 
 
 @dataclass
 class Finding:
     name: str
-    status: str  # ok, ok_lower_precision, ok_within_tolerance, changed, missing, shape, adapter_on_frozen
+    # ok, ok_lower_precision, ok_within_tolerance; changed, missing, shape, duplicate, adapter_on_frozen,
+    # adapter_shape, text_encoder_adapter, unrecognised, mixed_file, unexpected_file, unreadable, component
+    status: str
     detail: str = ""
 
     @property
@@ -49,7 +73,7 @@ class Finding:
 @dataclass
 class AuditReport:
     derivative: str
-    kind: str  # "unet" or "lora"
+    kind: str  # "unet", "lora", "unet+lora" (a folder holding both) or "mixed" (one file holding both)
     guard_fingerprint: str
     checked: int
     findings: list[Finding] = field(default_factory=list)
@@ -66,7 +90,7 @@ class AuditReport:
     def describe(self, limit: int = 20) -> str:
         bad = self.violations
         if not bad:
-            what = "frozen tensor(s)" if self.kind == "unet" else "adapted module(s)"
+            what = {"unet": "frozen tensor(s)", "lora": "adapted module(s)"}.get(self.kind, "tensor(s) and module(s)")
             return f"compliant: {self.checked} {what} checked"
         lines = [f"{f.name}: {f.status}" + (f" ({f.detail})" if f.detail else "") for f in bad[:limit]]
         more = f"; ... and {len(bad) - limit} more" if len(bad) > limit else ""
@@ -86,65 +110,103 @@ class AuditReport:
 
 
 # ---------------------------------------------------------------------------- tensor checks
-def _check_one(name: str, t: torch.Tensor, record: Mapping[str, Any], shape: list[int],
-               base: torch.Tensor | None, tolerance: float | None) -> Finding:
+def _max_diff(t: torch.Tensor, b: torch.Tensor) -> float:
+    return float((t.double() - b.detach().cpu().double()).abs().max()) if t.numel() else 0.0
+
+
+def _sketch_distance(t: torch.Tensor, record: Mapping[str, Any], spec: Mapping[str, Any]) -> float:
+    """Estimated ||t - base||_2 / ||base||_2 from the guard's value sketch of the base."""
+    ours = torch.tensor(tensor_sketch(t, k=spec["k"], seed=spec["seed"]), dtype=torch.float64)
+    theirs = torch.tensor(record["sketch"], dtype=torch.float64)
+    return float((ours - theirs).pow(2).sum().sqrt()) / max(float(record["norm"]), 1e-12)
+
+
+def _check_one(name: str, t: torch.Tensor, record: Mapping[str, Any], shape: list[int], guard: Guard,
+               base: Any, tolerance: float | None) -> Finding:
     if list(t.shape) != list(shape):
         return Finding(name, "shape", f"shape {list(t.shape)}, guard expects {shape}")
     t = t.detach().cpu()
+    match = record_match(t, record)
+    if match == "ok_lower_precision":
+        return Finding(name, match, f"stored as {dtype_name(t.dtype)}; equals the base ({record['dtype']}) rounded "
+                                    f"to {dtype_name(t.dtype)}")
+    if match is not None:
+        return Finding(name, match)
     got, want = dtype_name(t.dtype), record["dtype"]
-    digests = record["digests"]
-    if got in digests and tensor_digest(t) == digests[got]:
-        if _PRECISION.get(got, 0) < _PRECISION.get(want, 0):
-            return Finding(name, "ok_lower_precision", f"stored as {got}; equals the base ({want}) rounded to {got}")
-        return Finding(name, "ok")
-    if _PRECISION.get(got, 0) > _PRECISION.get(want, 0) and want in digests:
-        # an upcast of the base (fp16 release, fp32 derivative) is unchanged iff it survives the round trip
-        down = t.to(getattr(torch, want))
-        if torch.equal(down.to(t.dtype), t) and tensor_digest(down) == digests[want]:
-            return Finding(name, "ok")
-    lower = _PRECISION.get(got, 0) < _PRECISION.get(want, 0)
+    lower = PRECISION.get(got, 0) < PRECISION.get(want, 0)
+    b = base(name) if base is not None else None
     if tolerance is not None:
-        if base is not None:
-            b = base.detach().cpu().double()
-            err = float((t.double() - b).abs().max()) if t.numel() else 0.0
-            scale = max(float(b.abs().max()) if b.numel() else 0.0, 1e-12)
+        if b is not None:
+            err = _max_diff(t, b)
+            scale = max(float(b.detach().abs().max()) if b.numel() else 0.0, 1e-12)
             if err <= tolerance * scale:
                 return Finding(name, "ok_within_tolerance", f"{got}; max |diff| {err:.3g} <= {tolerance:g} x max|base|")
             return Finding(name, "changed", f"{got}; max |diff| {err:.3g} > {tolerance:g} x max|base| {scale:.3g}")
+        if guard.sketch is not None and "sketch" in record:
+            rel = _sketch_distance(t, record, guard.sketch)
+            how = (f"relative L2 distance from the base ~{rel:.3g}, estimated from the guard's "
+                   f"{guard.sketch['k']}-bucket value sketch")
+            if rel <= tolerance:
+                return Finding(name, "ok_within_tolerance", f"{got}; {how} <= {tolerance:g}")
+            return Finding(name, "changed", f"{got}; {how} > {tolerance:g}")
         norm = float(t.double().norm())
-        ref = record["norm"]
+        ref = float(record["norm"])
+        how = (f"norm {norm:.6g} vs base {ref:.6g} (norm only: this guard file has no value sketches; pass --base "
+               "for an elementwise check)")
         if abs(norm - ref) <= tolerance * max(ref, 1e-12):
-            return Finding(name, "ok_within_tolerance",
-                           f"{got}; norm {norm:.6g} vs base {ref:.6g} (norm only: pass --base for an elementwise check)")
-        return Finding(name, "changed", f"{got}; norm {norm:.6g} vs base {ref:.6g}")
-    if base is not None:
-        err = float((t.double() - base.detach().cpu().double()).abs().max()) if t.numel() else 0.0
-        detail = f"{got}; max |diff| from base {err:.3g}"
-    else:
-        detail = f"{got}; content digest differs from the guard's record"
+            return Finding(name, "ok_within_tolerance", f"{got}; {how}")
+        return Finding(name, "changed", f"{got}; {how}")
+    detail = f"{got}; max |diff| from base {_max_diff(t, b):.3g}" if b is not None else \
+        f"{got}; content digest differs from the guard's record"
     if lower:
         detail += f" (stored in {got}, lower than the base's {want}: use a tolerance to accept rounding)"
     return Finding(name, "changed", detail)
 
 
+def _checked_base(guard: Guard, base: Mapping[str, torch.Tensor], label: str):  # type: ignore[no-untyped-def]
+    """A lookup into the base that first proves each tensor it returns is the guard's base tensor: a base
+    that is not the guard's base would make any derivative "within tolerance" of itself."""
+    def get(name: str) -> torch.Tensor:
+        if name not in base:
+            raise AuditError(f"{label}: the base lacks frozen tensor {name!r}")
+        b = base[name]
+        shape = guard.fingerprint["tensors"][name][0]
+        if list(b.shape) != list(shape) or record_match(b, guard.tensors[name]) is None:
+            raise AuditError(f"{label}: base tensor {name!r} does not match the guard's record (shape "
+                             f"{list(b.shape)}, {dtype_name(b.dtype)}): this is not the base the guard was made for")
+        return b
+    return get
+
+
 def check_tensors(guard: Guard, tensors: Mapping[str, torch.Tensor], *, base: Mapping[str, torch.Tensor] | None = None,
-                  tolerance: float | None = None, derivative: str = "<in memory>") -> AuditReport:
-    """Check every frozen tensor of `guard` in `tensors` (a UNet state dict, possibly lazy)."""
+                  tolerance: float | None = None, derivative: str = "<in memory>", base_label: str = "base") -> AuditReport:
+    """Check every frozen tensor of `guard` in `tensors` (a UNet state dict, possibly lazy). A `base` is used
+    only where a tensor differs from the record, and each base tensor used is first checked against the record."""
+    _check_tolerance(tolerance)
     report = AuditReport(derivative, "unet", guard.fingerprint["digest"], checked=len(guard.frozen))
     shapes = guard.fingerprint["tensors"]
+    lookup = _checked_base(guard, base, base_label) if base is not None else None
     for name in guard.frozen:
         if name not in tensors:
             report.findings.append(Finding(name, "missing", "frozen tensor absent from the derivative"))
             continue
-        b = base[name] if base is not None and name in base else None
-        report.findings.append(_check_one(name, tensors[name], guard.tensors[name], shapes[name][0], b, tolerance))
+        report.findings.append(_check_one(name, tensors[name], guard.tensors[name], shapes[name][0], guard,
+                                          lookup, tolerance))
     unknown = [n for n in tensors if n not in shapes]
     if unknown:
         report.notes.append(f"{len(unknown)} tensor(s) not in the guard's base model, e.g. {sorted(unknown)[:3]}")
+    if tolerance is not None and base is None and guard.sketch is None:
+        report.notes.append("this guard file predates value sketches: without --base, --tolerance compared norms "
+                            "only (a negated or permuted tensor keeps its norm); pass --base for a real check")
     return report
 
 
-# ---------------------------------------------------------------------------- LoRA checks
+def _check_tolerance(tolerance: float | None) -> None:
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise AuditError(f"tolerance must be a finite number >= 0, got {tolerance}")
+
+
+# ---------------------------------------------------------------------------- adapter checks
 def frozen_modules(guard: Guard) -> dict[str, list[str]]:
     """Module name -> its frozen tensors (a module owns `module.weight`, `module.bias`, ...)."""
     owners: dict[str, list[str]] = {}
@@ -152,6 +214,24 @@ def frozen_modules(guard: Guard) -> dict[str, list[str]]:
         module, _, _ = name.rpartition(".")
         owners.setdefault(module, []).append(name)
     return owners
+
+
+def _adapter_key(key: str, modules: set[str], kohya: Mapping[str, str]) -> tuple[str | None, str]:
+    """(UNet module the key adapts or None, the adapter part: lora_A, lora.up, alpha, ...)."""
+    m = _KOHYA.match(key)
+    if m:
+        return kohya.get(m.group("head")), m.group("part")
+    m = _LORA_KEY.match(key)
+    if not m:
+        return None, ""
+    module = m.group("module")
+    if module not in modules:
+        module = module.replace(".default", "")
+    return (module if module in modules else None), m.group("part")
+
+
+def is_adapter_key(key: str) -> bool:
+    return bool(_KOHYA.match(key) or _LORA_KEY.match(key))
 
 
 def lora_modules(keys: list[str], guard: Guard) -> tuple[dict[str, list[str]], list[str], list[str]]:
@@ -164,122 +244,323 @@ def lora_modules(keys: list[str], guard: Guard) -> tuple[dict[str, list[str]], l
         if key.startswith(_TEXT_ENCODER_PREFIXES):
             text.append(key)
             continue
-        head = key.split(".", 1)[0]
-        if head.startswith("lora_unet_"):
-            module = kohya.get(head)
-        else:
-            m = _LORA_KEY.match(key)
-            module = m.group("module") if m else None
-            if module is not None and module not in modules:
-                module = module.replace(".default", "")
-        if module is None or module not in modules:
+        module, _ = _adapter_key(key, modules, kohya)
+        if module is None:
             unknown.append(key)
         else:
             found.setdefault(module, []).append(key)
     return found, text, unknown
 
 
-def check_lora(guard: Guard, keys: list[str], *, derivative: str = "<in memory>") -> AuditReport:
+def _shape_problem(part: str, shape: list[int], weight: list[int], rank: int | None) -> str | None:
+    """What a `part` tensor of a LoRA on a Linear/Conv2d module with weight shape `weight` must look like (peft
+    and kohya: down/A is [r, in, *kernel], up/B is [out, r, 1, 1...], alpha one number, DoRA magnitude [out])."""
+    if part in _DOWN:
+        if len(shape) != len(weight) or shape[1:2] != weight[1:2] or (len(weight) > 2 and shape[2:] != weight[2:]):
+            return f"down/A must be [rank, {', '.join(map(str, weight[1:]))}]"
+    elif part in _UP:
+        ones = [1] * (len(weight) - 2)
+        if len(shape) != len(weight) or shape[0] != weight[0] or shape[2:] != ones or (rank is not None and shape[1] != rank):
+            return f"up/B must be [{weight[0]}, {rank if rank is not None else 'rank'}{''.join(', 1' for _ in ones)}]"
+    elif part == "alpha":
+        if math.prod(shape) != 1:
+            return "alpha must be one number"
+    elif part == "lora_magnitude_vector" and math.prod(shape) != weight[0]:
+        return f"the magnitude vector must hold {weight[0]} values"
+    return None
+
+
+def check_lora(guard: Guard, keys: list[str], *, shapes: Mapping[str, list[int]] | None = None,
+               derivative: str = "<in memory>") -> AuditReport:
+    """Check adapter keys (and, given `shapes`, their shapes) against `guard`: no adapter on a module owning a
+    frozen tensor, none on the text encoder unless the guard allows training it, every key naming a module of
+    the guarded UNet with the shape an adapter of that module has."""
     found, text, unknown = lora_modules(keys, guard)
     owners = frozen_modules(guard)
     report = AuditReport(derivative, "lora", guard.fingerprint["digest"], checked=len(found))
+    fp = guard.fingerprint["tensors"]
+    modules = {n.rpartition(".")[0] for n in guard.names}
+    kohya = {"lora_unet_" + m.replace(".", "_"): m for m in modules}
     for module in sorted(found):
         if module in owners:
             report.findings.append(Finding(module, "adapter_on_frozen",
                                            f"adapter on a module owning frozen tensor(s) {owners[module]}"))
+            continue
+        problems = []
+        weight = fp.get(f"{module}.weight", [None])[0]
+        if shapes is not None and weight is not None:
+            parts = {key: _adapter_key(key, modules, kohya)[1] for key in found[module]}
+            ranks = {shapes[k][0] for k, p in parts.items() if p in _DOWN and shapes[k]}
+            rank = next(iter(ranks)) if len(ranks) == 1 else None
+            for key, part in sorted(parts.items()):
+                problem = _shape_problem(part, list(shapes[key]), list(weight), rank)
+                if problem:
+                    problems.append(f"{key} has shape {list(shapes[key])}; on {module} (weight {list(weight)}) {problem}")
+        if problems:
+            report.findings.append(Finding(module, "adapter_shape", "; ".join(problems[:3])))
         else:
             report.findings.append(Finding(module, "ok"))
     if unknown:
-        report.findings.extend(Finding(k, "unrecognised", "LoRA key names no module of the guarded UNet") for k in unknown[:20])
-    if text:
-        report.notes.append(f"{len(text)} text-encoder adapter tensor(s): outside what a UNet guard covers")
+        report.findings.extend(Finding(k, "unrecognised", "adapter key names no module of the guarded UNet")
+                               for k in unknown[:20])
+    if text and not guard.allow_text_encoder:
+        # the same rule finetune enforces: a guard that keeps the text encoder frozen forbids adapting it
+        report.findings.append(Finding("text_encoder", "text_encoder_adapter",
+                                       f"{len(text)} text-encoder adapter tensor(s), e.g. {text[:2]}; this guard keeps "
+                                       "the text encoder frozen (allow_text_encoder is false)"))
+    elif text:
+        report.notes.append(f"{len(text)} text-encoder adapter tensor(s): allowed by this guard (allow_text_encoder)")
     return report
 
 
-# ---------------------------------------------------------------------------- derivatives on disk
+# ---------------------------------------------------------------------------- files on disk
 class _LazyTensors(Mapping[str, torch.Tensor]):
-    """A read-only mapping over one or more safetensors files; tensors load on access."""
+    """A read-only mapping over one or more safetensors files; tensors load on access. A key held by two
+    files is recorded in `duplicates` (which one a loader keeps depends on the loader)."""
 
-    def __init__(self, files: list[Path], strip_prefix: str = "") -> None:
+    def __init__(self, files: list[Path], rename: Mapping[str, str] | None = None) -> None:
         from safetensors import safe_open
 
-        self._handles = []
         self._where: dict[str, tuple[Any, str]] = {}
+        self.duplicates: list[str] = []
         for f in files:
             try:
                 h = safe_open(str(f), framework="pt")
+                keys = list(h.keys())
             except Exception as exc:  # safetensors raises its own error types for corrupt headers
                 raise AuditError(f"{f}: not a readable safetensors file ({exc})") from exc
-            self._handles.append(h)
-            for key in h.keys():
-                name = key[len(strip_prefix):] if strip_prefix and key.startswith(strip_prefix) else key
+            for key in keys:
+                name = (rename or {}).get(key, key)
+                if name in self._where:
+                    self.duplicates.append(name)
                 self._where[name] = (h, key)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         h, key = self._where[name]
         return h.get_tensor(key)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def shape(self, name: str) -> list[int]:
+        h, key = self._where[name]
+        return list(h.get_slice(key).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
 
 
-def _keys(files: list[Path]) -> list[str]:
-    return list(_LazyTensors(files))
+@dataclass
+class _Target:
+    """One set of files a loader reads as one state dict."""
+
+    label: str
+    files: list[Path]
 
 
-def _is_lora(keys: list[str]) -> bool:
-    return any("lora" in k.lower() for k in keys)
+def _unet_targets(folder: Path, prefix: str) -> tuple[list[_Target], set[Path], list[Finding]]:
+    """What diffusers' `ModelMixin.from_pretrained(folder[, variant=v])` reads, for every variant present:
+    the sharded index when it exists, else the single file. Returns targets, files they use, findings."""
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    variants: list[str | None] = [None]
+    for n in sorted(names):
+        m = _VARIANT.match(n) or _VARIANT_INDEX.match(n)
+        v = m and (m.groupdict().get("v") or m.groupdict().get("legacy"))
+        if v and v not in variants and "index" not in v:
+            variants.append(v)
+    targets, used, findings = [], set(), []
+    for v in variants:
+        index_names = [UNET_INDEX] if v is None else [f"diffusion_pytorch_model.safetensors.index.{v}.json",
+                                                      f"diffusion_pytorch_model.safetensors.{v}.index.json"]
+        index = next((folder / n for n in index_names if n in names), None)
+        single = UNET_WEIGHTS if v is None else f"diffusion_pytorch_model.{v}.safetensors"
+        if index is not None:
+            used.add(index)
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise AuditError(f"{index}: not a readable sharded-weights index ({exc})") from exc
+            files = []
+            for shard in shards:
+                path = folder / str(shard)
+                if not path.is_file():
+                    raise AuditError(f"{index}: names shard {shard!r}, which does not exist")
+                used.add(path)
+                if path.suffix != ".safetensors":
+                    findings.append(Finding(f"{prefix}{shard}", "unreadable",
+                                            "a shard a loader would read is not safetensors; it is never unpickled here"))
+                else:
+                    files.append(path)
+            if files:
+                targets.append(_Target(f"{prefix}{index.name}", files))
+        elif single in names:
+            used.add(folder / single)
+            targets.append(_Target(f"{prefix}{single}", [folder / single]))
+    return targets, used, findings
 
 
-def locate(path: str | Path) -> tuple[str, list[Path]]:
-    """('unet' | 'lora', safetensors files) for a derivative path, with errors naming what was expected."""
-    p = Path(path)
-    if not p.exists():
-        raise AuditError(f"{p}: does not exist")
-    if p.is_file():
-        if p.suffix != ".safetensors":
-            raise AuditError(f"{p}: only .safetensors files are read (pickled .bin/.ckpt/.pt files are never loaded)")
-        return ("lora" if _is_lora(_keys([p])) else "unet"), [p]
-    if (p / "model_index.json").is_file():
-        p = p / "unet"
-        if not p.is_dir():
-            raise AuditError(f"{p}: model directory has no unet/ folder")
-    for lora_name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors"):
-        if (p / lora_name).is_file():
-            return "lora", [p / lora_name]
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".ckpt", ".pt", ".pth"))
-        extra = f" (found {pickles}; pickles are never loaded)" if pickles else ""
-        raise AuditError(f"{p}: no .safetensors weights{extra}")
-    return ("lora" if _is_lora(_keys(files)) else "unet"), files
+def _resolve(path: Path) -> tuple[list[_Target], list[_Target], list[Finding], list[str]]:
+    """(UNet-named targets, adapter-named targets, findings, notes) for a derivative path."""
+    if not path.exists():
+        raise AuditError(f"{path}: does not exist")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise AuditError(f"{path}: only .safetensors files are read (pickled .bin/.ckpt/.pt files are never loaded)")
+        return [_Target(path.name, [path])], [], [], []
+    findings: list[Finding] = []
+    notes: list[str] = []
+    folders = [(path, "", True)]
+    if (path / "model_index.json").is_file():
+        try:
+            index = json.loads((path / "model_index.json").read_text())
+            entry = index.get("unet") if isinstance(index, dict) else None
+        except (OSError, ValueError) as exc:
+            raise AuditError(f"{path / 'model_index.json'}: not readable JSON ({exc})") from exc
+        if not (path / "unet").is_dir():
+            raise AuditError(f"{path}: model directory has no unet/ folder")
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in UNET_CLASSES and entry[0] == "diffusers"):
+            findings.append(Finding("model_index.json", "component",
+                                    f"unet is {entry!r}; a loader would build something other than diffusers' "
+                                    f"{'/'.join(UNET_CLASSES)}, so the audited weights are not what runs"))
+        folders = [(path, "", False), (path / "unet", "unet/", True)]
+        notes.append("components other than the UNet (text encoder, VAE, ...) are not covered by a UNet guard "
+                     "and were not checked")
+    unet_targets: list[_Target] = []
+    adapters: list[_Target] = []
+    for folder, prefix, holds_unet in folders:
+        # the root of a model directory holds no UNet (a loader reads unet/): its weight files are findings
+        targets, used, found = _unet_targets(folder, prefix) if holds_unet else ([], set(), [])
+        unet_targets += targets
+        findings += found
+        for name in ADAPTER_WEIGHTS:
+            if (folder / name).is_file():
+                adapters.append(_Target(f"{prefix}{name}", [folder / name]))
+                used.add(folder / name)
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and p not in used and _WEIGHT_FILE.search(p.name):
+                why = ("pickled weights: never loaded here" if _PICKLE.search(p.name)
+                       else "not a name a loader reads for this folder")
+                findings.append(Finding(f"{prefix}{p.name}", "unreadable" if _PICKLE.search(p.name) else "unexpected_file",
+                                        f"{why}; a weight file beside the loaded weights is never a substitute for them"))
+    if not unet_targets and not adapters:
+        found = sorted(f.name for f in findings)
+        raise AuditError(f"{path}: no weights under a name a loader reads ({UNET_WEIGHTS} or a variant, "
+                         f"{UNET_INDEX}, {' or '.join(ADAPTER_WEIGHTS)})" + (f"; found {found}" if found else "")
+                         + "; to audit a file under another name, pass the file itself")
+    return unet_targets, adapters, findings, notes
+
+
+def _classify(keys: list[str], guard: Guard) -> tuple[dict[str, str], list[str], list[str]]:
+    """Split a file's keys: UNet tensors of the guarded model (key -> name; an optional 'unet.' prefix is
+    dropped), adapter keys, and other keys."""
+    names = set(guard.names)
+    unet, adapter, other = {}, [], []
+    for key in keys:
+        name = key[len("unet."):] if key.startswith("unet.") and key[len("unet."):] in names else key
+        if name in names:
+            unet[key] = name
+        elif is_adapter_key(key):
+            adapter.append(key)
+        else:
+            other.append(key)
+    return unet, adapter, other
+
+
+def _audit_target(target: _Target, guard: Guard, named_adapter: bool, base: Any, base_label: str,
+                  tolerance: float | None) -> AuditReport:
+    probe = _LazyTensors(target.files)
+    unet, adapter, other = _classify(list(probe), guard)
+    tensors = _LazyTensors(target.files, rename=unet)
+    findings: list[Finding] = []
+    if unet and adapter:
+        findings.append(Finding(target.label, "mixed_file",
+                                f"holds {len(unet)} UNet tensor(s) and {len(adapter)} adapter tensor(s), e.g. "
+                                f"{adapter[:2]}: neither a clean UNet nor a clean adapter; both parts are checked"))
+    for name in sorted(set(tensors.duplicates)):
+        findings.append(Finding(name, "duplicate", f"{target.label}: held twice; a loader keeps one of them"))
+    is_adapter = bool(adapter) and not unet
+    if not unet and not adapter and any(k.startswith("model.diffusion_model.") for k in other):
+        raise AuditError(f"{target.files[0]}: an original-LDM single-file checkpoint; convert it to the diffusers "
+                         "layout (diffusers' from_single_file, then save_pretrained) before auditing")
+    if is_adapter or (named_adapter and not unet):
+        report = check_lora(guard, adapter + other, shapes={k: probe.shape(k) for k in adapter + other},
+                            derivative=target.label)
+    else:
+        report = check_tensors(guard, _Subset(tensors, set(unet.values())), base=base, tolerance=tolerance,
+                               derivative=target.label, base_label=base_label)
+        if adapter:
+            lora = check_lora(guard, adapter, shapes={k: probe.shape(k) for k in adapter}, derivative=target.label)
+            report.findings += lora.findings
+            report.notes += lora.notes
+            report.checked += lora.checked
+            report.kind = "mixed"
+        if other:  # not a clean UNet: a UNet loader would ignore them, another loader might not
+            report.findings.append(Finding(target.label, "unrecognised",
+                                           f"{len(other)} key(s) that are neither UNet tensors of the guarded model "
+                                           f"nor adapter keys, e.g. {sorted(other)[:3]}"))
+        stored = {dtype_name(tensors[n].dtype) for n in guard.frozen[:1] if n in tensors}
+        if stored:
+            report.notes.append(f"{target.label}: stored as {', '.join(sorted(stored))}")
+    report.findings[:0] = findings
+    return report
+
+
+class _Subset(Mapping[str, torch.Tensor]):
+    """The UNet tensors of a lazy file mapping (its adapter and unknown keys left out)."""
+
+    def __init__(self, tensors: _LazyTensors, names: set[str]) -> None:
+        self._tensors, self._names = tensors, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _base_tensors(base: str | Path) -> Mapping[str, torch.Tensor]:
+    unets, adapters, _, _ = _resolve(Path(base))
+    default = [t for t in unets if t.label.endswith((UNET_WEIGHTS, UNET_INDEX))] or unets
+    if not default:
+        raise AuditError(f"{base}: the base must be a UNet or model directory, not an adapter")
+    keys = list(_LazyTensors(default[0].files))
+    strip = bool(keys) and all(k.startswith("unet.") for k in keys)
+    return _LazyTensors(default[0].files, rename={k: k[len("unet."):] for k in keys} if strip else None)
 
 
 def verify(derivative: str | Path, guard: Guard, *, base: str | Path | None = None,
            tolerance: float | None = None) -> AuditReport:
-    """Audit a derivative on disk against `guard`; see the module docstring for what it accepts."""
-    kind, files = locate(derivative)
-    if kind == "lora":
-        return check_lora(guard, _keys(files), derivative=str(derivative))
-    keys = _keys(files)
-    prefix = "unet." if keys and all(k.startswith("unet.") for k in keys) else ""
-    tensors = _LazyTensors(files, strip_prefix=prefix)
-    if not any(n in tensors for n in guard.names[:50]) and any(k.startswith("model.diffusion_model.") for k in keys):
-        raise AuditError(f"{derivative}: an original-LDM single-file checkpoint; convert it to the diffusers layout "
-                         "(diffusers' from_single_file, then save_pretrained) before auditing")
-    base_tensors = None
-    if base is not None:
-        bkind, bfiles = locate(base)
-        if bkind != "unet":
-            raise AuditError(f"{base}: the base must be a UNet or model directory, not a LoRA file")
-        bkeys = _keys(bfiles)
-        bprefix = "unet." if bkeys and all(k.startswith("unet.") for k in bkeys) else ""
-        base_tensors = _LazyTensors(bfiles, strip_prefix=bprefix)
-    report = check_tensors(guard, tensors, base=base_tensors, tolerance=tolerance, derivative=str(derivative))
-    dtypes = {dtype_name(tensors[n].dtype) for n in guard.frozen[:1] if n in tensors}
-    if dtypes:
-        report.notes.append(f"derivative stored as {', '.join(sorted(dtypes))}")
+    """Audit a derivative on disk against `guard`; see the module docstring for what it reads and how.
+
+    `base` (the guard's base model, checked tensor by tensor against the guard's record before use) and
+    `tolerance` accept frozen tensors that differ by rounding: with the base, max |diff| <= tolerance x
+    max |base| per tensor; without it, the relative L2 distance estimated from the guard's value sketch."""
+    _check_tolerance(tolerance)
+    path = Path(derivative)
+    try:
+        unets, adapters, findings, notes = _resolve(path)
+        base_map = _base_tensors(base) if base is not None else None
+        reports = [_audit_target(t, guard, False, base_map, str(base), tolerance) for t in unets]
+        reports += [_audit_target(t, guard, True, base_map, str(base), tolerance) for t in adapters]
+    except OSError as exc:  # unreadable folder or file: name it instead of a traceback
+        raise AuditError(f"{exc.filename or path}: cannot be read ({exc.strerror or exc})") from exc
+    if len(reports) == 1 and not findings:
+        report = reports[0]
+        report.derivative = str(derivative)
+        report.notes += notes
+        return report
+    kinds = {r.kind for r in reports}
+    kind = kinds.pop() if len(kinds) == 1 else ("mixed" if "mixed" in kinds else "unet+lora")
+    report = AuditReport(str(derivative), kind, guard.fingerprint["digest"], checked=sum(r.checked for r in reports),
+                         findings=list(findings), notes=list(notes))
+    for r in reports:
+        for f in r.findings:
+            report.findings.append(Finding(f.name, f.status, f"{r.derivative}: {f.detail}" if f.detail else r.derivative))
+        report.notes += [n if n.startswith(r.derivative) else f"{r.derivative}: {n}" for n in r.notes]
     return report

@@ -297,17 +297,37 @@ def planned_cells(profile: BenchProfile) -> list[tuple[str, float | None, bool]]
     return out
 
 
+BENCH_PRODUCTS = ("cells", "work", "relearn", "results.json", "results.md", "frontier.png", "curves.png")
+
+
 def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = None, recogniser: Any = None,
-              command: str | None = None, report_only: bool = False) -> dict[str, Any]:
+              command: str | None = None, report_only: bool = False, overwrite: bool = False,
+              claim_as: str = "bench", extra_products: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run (or resume) the grid into `out` and write the report. With `report_only`, nothing is computed: the
-    report covers the cells cached so far and lists the missing ones."""
-    from . import zoo
+    report covers the cells cached so far and lists the missing ones.
+
+    The run owns `out` (io.claim_output_dir): another run on it at the same time fails at once, and a
+    directory of a run with other cell settings is refused unless `overwrite`. A report-only run takes no
+    claim: it computes nothing and rewrites only the report files."""
     from .baselines import METHODS
+    from .io import claim_output_dir
 
     profile.validate(METHODS)
     out = Path(out)
+    identity = {"cell_settings": cell_settings(profile)}
+    with claim_output_dir(None if report_only else out, claim_as, identity, BENCH_PRODUCTS + extra_products,
+                          overwrite=overwrite):
+        return _run_bench(out, profile, model_loader=model_loader, recogniser=recogniser, command=command,
+                          report_only=report_only)
+
+
+def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recogniser: Any, command: str | None,
+               report_only: bool) -> dict[str, Any]:
+    from . import zoo
+
     cells_dir = out / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
+    if not report_only:
+        cells_dir.mkdir(parents=True, exist_ok=True)
     load = model_loader or zoo.load_base
     rec = recogniser or zoo.load_recogniser()
     cells: dict[str, Any] = {}
@@ -341,6 +361,7 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                 print(f"bench: {key} done: " + describe_cell(cell), flush=True)
     summary = summarise(cells, profile)
     summary["missing_cells"] = missing_cells
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", {"profile": profile.to_dict(), "cells": cells, "summary": summary})
     plot_frontier(summary, out / "frontier.png")
     plot_curves(summary, out / "curves.png")

@@ -57,7 +57,7 @@ class DemoConfig:
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, *, model_loader: Any = None,
-             recogniser: Any = None) -> dict[str, Any]:
+             recogniser: Any = None, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) the demo into `out`; returns the metrics written to out/report/metrics.json."""
     from .guard import Guard
     from .plots import plot_guard
@@ -66,7 +66,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, model_loader:
     out = Path(out)
     t0 = time.perf_counter()
     profile = cfg.profile()
-    summary = run_bench(out, profile, model_loader=model_loader, recogniser=recogniser, command="freezeasguard demo")
+    summary = run_bench(out, profile, model_loader=model_loader, recogniser=recogniser, command="freezeasguard demo",
+                        overwrite=overwrite, claim_as="demo", extra_products=("report",))
     cells = json.loads((out / "results.json").read_text())["cells"]
     report = out / "report"
     report.mkdir(exist_ok=True)

@@ -17,7 +17,7 @@ import torch
 from .audit import AuditReport, check_lora, check_tensors
 from .errors import FreezeAsGuardError
 from .guard import Guard, unet_tensors
-from .io import atomic_directory, atomic_write_json
+from .io import atomic_directory, atomic_write_json, canonical_digest, claim_output_dir
 from .model import DiffusionModel
 from .objective import DenoisingObjective, EncodedDataset
 from .seeding import STREAM_ADAPTER, derive_seed, seeded_global_rng
@@ -168,14 +168,26 @@ def finetune(
     output_dir: str | Path | None = None,
     accelerator: Any = None,
     callbacks: Sequence[TrainCallback] = (),
+    overwrite: bool = False,
 ) -> FinetuneResult:
     """Fine-tune `model` in place on `data` (a dataset of images and captions) under `guard`.
 
     Writes to `output_dir` (if given): checkpoints/ while training (rerun to resume), then `model/` (full)
     or `lora/pytorch_lora_weights.safetensors` (LoRA), `finetune.json` and `metrics.json`; nothing is
-    written if the post-training audit finds a frozen tensor changed.
+    written if the post-training audit finds a frozen tensor changed. The directory is owned by the run
+    (`io.claim_output_dir`): another configuration's results or foreign files there are refused unless
+    `overwrite`, and files the tool did not write are never deleted.
     """
     cfg = config or FinetuneConfig()
+    products = ("checkpoints", "metrics.json", "finetune.json", "guard.json", "model" if cfg.method == "full" else "lora")
+    identity = _run_identity(model, data, guard, cfg) if output_dir is not None else {}
+    with claim_output_dir(output_dir, "finetune", identity, products, overwrite=overwrite,
+                          main=getattr(accelerator, "is_main_process", None)):
+        return _finetune(model, data, guard, cfg, output_dir, accelerator, callbacks)
+
+
+def _finetune(model: DiffusionModel, data: Any, guard: Guard | None, cfg: FinetuneConfig,
+              output_dir: str | Path | None, accelerator: Any, callbacks: Sequence[TrainCallback]) -> FinetuneResult:
     unet = model.unet
     if guard is not None:
         guard.apply(unet)  # fingerprint and frozen values must match the guard's base
@@ -259,3 +271,16 @@ def _save(model: DiffusionModel, cfg: FinetuneConfig, guard: Guard | None, out: 
     if guard is not None:
         guard.save(out / "guard.json")
     return dest
+
+
+def _run_identity(model: DiffusionModel, data: Any, guard: Guard | None, cfg: FinetuneConfig) -> dict[str, Any]:
+    """What must be equal for a rerun into the same output directory to continue the earlier run."""
+    from .guard import fingerprint_of
+    from .training.config import RESUMABLE_CHANGES
+
+    config = cfg.to_dict()
+    config["train"] = {k: v for k, v in config["train"].items() if k not in RESUMABLE_CHANGES}
+    manifest = getattr(data, "manifest", None)
+    return {"config": config, "base": fingerprint_of(unet_tensors(model.unet))["digest"],
+            "guard": guard.digest() if guard is not None else None,
+            "data": canonical_digest(manifest()) if manifest is not None else {"items": len(data)}}

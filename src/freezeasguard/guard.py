@@ -5,12 +5,23 @@ A guard file is one JSON document (format `freezeasguard-guard`, version 1):
 - `frozen`: sorted UNet tensor names (as in `unet.named_parameters()`);
 - `fingerprint`: name -> [shape, dtype] of every UNet tensor of the base, and its digest, so a guard applied
   to another model fails loudly instead of freezing the wrong tensors (the authors' mask is 0/1 by position);
-- `tensors`: for each frozen tensor, SHA-256 digests of its bytes in float32, float16 and bfloat16 and its
-  L2 norm, so a derivative can be checked without the base weights, including one saved in lower precision;
+- `tensors`: for each frozen tensor, SHA-256 digests of its bytes in float32, float16 and bfloat16, its
+  L2 norm and a value sketch (below), so a derivative can be checked without the base weights, including one
+  saved in lower precision;
+- `sketch`: how the sketches were made: a count sketch (k signed bucket sums in float64, a sparse random
+  projection) whose buckets and signs come from SHAKE-256 of the seed and the tensor's size, so
+  `verify --tolerance` compares values, not norms, without the base (files written before sketches existed
+  lack it and fall back to norms);
 - `scores`: optional per-name soft scores (learned mask, importance) the frozen set was chosen from;
 - `ratio`: frozen fraction by tensor count and by parameter count;
-- `method`, `provenance` (config, data manifests, seeds, library versions), `created`;
+- `method`, `provenance` (config, data manifests, seeds, library versions), `created`, `allow_text_encoder`;
 - `checksum`: SHA-256 of the canonical JSON of everything else; a corrupted or hand-edited file is refused.
+
+One rule for "is this the base": names and shapes must match, floating dtypes may differ (precision is
+storage, not identity), and every frozen tensor must equal the recorded base at its own precision: bit for bit,
+the base rounded to a lower-precision float (float16/bfloat16), or an exact upcast of it. `Guard.apply` and the
+auditor (`audit.verify`) both use `record_match`, so a model loaded in float16 is accepted by one exactly when
+the other accepts a float16 derivative.
 """
 
 from __future__ import annotations
@@ -33,6 +44,13 @@ GUARD_FORMAT = "freezeasguard-guard"
 GUARD_VERSION = 1
 CAST_DTYPES = ("float32", "float16", "bfloat16")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# Bits of mantissa+exponent, to tell a tensor stored in lower precision from one that changed.
+PRECISION = {"float64": 64, "float32": 32, "bfloat16": 16, "float16": 16, "float8_e4m3fn": 8, "float8_e5m2": 8}
+# The value sketch stored per frozen tensor (see the module docstring). 16 buckets estimate the L2 distance of
+# a derivative's tensor from the base within about +-25% (chi distribution with 16 degrees of freedom), which
+# separates rounding (relative error ~1e-3) from a real change (~1) by orders of magnitude. k is a power of two
+# up to 128 (one hash byte per element: 7 bits of bucket, 1 of sign).
+SKETCH = {"method": "count-sketch/shake256", "k": 16, "seed": 0}
 
 
 class GuardError(FreezeAsGuardError, ValueError):
@@ -52,15 +70,53 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def tensor_sketch(t: torch.Tensor, *, k: int = SKETCH["k"], seed: int = SKETCH["seed"]) -> list[float]:
+    """A count sketch of `t` in float64: element i adds s_i x_i to bucket h_i (h_i in [0, k), s_i = +-1), both
+    read from one byte of SHAKE-256 of (seed, numel) per element.
+
+    sqrt(sum_j (sketch_j(a) - sketch_j(b))^2) estimates ||a - b||_2 without either tensor at hand (exactly for
+    a change in one element; within about +-25% for a change spread over many). The hash, not a library RNG,
+    makes the buckets, so any release of any library recomputes the same sketch, in one pass over the tensor.
+    The seed is public (it is in the guard file): someone who wants to fool a tolerance check can craft a
+    change the sketch misses, which is why the exact digest check, not the tolerance, is what a guard certifies.
+    """
+    import numpy as np
+
+    x = t.detach().cpu().reshape(-1).to(torch.float64, copy=True).numpy()  # a private copy, negated in place
+    stream = hashlib.shake_256(f"freezeasguard-sketch|{seed}|{x.size}".encode()).digest(x.size)
+    byte = np.frombuffer(stream, dtype=np.uint8)
+    np.negative(x, out=x, where=byte >= 128)
+    return np.bincount(byte & (k - 1), weights=x, minlength=k).tolist()
+
+
 def tensor_record(t: torch.Tensor) -> dict[str, Any]:
-    """What a guard stores per frozen tensor: digests of its value cast to each float dtype, and its norm."""
+    """What a guard stores per frozen tensor: digests of its value cast to each float dtype, its norm and its
+    value sketch."""
     t = t.detach().cpu()
     record: dict[str, Any] = {"dtype": dtype_name(t.dtype), "norm": float(t.double().norm())}
     if t.is_floating_point():
         record["digests"] = {name: tensor_digest(t.to(_DTYPES[name])) for name in CAST_DTYPES}
     else:
         record["digests"] = {dtype_name(t.dtype): tensor_digest(t)}
+    record["sketch"] = tensor_sketch(t)
     return record
+
+
+def record_match(t: torch.Tensor, record: Mapping[str, Any]) -> str | None:
+    """The one rule for "is this the recorded base tensor": 'ok' when `t` equals it bit for bit in the base's
+    dtype (or is an exact upcast of it), 'ok_lower_precision' when `t` is the base rounded to a lower-precision
+    float dtype, None otherwise (shape is checked by the caller)."""
+    t = t.detach().cpu()
+    got, want = dtype_name(t.dtype), record["dtype"]
+    digests = record["digests"]
+    if got in digests and tensor_digest(t) == digests[got]:
+        return "ok_lower_precision" if PRECISION.get(got, 0) < PRECISION.get(want, 0) else "ok"
+    if PRECISION.get(got, 0) > PRECISION.get(want, 0) and want in digests:
+        # an upcast of the base (fp16 release, fp32 derivative) is unchanged iff it survives the round trip
+        down = t.to(getattr(torch, want))
+        if torch.equal(down.to(t.dtype), t) and tensor_digest(down) == digests[want]:
+            return "ok"
+    return None
 
 
 def fingerprint_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -107,6 +163,8 @@ class Guard:
     # The guard covers the UNet. The publisher's path keeps the text encoder frozen unless this says
     # otherwise (a trainable text encoder is how textual-inversion-like bypasses would get in).
     allow_text_encoder: bool = False
+    # How the per-tensor value sketches were made; None for files written before sketches existed.
+    sketch: dict[str, Any] | None = field(default_factory=lambda: dict(SKETCH))
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -171,12 +229,16 @@ class Guard:
         total = sum(self.numel(n) for n in self.names)
         return sum(self.numel(n) for n in self.frozen) / total
 
-    def is_frozen(self, name: str) -> bool:
-        return name in self._frozen_set
-
     @property
     def _frozen_set(self) -> frozenset[str]:
         return frozenset(self.frozen)
+
+    def digest(self) -> str:
+        """SHA-256 of what this guard enforces (base fingerprint, frozen names and their records, the text
+        encoder rule), not of when or how it was made: equal digests freeze the same tensors to the same values."""
+        body = {"fingerprint": self.fingerprint["digest"], "frozen": list(self.frozen), "tensors": self.tensors,
+                "allow_text_encoder": self.allow_text_encoder}
+        return _checksum(body)
 
     def per_block(self, depth: int = 2) -> list[dict[str, Any]]:
         rows: dict[str, dict[str, Any]] = {}
@@ -211,30 +273,44 @@ class Guard:
             if self.tensors[n]["digests"] != other.tensors[n]["digests"]:
                 raise GuardError(f"cannot {op} guards whose frozen tensor {n!r} has different values")
 
-    def _combine(self, other: Guard, names: set[str], op: str) -> Guard:
+    def _combine(self, other: Guard, names: set[str], op: str, allow_text_encoder: bool) -> Guard:
         records = {**other.tensors, **self.tensors}
-        return Guard(frozen=tuple(sorted(names)), fingerprint=self.fingerprint,
-                     tensors={n: records[n] for n in sorted(names)}, method=op, scores=None,
-                     provenance={"op": op, "of": [self.summary(), other.summary()]},
-                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        tensors = {n: dict(records[n]) for n in sorted(names)}
+        sketch = self.sketch
+        if self.sketch != other.sketch:  # sketches made two ways (or one guard predates them): keep none
+            sketch = None
+            for record in tensors.values():
+                record.pop("sketch", None)
+        return Guard(frozen=tuple(sorted(names)), fingerprint=self.fingerprint, tensors=tensors, method=op,
+                     scores=None, provenance={"op": op, "of": [self.summary(), other.summary()]},
+                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                     allow_text_encoder=allow_text_encoder, sketch=sketch)
 
+    # The text encoder is one more frozen-or-not unit: the union freezes it if either guard does, the
+    # intersection only if both do.
     def union(self, other: Guard) -> Guard:
         self._same_base(other, "union")
-        return self._combine(other, set(self.frozen) | set(other.frozen), "union")
+        return self._combine(other, set(self.frozen) | set(other.frozen), "union",
+                             self.allow_text_encoder and other.allow_text_encoder)
 
     def intersection(self, other: Guard) -> Guard:
         self._same_base(other, "intersect")
-        return self._combine(other, set(self.frozen) & set(other.frozen), "intersection")
+        return self._combine(other, set(self.frozen) & set(other.frozen), "intersection",
+                             self.allow_text_encoder or other.allow_text_encoder)
 
-    def diff(self, other: Guard) -> dict[str, list[str]]:
-        """Names frozen only here, only in `other`, and in both."""
+    def diff(self, other: Guard) -> dict[str, Any]:
+        """Names frozen only here, only in `other`, and in both; and whether each lets the text encoder train."""
         self._same_base(other, "diff")
         a, b = set(self.frozen), set(other.frozen)
-        return {"only_self": sorted(a - b), "only_other": sorted(b - a), "both": sorted(a & b)}
+        return {"only_self": sorted(a - b), "only_other": sorted(b - a), "both": sorted(a & b),
+                "allow_text_encoder": [self.allow_text_encoder, other.allow_text_encoder]}
 
     # -------------------------------------------------------------- model checks
     def check_fingerprint(self, unet: Any) -> None:
-        """Raise GuardError naming the tensors that differ if `unet` is not the model this guard was made for."""
+        """Raise GuardError naming the tensors that differ if `unet` is not the model this guard was made for.
+
+        Names and shapes must match; a floating dtype may differ (a model loaded in float16 is the same model:
+        its values are checked against the record by `apply`, with the rule the auditor uses)."""
         tensors = _tensors(unet)
         ours = self.fingerprint["tensors"]
         theirs = fingerprint_of(tensors)["tensors"]
@@ -242,7 +318,9 @@ class Guard:
             return
         missing = sorted(set(ours) - set(theirs))
         extra = sorted(set(theirs) - set(ours))
-        shape = sorted(n for n in set(ours) & set(theirs) if ours[n] != theirs[n])
+        shape = sorted(n for n in set(ours) & set(theirs) if not _same_entry(ours[n], theirs[n]))
+        if not (missing or extra or shape):
+            return
         parts = []
         if missing:
             parts.append(f"{len(missing)} guard tensor(s) missing from the model, e.g. {missing[:5]}")
@@ -256,12 +334,11 @@ class Guard:
         """Check the fingerprint and the frozen values, turn off requires_grad on frozen tensors, and return
         the names left trainable."""
         self.check_fingerprint(unet)
-        from .audit import check_tensors
-
-        report = check_tensors(self, _tensors(unet))
-        if not report.compliant:
-            raise GuardError("the model's frozen tensors differ from the guard's record, so it is not the base this "
-                             "guard was made for: " + report.describe(limit=5))
+        tensors = _tensors(unet)
+        differ = [n for n in self.frozen if record_match(tensors[n], self.tensors[n]) is None]
+        if differ:
+            raise GuardError(f"the model's frozen tensors differ from the guard's record, so it is not the base this "
+                             f"guard was made for: {len(differ)} tensor(s), e.g. {differ[:5]}")
         trainable = []
         for name, p in unet_tensors(unet).items():
             frozen = name in self._frozen_set
@@ -285,6 +362,8 @@ class Guard:
             "provenance": self.provenance,
             "allow_text_encoder": self.allow_text_encoder,
         }
+        if self.sketch is not None:
+            body["sketch"] = self.sketch
         body["checksum"] = _checksum(body)
         return body
 
@@ -332,13 +411,44 @@ class Guard:
         scores = data.get("scores")
         if scores is not None and (not isinstance(scores, dict) or set(scores) != set(names)):
             raise bad("'scores' must give one score per UNet tensor")
+        sketch = data.get("sketch")
+        if sketch is not None and not (isinstance(sketch, dict) and sketch.get("method") == SKETCH["method"]
+                                       and sketch.get("k") in (1, 2, 4, 8, 16, 32, 64, 128)
+                                       and isinstance(sketch.get("seed"), int)):
+            raise bad(f"'sketch' must be {{'method': {SKETCH['method']!r}, 'k': a power of two <= 128, 'seed': int}}")
+        for name, record in data["tensors"].items():
+            problem = _record_problem(record, sketch)
+            if problem:
+                raise bad(f"record of frozen tensor {name!r}: {problem}")
         guard = cls(frozen=tuple(data["frozen"]), fingerprint=fp, tensors=data["tensors"], method=data.get("method", "?"),
                     scores=scores, provenance=data["provenance"], created=data.get("created", ""),
-                    allow_text_encoder=bool(data.get("allow_text_encoder", False)))
+                    allow_text_encoder=bool(data.get("allow_text_encoder", False)), sketch=sketch)
         for key, value in (("by_count", guard.ratio_by_count), ("by_params", guard.ratio_by_params)):
             if not math.isclose(float(data["ratio"].get(key, -1)), value, rel_tol=1e-9, abs_tol=1e-12):
                 raise bad(f"recorded ratio {key}={data['ratio'].get(key)} does not match the frozen list ({value})")
         return guard
+
+
+def _record_problem(record: Any, sketch: Mapping[str, Any] | None) -> str | None:
+    if not isinstance(record, dict) or not isinstance(record.get("dtype"), str):
+        return "not an object with a 'dtype'"
+    if not isinstance(record.get("digests"), dict) or not record["digests"]:
+        return "no 'digests'"
+    if not isinstance(record.get("norm"), (int, float)):
+        return "no 'norm'"
+    values = record.get("sketch")
+    if sketch is None:
+        return "a 'sketch' without the file's 'sketch' parameters" if values is not None else None
+    if not (isinstance(values, list) and len(values) == sketch["k"]
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+        return f"'sketch' must be {sketch['k']} finite numbers"
+    return None
+
+
+def _same_entry(ours: list[Any], theirs: list[Any]) -> bool:
+    """Fingerprint entries [shape, dtype] name the same tensor if the shapes match and the dtypes are equal or
+    both floating (precision is storage, not identity)."""
+    return list(ours[0]) == list(theirs[0]) and (ours[1] == theirs[1] or (ours[1] in PRECISION and theirs[1] in PRECISION))
 
 
 def fingerprint_digest(entries: Mapping[str, Any]) -> str:

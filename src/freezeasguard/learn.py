@@ -55,7 +55,7 @@ import torch
 
 from .data import collate_examples
 from .guard import Guard, fingerprint_of, select_top, tensor_record
-from .io import atomic_write_json
+from .io import atomic_write_json, canonical_digest, claim_output_dir
 from .objective import DenoisingObjective, EncodedDataset
 from .seeding import derive_seed
 from .training import TrainCallback, TrainConfig, TrainContext, TrainResult, train
@@ -537,14 +537,44 @@ def learn_mask(objective: torch.nn.Module, params: dict[str, torch.nn.Parameter]
 
 def learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | None = None, *,
                 output_dir: str | Path | None = None, warm_start_model: Any = None, accelerator: Any = None,
-                provenance: dict[str, Any] | None = None) -> Guard:
+                provenance: dict[str, Any] | None = None, overwrite: bool = False) -> Guard:
     """Learn a guard for `model` (a DiffusionModel holding the base weights) from the publisher's illegal and
     legal image-caption datasets. The model's UNet is left at theta(m); reload the base to release it.
 
     With `output_dir`: warm-start and learning checkpoints (rerun to resume), guard.json, learn.json
     (config, per-mask-step history, ranking check, timing), learn.png (the history's ratios, polarisation,
     temperature and losses per mask step) and mask.png (the freeze per UNet block).
+    The directory is owned by the run (`io.claim_output_dir`): a rerun with another configuration, data or
+    provenance is refused unless `overwrite` (it would otherwise resume the old run and write a guard whose
+    provenance lies).
     """
+    cfg = config or LearnConfig()
+    identity = _run_identity(model, illegal, legal, cfg, warm_start_model, provenance) if output_dir is not None else {}
+    products = ("guard.json", "learn.json", "learn.png", "mask.png", "warm-start", "mask-learning")
+    with claim_output_dir(output_dir, "learn", identity, products, overwrite=overwrite,
+                          main=getattr(accelerator, "is_main_process", None)):
+        return _learn_guard(model, illegal, legal, cfg, output_dir=output_dir, warm_start_model=warm_start_model,
+                            accelerator=accelerator, provenance=provenance)
+
+
+def _run_identity(model: Any, illegal: Any, legal: Any, cfg: LearnConfig, warm_start_model: Any,
+                  provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """What must be equal for a rerun into the same output directory to continue the earlier run."""
+    from .guard import unet_tensors
+    from .training.config import RESUMABLE_CHANGES
+
+    config = cfg.to_dict()
+    for key in ("user", "warm_start"):
+        config[key] = {k: v for k, v in config[key].items() if k not in RESUMABLE_CHANGES}
+    warm = fingerprint_of(unet_tensors(warm_start_model.unet))["digest"] if warm_start_model is not None else None
+    return {"config": config, "base": fingerprint_of(unet_tensors(model.unet))["digest"], "warm_start_model": warm,
+            "illegal": canonical_digest(_manifest(illegal)), "legal": canonical_digest(_manifest(legal)),
+            "provenance": provenance or {}}
+
+
+def _learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | None = None, *,
+                 output_dir: str | Path | None = None, warm_start_model: Any = None, accelerator: Any = None,
+                 provenance: dict[str, Any] | None = None) -> Guard:
     from .guard import unet_tensors
     from .plots import plot_guard, plot_learning
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from . import _fail, _offline, app
-from .options import DebugOpt, OutOpt
+from .options import DebugOpt, OutOpt, OverwriteOpt
 
 
 @app.command()
@@ -26,6 +26,7 @@ def bench(
     n_samples: Annotated[int | None, typer.Option(help="Samples per domain at the budgets instead of the profile's.", min=1)] = None,
     curve: Annotated[list[str] | None, typer.Option(help="Replace the profile's curve cells (repeat): METHOD or METHOD@RATIO.")] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Compute nothing: report the cached cells and list the missing ones.")] = False,
+    overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Scenarios x methods x ratios x seeds; resumable; writes results.md, results.json, frontier.png, curves.png."""
@@ -39,7 +40,8 @@ def bench(
     p = replace_profile(PROFILES[profile], scenarios=scenario, methods=method, seeds=seed, ratios=ratio, steps=steps,
                         legal_steps=legal_steps, lr=lr, batch_size=batch_size, n_samples=n_samples, curve_cells=curve)
     try:
-        run_bench(out, p, command="freezeasguard " + " ".join(sys.argv[1:]), report_only=report_only)
+        run_bench(out, p, command="freezeasguard " + " ".join(sys.argv[1:]), report_only=report_only,
+                  overwrite=overwrite)
     except (ValueError, OSError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"wrote {out / 'results.md'}")

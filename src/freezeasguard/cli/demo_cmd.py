@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from . import _fail, _offline, app
-from .options import BatchSizeOpt, DebugOpt, LrOpt, OutOpt, RatioByOpt, RatioOpt, SeedOpt, StepsOpt
+from .options import (BatchSizeOpt, DebugOpt, LrOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt,
+                      StepsOpt)
 
 
 @app.command()
@@ -25,6 +26,7 @@ def demo(
     lr: LrOpt = 1e-4,
     batch_size: BatchSizeOpt = 32,
     n_samples: Annotated[int, typer.Option(help="Samples per model and domain.", min=1)] = 100,
+    overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Teach the base the protected figures, unlearn them, guard the release, let an illegal and a legal user
@@ -39,7 +41,7 @@ def demo(
     try:
         cfg = DemoConfig(scenario=scenario, ratio=ratio, ratio_by=ratio_by, seed=seed, steps=steps, legal_steps=legal_steps, lr=lr,
                          batch_size=batch_size, n_samples=n_samples)
-        result = run_demo(out, cfg)
+        result = run_demo(out, cfg, overwrite=overwrite)
     except (ValueError, OSError) as exc:
         raise _fail(exc) from exc
     table = Table(title=f"freezeasguard demo ({scenario}, ratio {ratio}, seed {seed})")

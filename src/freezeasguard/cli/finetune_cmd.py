@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from . import _offline, app, frozen_shares, load_model_arg
-from .options import (choice, BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, MaybeGuardOpt, ModelOpt, OutOpt, PrintConfigOpt,
-                      SeedOpt, StepsOpt, config_from, print_config)
+from .options import (BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, MaybeGuardOpt, ModelOpt, OutOpt, OverwriteOpt,
+                      PrintConfigOpt, SeedOpt, StepsOpt, choice, config_from, print_config)
 
 # option parameter -> FinetuneConfig field it sets. The options' defaults are FinetuneConfig()'s (a test checks),
 # written out here because importing the config would import torch and slow down --help.
@@ -45,6 +45,7 @@ def finetune(
     random_flip: Annotated[bool, typer.Option(help="Random horizontal flips.")] = False,
     config: ConfigOpt = None,
     show_config: PrintConfigOpt = False,
+    overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fine-tune a model, full or LoRA, under a guard; frozen tensors are audited before anything is written.
@@ -68,7 +69,7 @@ def finetune(
     g = Guard.load(guard) if guard else None
     dataset = ImageCaptionFolder(data, ImageTransform(m.resolution, random_flip=random_flip),
                                  caption_column=caption_column)
-    result = run_finetune(m, dataset, guard=g, config=cfg, output_dir=out)
+    result = run_finetune(m, dataset, guard=g, config=cfg, output_dir=out, overwrite=overwrite)
     rec = result.record()
     typer.echo(f"wrote {result.output}")
     for part, label in (("unet", "UNet"), ("text_encoder", "text encoder")):

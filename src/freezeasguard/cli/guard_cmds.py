@@ -137,6 +137,8 @@ def guard_diff(
         typer.echo(json.dumps(d, indent=2))
         return
     typer.echo(f"both: {len(d['both'])}   only {a}: {len(d['only_self'])}   only {b}: {len(d['only_other'])}")
+    if len(set(d["allow_text_encoder"])) > 1:
+        typer.echo(f"allow_text_encoder: {a}: {d['allow_text_encoder'][0]}   {b}: {d['allow_text_encoder'][1]}")
     for n in d["only_self"]:
         typer.echo(f"- {n}")
     for n in d["only_other"]:

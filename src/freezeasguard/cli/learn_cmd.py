@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from . import _offline, app, frozen_shares, load_model_arg
-from .options import (choice, BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, ModelOpt, OutOpt, PrintConfigOpt, RatioByOpt,
-                      RatioOpt, SeedOpt, finite_positive, config_from, print_config)
+from .options import (BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, ModelOpt, OutOpt, OverwriteOpt, PrintConfigOpt,
+                      RatioByOpt, RatioOpt, SeedOpt, choice, config_from, finite_positive, print_config)
 
 # option parameter -> LearnConfig field it sets. The options' defaults are LearnConfig()'s (a test checks),
 # written out here because importing the config would import torch and slow down --help.
@@ -76,6 +76,7 @@ def learn(
                                                                 "(skips the warm-start fine-tune).")] = None,
     config: ConfigOpt = None,
     show_config: PrintConfigOpt = False,
+    overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Learn a guard (FreezeAsGuard's bilevel mask learning) from illegal and legal samples.
@@ -107,5 +108,5 @@ def learn(
         leg = ImageCaptionFolder(legal, transform, caption_column=caption_column)
     warm = DiffusionModel.from_pretrained(warm_start_model) if warm_start_model else None
     guard = learn_guard(m, ill, leg, cfg, output_dir=out, warm_start_model=warm,
-                        provenance={"model": str(model), "scenario": scenario})
+                        provenance={"model": str(model), "scenario": scenario}, overwrite=overwrite)
     typer.echo(f"wrote {out / 'guard.json'}: {frozen_shares(guard)}; per block: {out / 'mask.png'}")
