@@ -9,7 +9,7 @@ database table with one atomic UPDATE (a lease renewed by a heartbeat), run `fin
 guard, check the result with `verify`, and only then publish the artefacts.
 """
 
-SERVE_EXTRA_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "multipart")
+SERVE_EXTRA_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "python_multipart")
 
 
 def require_serve_extra() -> None:

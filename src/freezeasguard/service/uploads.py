@@ -15,6 +15,7 @@ import posixpath
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -116,14 +117,14 @@ def _extract(archive: Path | BinaryIO, dest: Path, cfg: ServiceConfig) -> Checke
         if declared > cfg.max_uncompressed_bytes:
             raise UploadError(f"the archive inflates to {declared:,} bytes, more than the limit of "
                               f"{cfg.max_uncompressed_bytes:,}", status=413)
-        packed = sum(i.compress_size for i, _ in members)
-        if declared > _RATIO_FLOOR and declared > cfg.max_compression_ratio * max(packed, 1):
-            raise UploadError(f"the archive's compression ratio {declared / max(packed, 1):.0f}:1 exceeds "
-                              f"{cfg.max_compression_ratio:g}:1 (zip bomb?)")
         for info, _ in members:
             if info.file_size > _RATIO_FLOOR and info.file_size > cfg.max_compression_ratio * max(info.compress_size, 1):
                 raise UploadError(f"{info.filename}: compression ratio {info.file_size / max(info.compress_size, 1):.0f}:1 "
                                   f"exceeds {cfg.max_compression_ratio:g}:1 (zip bomb?)", info.filename)
+        packed = sum(i.compress_size for i, _ in members)
+        if declared > _RATIO_FLOOR and declared > cfg.max_compression_ratio * max(packed, 1):
+            raise UploadError(f"the archive's compression ratio {declared / max(packed, 1):.0f}:1 exceeds "
+                              f"{cfg.max_compression_ratio:g}:1 (zip bomb?)")
 
         root = _strip_common_root([rel for _, rel in members])
         seen: set[str] = set()
@@ -144,13 +145,17 @@ def _extract(archive: Path | BinaryIO, dest: Path, cfg: ServiceConfig) -> Checke
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
             # Count what actually inflates: the header sizes checked above are only the archive's claim.
-            with zf.open(info) as src, open(target, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    written += len(chunk)
-                    if written > cfg.max_uncompressed_bytes:
-                        raise UploadError(f"{info.filename}: the archive inflates past the limit of "
-                                          f"{cfg.max_uncompressed_bytes:,} bytes", info.filename, status=413)
-                    out.write(chunk)
+            try:
+                with zf.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(_CHUNK):
+                        written += len(chunk)
+                        if written > cfg.max_uncompressed_bytes:
+                            raise UploadError(f"{info.filename}: the archive inflates past the limit of "
+                                              f"{cfg.max_uncompressed_bytes:,} bytes", info.filename, status=413)
+                        out.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+                # a CRC or size that does not match the header, a truncated stream, an unsupported method
+                raise UploadError(f"{info.filename}: corrupt archive member ({exc})", info.filename) from exc
         if not images:
             raise UploadError("the archive holds no images (" + " ".join(sorted(IMAGE_EXTENSIONS)) + ")")
         for member, name in images:
