@@ -8,13 +8,17 @@ from typing import Annotated
 
 import typer
 
-from . import ModelOpt, _fail, _offline, app
+from . import _fail, _offline, app
 
 keys_app = typer.Typer(help="Create, list and revoke the service's API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
-DataDirOpt = Annotated[Path, typer.Option("--data-dir", help="The service's folder: database (SQLite), uploads, "
-                                          "job runs and artefacts; serve writes its config there as service.json.")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="The service's folder: database (SQLite), "
+                                                 "uploads, job runs and artefacts; serve writes its config there as "
+                                                 "service.json. Default: the config's, else ./service-data.")]
+ServeModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="'embedded' (the shipped tiny default) or a "
+                                                   "Stable-Diffusion-format model directory. Default: the config's, "
+                                                   "else embedded.")]
 DbOpt = Annotated[str | None, typer.Option("--db", help="SQLAlchemy database URL (e.g. postgresql://...); "
                                            "default: SQLite at <data-dir>/service.db.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="ServiceConfig JSON (limits, quotas, lease); "
@@ -42,8 +46,8 @@ def _config(config: Path | None, data_dir: Path | None, **overrides):  # type: i
 @app.command()
 def serve(
     guard: Annotated[Path | None, typer.Option("--guard", "-g", help="The guard every job runs under.")] = None,
-    model: ModelOpt = "embedded",
-    data_dir: DataDirOpt = Path("service-data"),
+    model: ServeModelOpt = None,
+    data_dir: DataDirOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -59,8 +63,11 @@ def serve(
     from ..service.api import create_app
     from ..service.config import CONFIG_NAME
 
-    cfg = _config(config, data_dir, guard=str(guard.resolve()) if guard else None,
-                  model=model if model == "embedded" else str(Path(model).resolve()), database=db)
+    cfg = _config(config, data_dir, guard=str(guard) if guard else None, model=model, database=db)
+    # Absolute paths in service.json, so a worker started from any folder finds the same files.
+    cfg.data_dir, cfg.guard = str(cfg.root), str(Path(cfg.guard).resolve())
+    if cfg.model != "embedded":
+        cfg.model = str(Path(cfg.model).resolve())
     try:
         application = create_app(cfg)
     except (ValueError, OSError) as exc:
@@ -73,7 +80,7 @@ def serve(
 
 @app.command()
 def worker(
-    data_dir: DataDirOpt = Path("service-data"),
+    data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
     db: DbOpt = None,
     max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.")] = None,
@@ -86,6 +93,8 @@ def worker(
     from ..service.config import CONFIG_NAME
     from ..service.worker import Worker
 
+    if config is None:
+        data_dir = data_dir or Path("service-data")
     if config is None and not (data_dir / CONFIG_NAME).is_file():
         raise _fail(ValueError(f"{data_dir / CONFIG_NAME}: no service config; start `freezeasguard serve "
                                f"--data-dir {data_dir}` first (it writes one) or pass --config"))
@@ -99,8 +108,9 @@ def worker(
     typer.echo(f"worker {w.worker_id}: ran {n} job(s)")
 
 
-def _sessions(data_dir: Path, db: str | None, config: Path | None):  # type: ignore[no-untyped-def]
+def _sessions(data_dir: Path | None, db: str | None, config: Path | None):  # type: ignore[no-untyped-def]
     _require_extra()
+    data_dir = data_dir or Path("service-data")
     from ..service.config import CONFIG_NAME, ServiceConfig
     from ..service.db import make_engine, session_factory
 
@@ -122,7 +132,7 @@ def _sessions(data_dir: Path, db: str | None, config: Path | None):  # type: ign
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="Who the key is for (shown in listings).")],
-    data_dir: DataDirOpt = Path("service-data"),
+    data_dir: DataDirOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
     max_concurrent_jobs: Annotated[int | None, typer.Option(help="This key's concurrent-job quota (default: the service's).")] = None,
@@ -143,7 +153,7 @@ def keys_create(
 @keys_app.command("revoke")
 def keys_revoke(
     key_id: Annotated[str, typer.Argument(help="The key's id (key_..., see `keys list`).")],
-    data_dir: DataDirOpt = Path("service-data"),
+    data_dir: DataDirOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -160,7 +170,7 @@ def keys_revoke(
 
 @keys_app.command("list")
 def keys_list(
-    data_dir: DataDirOpt = Path("service-data"),
+    data_dir: DataDirOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
