@@ -81,6 +81,9 @@ def serve(
 @app.command()
 def worker(
     data_dir: DataDirOpt = None,
+    guard: Annotated[Path | None, typer.Option("--guard", "-g", help="The guard (default: the one `serve` "
+                                               "recorded in <data-dir>/service.json).")] = None,
+    model: ServeModelOpt = None,
     config: ConfigOpt = None,
     db: DbOpt = None,
     max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.")] = None,
@@ -95,10 +98,10 @@ def worker(
 
     if config is None:
         data_dir = data_dir or Path("service-data")
-    if config is None and not (data_dir / CONFIG_NAME).is_file():
+    if config is None and guard is None and not (data_dir / CONFIG_NAME).is_file():
         raise _fail(ValueError(f"{data_dir / CONFIG_NAME}: no service config; start `freezeasguard serve "
-                               f"--data-dir {data_dir}` first (it writes one) or pass --config"))
-    cfg = _config(config, data_dir, database=db)
+                               f"--data-dir {data_dir}` first (it writes one), or pass --guard or --config"))
+    cfg = _config(config, data_dir, guard=str(guard) if guard else None, model=model, database=db)
     try:
         w = Worker(cfg)
     except (ValueError, OSError) as exc:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_NAME, ServiceConfig
+from .config import ServiceConfig
 from .db import Job, add_event, claim, finish, heartbeat, make_engine, session_factory
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -350,15 +350,3 @@ def savings(record: dict[str, Any], frozen_tensors: int) -> dict[str, Any]:
         "lora_modules": len(record.get("lora_modules") or []),
         "skipped_frozen_modules": len(record.get("skipped_modules") or []),
     }
-
-
-def load_worker_config(data_dir: str | Path, config: str | Path | None = None) -> ServiceConfig:
-    """The worker's config: `--config`, else the `service.json` that `serve` wrote into the data folder."""
-    path = Path(config) if config is not None else Path(data_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise ValueError(f"{path}: no service config; start `freezeasguard serve --data-dir {data_dir}` first "
-                         "(it writes one) or pass --config")
-    cfg = ServiceConfig.load(path)
-    if config is not None and data_dir is not None:
-        cfg.data_dir = str(data_dir)
-    return cfg
