@@ -270,3 +270,47 @@ def test_keys_cli_create_list_revoke(tmp_path):
         assert authenticate(s, secret) is None
     r = runner.invoke(app, ["keys", "revoke", "key_nope", "--data-dir", str(tmp_path)])
     assert r.exit_code == 2 and "key_nope" in r.output
+
+
+def test_a_submission_orphaned_mid_validation_is_swept_at_startup(api):
+    """An API process that died while validating leaves a 'validating_files' row: the next start removes it
+    (and its folder), so it does not hold the key's quota forever."""
+    from freezeasguard.service.db import Job
+
+    headers = api.key(max_concurrent_jobs=1)
+    job_id = api.submit(headers).json()["id"]
+    with api.app.state.sessions() as s:
+        s.query(Job).filter(Job.id == job_id).update({"status": "validating_files", "created_at": time.time() - 3600})
+        s.commit()
+    assert api.submit(headers).status_code == 429
+    again = Api(api.cfg)
+    assert again.jobs_in_db() == 0 and again.job_folders() == []
+    assert again.submit(headers).status_code == 201
+
+
+def test_sigterm_requeues_the_running_job_at_a_checkpoint_and_the_next_worker_resumes_it(api):
+    import os
+    import signal
+
+    headers = api.key()
+    job = api.submit(headers, method="lora", steps=30).json()
+
+    def term_when_running() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            j = api.client.get(f"/v1/fine-tunes/{job['id']}", headers=headers).json()
+            if j["status"] == "running" and j["step"] >= 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # the worker's handler turns it into a clean stop
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=term_when_running)
+    t.start()
+    _run_worker(api.cfg, worker_id="first")
+    t.join()
+    j = api.client.get(f"/v1/fine-tunes/{job['id']}", headers=headers).json()
+    assert j["status"] == "queued" and 2 <= j["step"] < 30
+    _run_worker(api.cfg, worker_id="second")
+    j = api.client.get(f"/v1/fine-tunes/{job['id']}", headers=headers).json()
+    assert j["status"] == "succeeded" and j["attempts"] == 2
+    assert j["result"]["savings"]["resumed_from_step"] >= 2

@@ -83,6 +83,20 @@ def job_object(job: Job) -> dict[str, Any]:
     }
 
 
+def sweep_stale_validations(cfg: ServiceConfig, sessions: Any, older_than_s: float = 600.0) -> int:
+    """Remove submissions an API process died while validating (validation takes seconds, not minutes), so
+    they neither linger nor count against a key's quota."""
+    with sessions() as s:
+        stale = s.scalars(select(Job.id).where(Job.status == "validating_files",
+                                               Job.created_at < time.time() - older_than_s)).all()
+        for job_id in stale:
+            shutil.rmtree(job_dir(cfg, job_id), ignore_errors=True)
+            s.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
+            s.execute(delete(Job).where(Job.id == job_id))
+        s.commit()
+    return len(stale)
+
+
 def create_app(cfg: ServiceConfig) -> FastAPI:
     from ..guard import Guard
 
@@ -91,6 +105,7 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
     sessions = session_factory(engine)
     guard = Guard.load(cfg.guard)
     guard_digest = file_sha256(cfg.guard)
+    sweep_stale_validations(cfg, sessions)
     model_id = "embedded" if cfg.model == "embedded" else Path(cfg.model).name
 
     app = FastAPI(title="freezeasguard fine-tuning service", version=__version__,

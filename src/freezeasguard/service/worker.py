@@ -165,7 +165,8 @@ class Worker:
         if reason == "lost":
             self.event(job.id, f"worker {self.worker_id} lost the job's lease and stopped", "warning")
             return "lost"
-        with self.sessions() as s:  # shutdown: back to the queue, to resume from its checkpoint
+        self._shutdown = True  # Ctrl-C or SIGTERM: requeue this job and take no other
+        with self.sessions() as s:  # back to the queue, to resume from its checkpoint
             finish(s, job.id, self.worker_id, "queued")
         self.event(job.id, f"worker {self.worker_id} shut down; job requeued")
         return "queued"
