@@ -99,8 +99,8 @@ def test_a_derivative_that_fails_verify_is_never_released(api, monkeypatch):
 
     real = ft.finetune
 
-    def finetune_then_tamper(model, data, *, guard, config, output_dir):
-        result = real(model, data, guard=guard, config=config, output_dir=output_dir)
+    def finetune_then_tamper(model, data, *, guard, config, output_dir, **kwargs):
+        result = real(model, data, guard=guard, config=config, output_dir=output_dir, **kwargs)
         f = output_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors"
         tensors = load_file(str(f))
         tensors[guard.frozen[0]] = tensors[guard.frozen[0]] + 1.0

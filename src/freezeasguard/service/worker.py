@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..training import TrainCallback
 from .config import ServiceConfig
 from .db import Job, add_event, claim, finish, heartbeat, make_engine, session_factory
 
@@ -202,8 +202,9 @@ class Worker:
                               learning_rate=float(hp["learning_rate"]), seed=int(hp["seed"]),
                               checkpoint_every=self.cfg.checkpoint_every, progress=False),
         )
-        with self._heartbeat(job, run_dir):
-            result = finetune(model, data, guard=guard, config=config, output_dir=run_dir)
+        progress = _Progress()
+        with self._heartbeat(job, run_dir, progress):
+            result = finetune(model, data, guard=guard, config=config, output_dir=run_dir, callbacks=[progress])
         if self._stop_reason:
             raise _Stop(self._stop_reason)
 
@@ -252,30 +253,22 @@ class Worker:
                                                for p in files})
 
     @contextlib.contextmanager
-    def _heartbeat(self, job: Job, run_dir: Path) -> Iterator[None]:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        start = _checkpoint_step(run_dir)
-        counter = {"steps": 0}
-
-        def count(*_: Any) -> None:
-            counter["steps"] += 1
-
-        hook = register_optimizer_step_post_hook(count)  # every optimizer step of this process: the progress
+    def _heartbeat(self, job: Job, run_dir: Path, progress: Any) -> Iterator[None]:
         stop = threading.Event()
-        seen = {"ckpt": start}
+        seen = {"ckpt": _checkpoint_step(run_dir)}
 
         def beat() -> None:
             with self.sessions() as s:
                 while not stop.wait(self.cfg.heartbeat_seconds):
-                    step = start + counter["steps"]
-                    loss, ckpt_step = _checkpoint_loss(run_dir)
                     try:
                         ours, cancel = heartbeat(s, job.id, self.worker_id, self.cfg.lease_seconds,
-                                                 step=step, loss=loss)
-                        if ckpt_step > seen["ckpt"]:
-                            seen["ckpt"] = ckpt_step
-                            add_event(s, job.id, f"step {ckpt_step}/{job.total_steps}: loss {loss:.4f} (checkpoint)")
+                                                 step=progress.step, loss=progress.loss)
+                        ckpt = _checkpoint_step(run_dir)
+                        if ckpt > seen["ckpt"]:
+                            seen["ckpt"] = ckpt
+                            loss = "" if progress.loss is None else f": loss {progress.loss:.4f}"
+                            add_event(s, job.id, f"step {progress.step}/{job.total_steps}{loss}; checkpoint at "
+                                      f"step {ckpt}")
                             s.commit()
                     except Exception:  # noqa: BLE001 - a database hiccup: retry at the next beat
                         s.rollback()
@@ -295,7 +288,22 @@ class Worker:
             self._training = False
             stop.set()
             thread.join()
-            hook.remove()
+
+
+class _Progress(TrainCallback):
+    """Step and loss of the running job, read by the heartbeat thread (plain attribute writes)."""
+
+    name = "service-progress"
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.loss: float | None = None
+
+    def on_train_start(self, ctx: Any) -> None:
+        self.step, self.loss = ctx.step, ctx.loss
+
+    def on_step_end(self, ctx: Any) -> None:
+        self.step, self.loss = ctx.step, ctx.loss
 
 
 def _checkpoint_step(run_dir: Path) -> int:
@@ -303,19 +311,6 @@ def _checkpoint_step(run_dir: Path) -> int:
 
     ckpt = latest_checkpoint(run_dir)
     return int(ckpt.name.split("-")[-1]) if ckpt is not None else 0
-
-
-def _checkpoint_loss(run_dir: Path) -> tuple[float | None, int]:
-    from ..training import latest_checkpoint
-
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return None, 0
-    try:
-        losses = json.loads((ckpt / "state.json").read_text()).get("losses") or []
-    except (OSError, ValueError):  # being replaced right now
-        return None, 0
-    return (float(losses[-1]) if losses else None), int(ckpt.name.split("-")[-1])
 
 
 def _zip_dir(src: Path, dest: Path) -> None:
