@@ -314,3 +314,17 @@ def test_sigterm_requeues_the_running_job_at_a_checkpoint_and_the_next_worker_re
     j = api.client.get(f"/v1/fine-tunes/{job['id']}", headers=headers).json()
     assert j["status"] == "succeeded" and j["attempts"] == 2
     assert j["result"]["savings"]["resumed_from_step"] >= 2
+
+
+def test_a_guard_for_another_model_fails_the_job_as_a_service_error(service_config, tiny_latent_dir, tmp_path):
+    from freezeasguard.guard import Guard
+    from freezeasguard.model import DiffusionModel
+
+    other = tmp_path / "other-guard.json"
+    Guard.random(DiffusionModel.from_pretrained(tiny_latent_dir).unet, 0.3, seed=0).save(other)
+    api = Api(service_config(guard=str(other)))
+    headers = api.key()
+    job = api.submit(headers).json()
+    _run_worker(api.cfg)
+    job = api.client.get(f"/v1/fine-tunes/{job['id']}", headers=headers).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "service_error", job["error"]

@@ -149,12 +149,14 @@ class Worker:
             except KeyboardInterrupt:
                 return self._stopped(job, self._stop_reason or "shutdown", folder)
             except Exception as exc:  # noqa: BLE001 - a job's failure must never take the worker down
-                from ..errors import FreezeAsGuardError
+                from ..errors import DataError, FreezeAsGuardError
                 from ..finetuning import GuardViolation
 
                 code = ("guard_violation" if isinstance(exc, GuardViolation) else
                         "training_diverged" if isinstance(exc, FloatingPointError) else
-                        "invalid_training_data" if isinstance(exc, FreezeAsGuardError) else "internal_error")
+                        "invalid_training_data" if isinstance(exc, DataError) else
+                        # the publisher's side: guard and model do not match, unreadable model or checkpoint
+                        "service_error" if isinstance(exc, FreezeAsGuardError) else "internal_error")
                 return self._end(job, "failed", error_code=code, error_message=f"{type(exc).__name__}: {exc}"
                                  if code == "internal_error" else str(exc))
 
