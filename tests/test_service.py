@@ -70,6 +70,7 @@ def test_models_lists_the_release_and_guard_digest(api, guarded_model):
     assert data[0]["guard"]["sha256"] == file_sha256(guarded_model[1])
     assert data[0]["guard"]["frozen_tensors"] > 0
     assert api.client.get("/openapi.json").json()["paths"]["/v1/fine-tunes"]["post"]["requestBody"]
+    assert api.client.get("/docs").status_code == 200
 
 
 # ---------------------------------------------------------------------------- enforcement
