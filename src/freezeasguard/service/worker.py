@@ -330,7 +330,8 @@ def savings(record: dict[str, Any], frozen_tensors: int) -> dict[str, Any]:
     are estimates by scaling, labelled as such; the run's own figures are measured.
     """
     m = record["metrics"]
-    trainable, unet = int(record["trainable_parameters"]), int(record["unet_parameters"])
+    # every trained tensor (the service never trains the text encoder), against every UNet parameter
+    trainable, unet = int(record["trainable_parameters"]), int(record["unet"]["parameters"])
     opt = int(m.get("optimizer_state_bytes") or 0)
     full_opt = round(opt / trainable * unet) if trainable else None
     peak = m.get("peak_memory_bytes")
