@@ -101,6 +101,9 @@ def test_killed_worker_job_resumes_on_another_and_passes_verify(guarded_model, t
         assert sub.returncode == 0, sub.stderr
         job_id = sub.stdout.strip()
         client = Client(url, secret, timeout=10)
+        hp = client.status(job_id)["hyperparameters"]  # options given are sent; the others are the publisher's
+        assert hp == {"method": "full", "steps": 24, "batch_size": 2, "learning_rate": 1e-3,
+                      "lora_rank": cfg.default_lora_rank, "seed": 0}
 
         deadline = time.monotonic() + 90
         while True:  # the API answers while the worker trains

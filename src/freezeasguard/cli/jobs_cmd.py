@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from . import _fail, app
+from .options import DebugOpt, JsonOpt, finite_positive
 
 jobs_app = typer.Typer(help="Use a publisher's fine-tuning service: submit, status, download, cancel.",
                        no_args_is_help=True)
@@ -55,22 +56,34 @@ def _describe(job: dict[str, Any]) -> str:
 
 @jobs_app.command("submit")
 def submit(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Image-caption folder (metadata.jsonl/.csv or .txt sidecars) or a zip of one.")],
     url: UrlOpt = None,
     api_key: KeyOpt = None,
     method: Annotated[str | None, typer.Option(help="'full' or 'lora' (default: the publisher's).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Micro-batch.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of data order and noise.")] = None,
+    # Typed like `finetune`'s options; only the ones given are sent, the rest take the publisher's defaults.
+    steps: Annotated[int, typer.Option(help="Optimizer steps (default: the publisher's).", min=1,
+                                       show_default=False)] = 200,
+    batch_size: Annotated[int, typer.Option(help="Micro-batch (default: the publisher's).", min=1,
+                                            show_default=False)] = 4,
+    lr: Annotated[float, typer.Option(help="Learning rate (default: the publisher's).", callback=finite_positive,
+                                      show_default=False)] = 1e-4,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank (default: the publisher's).", min=1,
+                                           show_default=False)] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of data order and noise (default 0).", min=0)] = 0,
     wait: Annotated[bool, typer.Option(help="Wait for the job to finish (exit 1 unless it succeeded).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the job object as JSON.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Upload a dataset and queue a guarded fine-tuning job; prints the job id."""
+    def given(name: str, value: Any) -> Any:
+        source = ctx.get_parameter_source(name)
+        return value if source is not None and source.name != "DEFAULT" else None
+
     with _client(url, api_key) as c:
-        job = _call(c.submit, data, method=method, steps=steps, batch_size=batch_size, learning_rate=lr,
-                    lora_rank=lora_rank, seed=seed)
+        job = _call(c.submit, data, method=method, steps=given("steps", steps),
+                    batch_size=given("batch_size", batch_size), learning_rate=given("lr", lr),
+                    lora_rank=given("lora_rank", lora_rank), seed=given("seed", seed))
         if wait:
             job = _call(c.wait, job["id"])
     typer.echo(json.dumps(job, indent=2) if as_json else (job["id"] if not wait else _describe(job)))
@@ -85,7 +98,8 @@ def status(
     api_key: KeyOpt = None,
     wait: Annotated[bool, typer.Option(help="Poll until the job finishes.")] = False,
     events: Annotated[bool, typer.Option(help="Also print the job's events.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the job object as JSON.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """A job's status, progress, loss and (when finished) savings or error."""
     with _client(url, api_key) as c:
@@ -105,6 +119,7 @@ def download(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the artefacts into.")],
     url: UrlOpt = None,
     api_key: KeyOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Download a succeeded job's verified artefacts (LoRA or model.zip, finetune.json, verify.json, samples.png)."""
     with _client(url, api_key) as c:
@@ -114,14 +129,14 @@ def download(
 
 
 @jobs_app.command("cancel")
-def cancel(job_id: JobArg, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+def cancel(job_id: JobArg, url: UrlOpt = None, api_key: KeyOpt = None, debug: DebugOpt = False) -> None:
     """Cancel a job; a running job stops at its next step boundary."""
     with _client(url, api_key) as c:
         typer.echo(_describe(_call(c.cancel, job_id)))
 
 
 @jobs_app.command("list")
-def list_jobs(url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+def list_jobs(url: UrlOpt = None, api_key: KeyOpt = None, debug: DebugOpt = False) -> None:
     """This key's jobs, newest first."""
     with _client(url, api_key) as c:
         for job in _call(c.list):

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from . import _fail, _offline, app
+from .options import DebugOpt, JsonOpt
 
 keys_app = typer.Typer(help="Create, list and revoke the service's API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -53,6 +54,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    debug: DebugOpt = False,
 ) -> None:
     """Run the guarded fine-tuning HTTP API (OpenAPI docs at /docs). Start workers with `freezeasguard worker`."""
     _offline()
@@ -88,6 +90,7 @@ def worker(
     db: DbOpt = None,
     max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.")] = None,
     exit_when_idle: Annotated[bool, typer.Option(help="Exit when no job is waiting.")] = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Claim queued jobs and run them (fine-tune under the guard, verify, publish); SIGTERM requeues the
     current job at its next step boundary."""
@@ -140,6 +143,7 @@ def keys_create(
     config: ConfigOpt = None,
     max_concurrent_jobs: Annotated[int | None, typer.Option(help="This key's concurrent-job quota (default: the service's).")] = None,
     max_steps_per_day: Annotated[int | None, typer.Option(help="This key's steps per 24 h (default: the service's).")] = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Create an API key; the secret is printed once (only its hash is stored)."""
     from ..service.db import create_key
@@ -159,6 +163,7 @@ def keys_revoke(
     data_dir: DataDirOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Revoke an API key: its requests get 401 from now on (its jobs and artefacts are kept)."""
     from ..service.db import revoke_key
@@ -176,7 +181,8 @@ def keys_list(
     data_dir: DataDirOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """List API keys (ids, names, state; never secrets)."""
     from sqlalchemy import select
