@@ -186,6 +186,19 @@ def test_uce_makes_a_tiny_model_denoise_an_unlearned_caption_like_its_guide():
     assert keep_moved < 0.05 * gap_before
 
 
+def test_teach_items_stay_on_the_publishers_side():
+    from freezeasguard.relearn import teach_items
+
+    fig = emoji.scenario("figures", 0)
+    assert teach_items(fig) == fig.items("illegal", "publisher")
+    art = emoji.scenario("artstyle", 0)
+    taught = teach_items(art)
+    user = {it.concept for it in art.items("illegal", "user")}
+    assert all(it.style == "openmoji" for it in taught) and not {it.concept for it in taught} & user
+    assert {it.key for it in art.items("illegal", "publisher")} <= {it.key for it in taught}
+    assert len(taught) > 10 * len(art.items("illegal", "publisher"))  # the style is known broadly
+
+
 def test_uce_prompts_preserve_base_people_for_a_healthy_release():
     sc = emoji.scenario("figures", 0)
     lean, healthy = uce_prompts(sc, preserve_base_people=False), uce_prompts(sc)
