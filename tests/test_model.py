@@ -106,6 +106,30 @@ def test_bad_directories_fail_with_the_file_named(tmp_path, tiny_dir):
         DiffusionModel.from_pretrained(foreign)
 
 
+@pytest.mark.parametrize("component, cls", [("tokenizer", ["transformers", "CLIPTextModel"]),
+                                             ("scheduler", ["diffusers", "UNet2DConditionModel"]),
+                                             ("text_encoder", ["transformers", "CLIPTokenizer"])])
+def test_a_component_of_the_wrong_kind_never_reaches_a_pickle(tiny_dir, tmp_path, monkeypatch, component, cls):
+    """A model class named for the tokenizer (or scheduler) would read pickled weights from its folder; the
+    loader refuses the entry before any file of that folder is opened."""
+    import pickle
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    index[component] = cls
+    (bad / "model_index.json").write_text(json.dumps(index))
+    torch.save({"x": torch.zeros(1)}, bad / component / "pytorch_model.bin")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a user file reached the unpickler")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    with pytest.raises(ModelError, match=f"component '{component}' names {cls[0]}.{cls[1]}, which is not"):
+        DiffusionModel.from_pretrained(bad)
+
+
 def test_mismatched_components_are_refused(tmp_path):
     model = build_tiny_model(TinySpec())
     other = build_tiny_model(TinySpec(text_hidden_size=16))

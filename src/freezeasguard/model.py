@@ -73,7 +73,22 @@ def _component_class(index_path: Path, name: str, entry: Any) -> type:
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ModelError(f"{index_path}: component {name!r}: {library} has no class {class_name!r}")
+    # The class decides which files from_pretrained reads: a model class named for the tokenizer or scheduler
+    # would read pickled weights from that folder. Each component must be of its own kind.
+    kind = _expected_kind(name)
+    if not (isinstance(cls, type) and issubclass(cls, kind)):
+        raise ModelError(f"{index_path}: component {name!r} names {library}.{class_name}, which is not a "
+                         f"{kind.__module__.split('.')[0]}.{kind.__name__}; refusing to load it")
     return cls
+
+
+def _expected_kind(name: str) -> type:
+    import diffusers
+    import transformers
+
+    return {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.ModelMixin,
+            "text_encoder": transformers.PreTrainedModel, "tokenizer": transformers.PreTrainedTokenizerBase,
+            "scheduler": diffusers.SchedulerMixin}[name]
 
 
 def _refuse_pickles(folder: Path) -> None:
