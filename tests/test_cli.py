@@ -111,7 +111,7 @@ SHARED = {
     "--config": {"finetune", "learn", "zoo pretrain"},
     "--print-config": {"finetune", "learn", "zoo pretrain"},
     "--overwrite": {"tiny", "guard random", "guard top", "guard names", "guard combine", "finetune", "learn",
-                    "demo", "bench"},
+                    "demo", "bench", "zoo pretrain"},
     "--json": {"info", "inspect", "verify", "guard diff"},
     "--debug": ALL,
 }

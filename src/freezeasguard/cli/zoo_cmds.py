@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from . import _offline, app
-from .options import ConfigOpt, DebugOpt, OutOpt, PrintConfigOpt, SeedOpt, config_from, print_config
+from .options import (ConfigOpt, DebugOpt, OutOpt, OverwriteOpt, PrintConfigOpt, SeedOpt, config_from,
+                      print_config)
 
 zoo_app = typer.Typer(help="The embedded default: rerun its recipe, ship it, check it.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
@@ -24,6 +25,7 @@ def pretrain(
     ship_to: Annotated[Path | None, typer.Option("--ship-to", help="Write the finished model, recogniser, "
                                                                    "manifest and card here.")] = None,
     ship: Annotated[bool, typer.Option(help="Ship into the installed package's zoo/embedded.")] = False,
+    overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train the VAE, the base UNet + text encoder and the recogniser, then evaluate them.
@@ -41,7 +43,7 @@ def pretrain(
     if show_config:
         print_config(r)
         return
-    record = run(out, r)
+    record = run(out, r, overwrite=overwrite)
     typer.echo(json.dumps(record["stages"], indent=2, default=str))
     dest = ship_to or (EMBEDDED_DIR if ship else None)
     if dest is not None:

@@ -276,11 +276,22 @@ def stage_evaluate(model: DiffusionModel, rec: Recogniser, recipe: ZooRecipe, wo
     return out
 
 
-def run(work: str | Path, recipe: ZooRecipe | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage into `work`; returns the record written to work/record.json."""
+ZOO_PRODUCTS = ("model", "recogniser", "record.json", "run-vae", "run-unet", "run-recogniser", "run-finetune-check")
+
+
+def run(work: str | Path, recipe: ZooRecipe | None = None, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume) every stage into `work`; returns the record written to work/record.json. The run owns
+    `work` (io.claim_output_dir): a concurrent run fails at once, a directory of another recipe is refused
+    unless `overwrite`."""
+    from ..io import claim_output_dir
+
     recipe = recipe or ZooRecipe()
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
+    identity = {k: v for k, v in json.loads(json.dumps(recipe.to_dict())).items() if k != "progress"}
+    with claim_output_dir(work, "zoo pretrain", {"recipe": identity}, ZOO_PRODUCTS, overwrite=overwrite):
+        return _run(Path(work), recipe)
+
+
+def _run(work: Path, recipe: ZooRecipe) -> dict[str, Any]:
     record_path = work / "record.json"
     record: dict[str, Any] = json.loads(record_path.read_text()) if record_path.exists() else {}
     now = json.loads(json.dumps(recipe.to_dict()))  # tuples -> lists, as stored
