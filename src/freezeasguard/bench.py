@@ -557,12 +557,16 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _cell_label(row: dict[str, Any]) -> str:
+    name = "full fine-tuning" if row["method"] == "none" else row["method"]
+    return name + ("" if row["ratio"] is None else f"@{row['ratio']:g}")
+
+
 def plot_curves(summary: dict[str, Any], path: Path) -> None:
     """Recognition vs user steps for every curve cell (illegal user; legal users beside), one row per scenario."""
     scenarios = sorted({r["scenario"] for r in summary["curves"]}) or ["(no curve cells)"]
     plt, fig, axes = _axes_grid(len(scenarios), 3, (5.0, 3.8))
-    labels = list(dict.fromkeys(f"{r['method']}" + ("" if r["ratio"] is None else f"@{r['ratio']:g}")
-                                for r in summary["curves"]))
+    labels = list(dict.fromkeys(_cell_label(r) for r in summary["curves"]))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}
     for row, sc in enumerate(scenarios):
         for col, (user, domain) in enumerate((("illegal", "illegal"), ("legal", "legal_near"), ("legal", "legal_far"))):
@@ -570,7 +574,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
             for r in summary["curves"]:
                 if r["scenario"] != sc:
                     continue
-                label = r["method"] + ("" if r["ratio"] is None else f"@{r['ratio']:g}")
+                label = _cell_label(r)
                 pts = sorted((p["step"], p["rate"]) for p in r["points"].get(user, []) if p["domain"] == domain)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colours[label],
@@ -581,7 +585,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
             ax.set_xlabel("user fine-tuning steps")
             ax.set_ylabel("recognition rate")
             ax.set_title(f"{sc}: {domain}")
-            if col == 0:
+            if col == 0 and ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -625,7 +629,7 @@ def curve_lines(summary: dict[str, Any], profile: BenchProfile) -> list[str]:
         pts = sorted((p["step"], p["rate"]) for p in r["points"].get("illegal", []))
         reached = "n/a" if r["target"] is None else (str(r["steps_to_target"]) if r["steps_to_target"] is not None
                                                      else f"not reached by {r['max_step']}")
-        cell = r["method"] + ("" if r["ratio"] is None else f"@{r['ratio']:g}")
+        cell = _cell_label(r)
         lines.append(f"| {r['scenario']} | {r['seed']}{'' if r['valid'] else ' (void)'} | {cell} | {_p(r['target'])} | "
                      f"{reached} | " + ", ".join(f"{s}: {_p(v)}" for s, v in pts) + " |")
     lines += ["", "Legal users' curves (rate per step) are in results.json and curves.png.", ""]
