@@ -372,14 +372,9 @@ class Guard:
 
     @classmethod
     def load(cls, path: str | Path) -> Guard:
-        p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except FileNotFoundError as exc:
-            raise GuardError(f"{p}: no such guard file") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise GuardError(f"{p}: not a readable JSON guard file ({exc})") from exc
-        return cls.from_dict(data, source=str(p))
+        from .io import read_json
+
+        return cls.from_dict(read_json(path, "guard file", GuardError), source=str(Path(path)))
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "<guard>") -> Guard:

@@ -90,6 +90,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_json(path: str | Path, what: str, error: type[Exception] = ValueError) -> Any:
+    """A user's JSON file, with errors that name the file and what it should have been."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise error(f"{p}: no such {what}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{p}: not a readable JSON {what} ({exc})") from exc
+
+
 def canonical_digest(obj: Any) -> str:
     """SHA-256 of an object's canonical JSON (sorted keys; non-JSON values by str)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()

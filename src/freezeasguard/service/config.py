@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,13 +90,10 @@ class ServiceConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ServiceConfig:
+        from ..io import read_json
+
         p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-        except FileNotFoundError as exc:
-            raise ValueError(f"{p}: no such service config") from exc
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}: not valid JSON ({exc})") from exc
+        data = read_json(p, "service config")
         if not isinstance(data, dict):
             raise ValueError(f"{p}: a service config is a JSON object")
         return cls.from_dict(data)
