@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 
 from freezeasguard import emoji
-from freezeasguard.bench import (BenchProfile, cell_key, curve_rows, frontier_verdicts, markdown, parse_cell,
+from freezeasguard.bench import (BenchProfile, cell_key, cell_settings, curve_rows, frontier_verdicts, markdown, parse_cell,
                                  planned_cells, run_bench, scenario_form, steps_to_reach, summarise, user_budgets)
 from freezeasguard.demo import DemoConfig, run_demo
 from freezeasguard.evaluate import SamplingConfig, validity_checks
@@ -269,6 +271,19 @@ def test_bench_relearn_grid_runs_caches_and_reports(tmp_path):
     # a cached cell is never reused under other settings, nor a relearn cache under another recipe
     with pytest.raises(ValueError, match="legal_steps"):
         run_bench(tmp_path, _profile(legal_steps=3), model_loader=_loader(), recogniser=_recogniser())
+    # a cell depends on the settings its method reads: another learner invalidates the guard's cell only ...
+    other = _profile(learn=dataclasses.replace(_learn(), mask_lr=0.5))
+    assert cell_settings(other, "random") == cell_settings(profile, "random")
+    assert cell_settings(other, "guard") != cell_settings(profile, "guard")
+    with pytest.raises(ValueError, match=r"guard-r0\.3.*learn"):
+        run_bench(tmp_path, other, model_loader=_loader(), recogniser=_recogniser())
+    # ... so with that cell (and its work folder, where the learner keeps its resumable run) removed, the
+    # rerun recomputes it and reuses every other cell
+    (tmp_path / "cells" / "figures-seed0-guard-r0.3.json").unlink()
+    shutil.rmtree(tmp_path / "work" / "figures-seed0-guard-r0.3")
+    run_bench(tmp_path, other, model_loader=_loader(), recogniser=_recogniser())
+    now = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
+    assert {k for k in now if now[k] != mtimes.get(k)} == {"figures-seed0-guard-r0.3.json"}
 
 
 def test_demo_is_one_run_of_the_bench_cells(tmp_path):

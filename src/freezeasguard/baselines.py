@@ -21,6 +21,7 @@ from .guard import Guard, unet_tensors
 from .model import DiffusionModel
 
 if TYPE_CHECKING:
+    from .immunise import ImmuniseConfig
     from .learn import LearnConfig
 
 
@@ -36,6 +37,12 @@ class MethodOptions:
     imma_steps: int = 100
     imma_lr: float = 1e-4
     imma_lora_lr: float = 1e-3
+    immunise: ImmuniseConfig | None = None  # the "+immunise" methods; None: ImmuniseConfig()
+
+    def immunise_config(self) -> ImmuniseConfig:
+        from .immunise import ImmuniseConfig
+
+        return self.immunise if self.immunise is not None else ImmuniseConfig()
 
     def learn_config(self) -> LearnConfig:
         from .learn import LearnConfig
@@ -72,16 +79,18 @@ class MethodSpec:
     fn: Callable[[MethodContext], Release]
     needs_ratio: bool
     description: str
+    uses: tuple[str, ...] = ()  # the method's own settings (MethodOptions / bench profile sections) it reads
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, *, needs_ratio: bool = False) -> Callable[[Callable[[MethodContext], Release]], Callable[[MethodContext], Release]]:
+def register(name: str, *, needs_ratio: bool = False,
+             uses: tuple[str, ...] = ()) -> Callable[[Callable[[MethodContext], Release]], Callable[[MethodContext], Release]]:
     def wrap(fn: Callable[[MethodContext], Release]) -> Callable[[MethodContext], Release]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = MethodSpec(name, fn, needs_ratio, (fn.__doc__ or "").strip().split("\n")[0])
+        METHODS[name] = MethodSpec(name, fn, needs_ratio, (fn.__doc__ or "").strip().split("\n")[0], tuple(uses))
         return fn
 
     return wrap
@@ -170,7 +179,7 @@ def _random(ctx: MethodContext) -> Release:
     return Release(ctx.model, Guard.random(ctx.model.unet, ctx.ratio, seed=ctx.seed, by=ctx.by))
 
 
-@register("importance-change", needs_ratio=True)
+@register("importance-change", needs_ratio=True, uses=("learn",))
 def _importance_change(ctx: MethodContext) -> Release:
     """One-shot: freeze the tensors that moved most (relative change) in the mixed warm-start fine-tune."""
     base = {n: t.detach() for n, t in unet_tensors(ctx.model.unet).items()}
@@ -195,7 +204,7 @@ def _importance_ratio(ctx: MethodContext) -> Release:
     return Release(ctx.model, Guard.from_scores(ctx.model.unet, scores, ctx.ratio, by=ctx.by, method="importance-ratio"))
 
 
-@register("guard", needs_ratio=True)
+@register("guard", needs_ratio=True, uses=("learn",))
 def _guard(ctx: MethodContext) -> Release:
     """FreezeAsGuard: the learned guard (bilevel mask learning)."""
     import copy
@@ -215,7 +224,7 @@ def _uce(ctx: MethodContext) -> Release:
     return Release(ctx.model, None, info)
 
 
-@register("guard+uce", needs_ratio=True)
+@register("guard+uce", needs_ratio=True, uses=("learn",))
 def _guard_uce(ctx: MethodContext) -> Release:
     """The authors' pipeline: unlearn with UCE first, then learn a guard on the edited model."""
     edited = _uce(ctx)
@@ -223,7 +232,7 @@ def _guard_uce(ctx: MethodContext) -> Release:
     return Release(edited.model, guarded.guard, edited.info)
 
 
-@register("imma")
+@register("imma", uses=("imma_steps",))
 def _imma(ctx: MethodContext) -> Release:
     """IMMA: attention weights take gradient-ascent steps against a LoRA that keeps re-learning the illegal data."""
     o = ctx.options
@@ -261,6 +270,36 @@ def _register_component(kind: str) -> None:
 
 for _kind in COMPONENTS:
     _register_component(_kind)
+
+
+# Issue 11's lever 5: the frozen set of a method, released with immunised values (see `immunise`).
+IMMUNISED = ("guard", "random", "freeze-cross-attention")
+
+
+def _register_immunised(base: str) -> None:
+    spec = METHODS[base]
+
+    def method(ctx: MethodContext) -> Release:
+        from .immunise import immunise_frozen
+
+        chosen = spec.fn(ctx)
+        if chosen.guard is None:
+            raise ValueError(f"{base}+immunise: {base} released no guard")
+        out = None if ctx.output_dir is None else ctx.output_dir
+        info = immunise_frozen(chosen.model, list(chosen.guard.frozen), ctx.illegal, ctx.legal,
+                               ctx.options.immunise_config(), seed=ctx.seed, output_dir=out)
+        g = chosen.guard
+        guard = Guard.from_names(chosen.model.unet, g.frozen, method=f"{g.method}+immunise", scores=g.scores,
+                                 provenance={**g.provenance, "immunised": True})
+        guard.allow_text_encoder = g.allow_text_encoder
+        return Release(chosen.model, guard, {**chosen.info, **info})
+
+    method.__doc__ = f"{base}'s frozen set, released with immunised values (lever 5: hostile to relearning the illegal domain)."
+    register(f"{base}+immunise", needs_ratio=spec.needs_ratio, uses=spec.uses + ("immunise",))(method)
+
+
+for _base in IMMUNISED:
+    _register_immunised(_base)
 
 
 # ---------------------------------------------------------------------------- UCE

@@ -27,6 +27,7 @@ import torch
 from .evaluate import (GOAL_LEGAL_FAR, GOAL_LEGAL_NEAR, GOAL_MITIGATION, SamplingConfig, base_families_domain, evaluate,
                        scenario_domains, validity_checks)
 from .io import atomic_write_json, atomic_write_text
+from .immunise import ImmuniseConfig
 from .learn import LearnConfig
 from .relearn import RelearnConfig
 from .training import TrainCallback, TrainConfig
@@ -54,6 +55,7 @@ class BenchProfile:
     learn: LearnConfig = field(default_factory=LearnConfig)
     relearn: RelearnConfig = field(default_factory=RelearnConfig)
     imma_steps: int = 100
+    immunise: ImmuniseConfig = field(default_factory=ImmuniseConfig)  # the "+immunise" methods (lever 5)
     keep_images: int = 8  # first samples per domain kept beside each cell (sample grids)
     ratio_by: str = "params"  # every method freezes the same share of parameters, so the comparison is fair
 
@@ -199,21 +201,31 @@ def user_budgets(profile: BenchProfile, user: str, curve: bool) -> dict[int, int
     return dict(sorted(points.items()))
 
 
-def cell_settings(profile: BenchProfile) -> dict[str, Any]:
-    """What a cached cell depends on besides its key: a rerun with other settings must not reuse it."""
+COMMON_SETTINGS = ("steps", "legal_steps", "batch_size", "lr", "n_samples", "curve_steps", "legal_curve_steps",
+                   "curve_samples", "sampling", "relearn", "ratio_by")
+
+
+def cell_settings(profile: BenchProfile, method: str | None = None) -> dict[str, Any]:
+    """What a cached cell depends on besides its key: a rerun with other settings must not reuse it. Every
+    cell depends on the users, the evaluation and the release recipe; a method's cell also on the profile
+    sections the method reads (`MethodSpec.uses`: the learner's config for the guard, ...), so a new learner
+    reruns the guard's cells and reuses the baselines'. Without `method`: the settings every cell shares."""
+    from .baselines import METHODS
+
     d = json.loads(json.dumps(profile.to_dict()))  # as it will read back from a cell
-    return {k: d[k] for k in ("steps", "legal_steps", "batch_size", "lr", "n_samples", "curve_steps",
-                              "legal_curve_steps", "curve_samples", "sampling", "learn", "relearn", "imma_steps",
-                              "ratio_by")}
+    keys = COMMON_SETTINGS + (METHODS[method].uses if method in METHODS else ())
+    return {k: d[k] for k in keys}
 
 
 def load_cell(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """A cached cell, if it was made with `settings` (a cell may record more settings than its method reads:
+    cells written before settings were per method recorded every section)."""
     cell = json.loads(path.read_text())
-    if cell.get("settings") != settings:
-        theirs = cell.get("settings") or {}
-        diff = sorted(k for k in set(settings) | set(theirs) if settings.get(k) != theirs.get(k))
+    theirs = cell.get("settings") or {}
+    if any(theirs.get(k) != v for k, v in settings.items()) or not theirs:
+        diff = sorted(k for k in settings if settings.get(k) != theirs.get(k))
         raise ValueError(f"{path}: cached with other settings ({', '.join(diff) or 'none recorded'}); "
-                         "use another --out directory or delete the cell")
+                         f"use another --out directory, or delete {path.name} and the folder work/{path.stem} to recompute it")
     return cell
 
 
@@ -244,7 +256,8 @@ def run_cell(setting: Setting, profile: BenchProfile, method: str, ratio: float 
     from .finetuning import FinetuneConfig, finetune
 
     t0 = time.perf_counter()
-    options = MethodOptions(learn=profile.learn, imma_steps=profile.imma_steps, uce_edit=setting.uce["uce_edit"],
+    options = MethodOptions(learn=profile.learn, imma_steps=profile.imma_steps, immunise=profile.immunise,
+                            uce_edit=setting.uce["uce_edit"],
                             uce_guide=setting.uce["uce_guide"], uce_preserve=setting.uce["uce_preserve"],
                             uce_lambda=profile.relearn.uce_lambda)
     rel = release(method, MethodContext(setting.load_release(), setting.publisher_illegal, setting.publisher_legal,
@@ -344,7 +357,8 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
         for name in profile.scenarios:
             plan = [("base", None, False)] + planned_cells(profile)
             keys = {cell_key(name, seed, m, r): (m, r, c) for m, r, c in plan}
-            cached = {k: load_cell(cells_dir / f"{k}.json", settings) for k in keys if (cells_dir / f"{k}.json").exists()}
+            cached = {k: load_cell(cells_dir / f"{k}.json", cell_settings(profile, keys[k][0]))
+                      for k in keys if (cells_dir / f"{k}.json").exists()}
             cells.update(cached)
             todo = [k for k in keys if k not in cached]
             if report_only:
@@ -361,7 +375,7 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
                 else:
                     cell = run_cell(setting, profile, method, ratio, rec, out / "work" / key, curve=curve,
                                     keep_images=profile.keep_images)
-                cell["settings"] = settings
+                cell["settings"] = cell_settings(profile, method)
                 atomic_write_json(cells_dir / f"{key}.json", cell)
                 cells[key] = cell
                 print(f"bench: {key} done: " + describe_cell(cell), flush=True)

@@ -1,0 +1,149 @@
+"""Immunised frozen values: the publisher chooses what the frozen tensors hold, not only which tensors freeze.
+
+A guard fixes a set F of UNet tensors at their released values. FreezeAsGuard releases them as they are; here
+(issue 11, lever 5) the released values of F are optimised so that a user who fine-tunes the trainable rest
+on the illegal domain learns it badly, while the legal domain stays learnable. It is IMMA's game (a simulated
+attacker re-learns, the defender ascends the attacked model's loss) restricted to F, where IMMA's weakness
+goes away: the user's fine-tuning cannot move F back.
+
+One round, `steps` times:
+1. the simulated attacker (AdamW on the trainable rest, the benchmark user's learning rate) takes a step on
+   an illegal batch; every `reset_every` steps it restarts from the release, since a relearn's first steps are
+   what freezing has to slow;
+2. the frozen values take an Adam step on  -L_illegal + legal_weight * L_legal  at the attacked model, then
+   are pulled back into a trust region (each tensor within `max_change` of its norm from the release), so the
+   release stays the model the publisher unlearned and checked.
+The trainable rest is restored to the release at the end: only F changes, and the guard records F's new
+values.
+
+Cost: three forward/backward passes of the UNet per step, no model copy beyond the rest's release values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .training.config import strict_from_dict
+
+
+@dataclass
+class ImmuniseConfig:
+    steps: int = 200
+    lr: float = 1e-4  # Adam on the frozen values
+    attack_lr: float = 1e-4  # the simulated attacker: the benchmark user's AdamW rate
+    reset_every: int = 25  # attacker steps before it restarts from the release
+    batch_size: int = 16
+    legal_weight: float = 1.0  # the defender's objective: -L_illegal + legal_weight * L_legal
+    max_change: float = 0.05  # per frozen tensor: |released - original| <= max_change * |original|
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "reset_every", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ImmuniseConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "attack_lr", "max_change"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ImmuniseConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.legal_weight < 0:
+            raise ValueError(f"ImmuniseConfig.legal_weight must be >= 0, got {self.legal_weight}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImmuniseConfig:
+        return strict_from_dict(cls, data)
+
+
+def _set_grads(params: list[torch.Tensor], loss: torch.Tensor) -> None:
+    for p, g in zip(params, torch.autograd.grad(loss, params)):
+        p.grad = g
+
+
+def pull_into_trust_region_(values: list[torch.Tensor], origins: list[torch.Tensor], max_change: float) -> None:
+    """Each tensor moved back toward its origin so that |v - o| <= max_change * |o| (in place): a tensor that
+    was zero stays zero."""
+    with torch.no_grad():
+        for v, o in zip(values, origins):
+            delta = v - o
+            cap = max_change * float(o.norm())
+            norm = float(delta.norm())
+            if norm > cap:
+                v.copy_(o + delta * (cap / norm))
+
+
+def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, config: ImmuniseConfig | None = None,
+                    *, seed: int = 0, output_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Optimise the values of the UNet tensors `frozen` in place (see the module doc); returns what it did."""
+    from tqdm.auto import tqdm
+
+    from .baselines import _batches, _encoded, _objective
+    from .guard import unet_tensors
+    from .io import atomic_write_json
+
+    cfg = config or ImmuniseConfig()
+    tensors = unet_tensors(model.unet)
+    unknown = [n for n in frozen if n not in tensors]
+    if unknown:
+        raise ValueError(f"immunise: {len(unknown)} frozen name(s) are not UNet tensors, e.g. {unknown[:3]}")
+    if not frozen:
+        raise ValueError("immunise: the frozen set is empty")
+    fset = set(frozen)
+    params = dict(model.unet.named_parameters())
+    values = [params[n] for n in sorted(fset)]
+    rest = [p for n, p in params.items() if n not in fset]
+    origins = [v.detach().clone() for v in values]
+    release_rest = [p.detach().clone() for p in rest]
+    objective = _objective(model)
+    for p in objective.parameters():
+        p.requires_grad_(False)
+    ill, leg = _encoded(model, illegal), _encoded(model, legal)
+    n = cfg.steps
+    attack_batches = _batches(ill, n, cfg.batch_size, seed)
+    defend_batches = _batches(ill, n, cfg.batch_size, seed + 1)
+    legal_batches = _batches(leg, n, cfg.batch_size, seed + 2)
+    defender = torch.optim.Adam(values, lr=cfg.lr)
+    attacker: torch.optim.Optimizer | None = None
+    history: list[dict[str, float]] = []
+    for step in tqdm(range(n), desc="immunise frozen values", disable=not progress, dynamic_ncols=True):
+        if step % cfg.reset_every == 0:
+            with torch.no_grad():
+                for p, r in zip(rest, release_rest):
+                    p.copy_(r)
+            attacker = torch.optim.AdamW(rest, lr=cfg.attack_lr)
+        for p in rest:
+            p.requires_grad_(True)
+        for v in values:
+            v.requires_grad_(False)
+        attack_loss = objective(attack_batches[step])
+        _set_grads(rest, attack_loss)
+        attacker.step()
+        attacker.zero_grad(set_to_none=True)
+        for p in rest:
+            p.requires_grad_(False)
+        for v in values:
+            v.requires_grad_(True)
+        l_ill = objective(defend_batches[step])
+        l_leg = objective(legal_batches[step])
+        _set_grads(values, -l_ill + cfg.legal_weight * l_leg)
+        defender.step()
+        defender.zero_grad(set_to_none=True)
+        pull_into_trust_region_(values, origins, cfg.max_change)
+        history.append({"step": step + 1, "attack_loss": float(attack_loss.detach()),
+                        "illegal_loss": float(l_ill.detach()), "legal_loss": float(l_leg.detach())})
+    with torch.no_grad():
+        for p, r in zip(rest, release_rest):
+            p.copy_(r)
+    for p in params.values():
+        p.requires_grad_(False)
+    change = {name: float((v.detach() - o).norm() / (o.norm() + 1e-12)) for name, v, o in zip(sorted(fset), values, origins)}
+    info = {"immunise": cfg.to_dict(), "immunised_tensors": len(values),
+            "mean_relative_change": sum(change.values()) / len(change),
+            "first": history[0] if history else None, "last": history[-1] if history else None}
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(output_dir) / "immunise.json", {**info, "history": history, "relative_change": change})
+    return info

@@ -1,0 +1,99 @@
+"""Lever 5: immunised frozen values (freezeasguard.immunise and the "+immunise" methods)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from freezeasguard.baselines import METHODS, MethodContext, MethodOptions, _batches, _encoded, _objective, release
+from freezeasguard.guard import Guard, record_match
+from freezeasguard.immunise import ImmuniseConfig, immunise_frozen, pull_into_trust_region_
+from freezeasguard.tiny import TinySpec, build_tiny_model
+
+
+def _frozen_names(model, share=0.3):
+    return list(Guard.random(model.unet, share, seed=3).frozen)
+
+
+def test_only_the_frozen_tensors_change_and_each_stays_in_its_trust_region(toy_data, tmp_path):
+    model = build_tiny_model(TinySpec(), seed=0)
+    frozen = _frozen_names(model)
+    before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    cfg = ImmuniseConfig(steps=6, reset_every=3, batch_size=2, lr=1e-2, max_change=0.02)
+    info = immunise_frozen(model, frozen, toy_data(4), toy_data(4, random_flip=False), cfg, seed=1,
+                           output_dir=tmp_path, progress=False)
+    after = dict(model.unet.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= set(frozen)  # the trainable rest is restored to the release bit for bit
+    for n in frozen:
+        moved = float((after[n] - before[n]).norm())
+        assert moved <= 0.02 * float(before[n].norm()) * (1 + 1e-5) + 1e-12  # a zero tensor stays zero
+    assert info["immunised_tensors"] == len(frozen) and (tmp_path / "immunise.json").is_file()
+    assert not any(p.requires_grad for p in model.unet.parameters())
+
+
+def test_trust_region_pulls_back_only_tensors_that_left_it():
+    o = [torch.ones(4), torch.ones(4)]
+    v = [torch.ones(4) * 3, torch.ones(4) * 1.01]
+    pull_into_trust_region_(v, o, 0.1)
+    assert float((v[0] - o[0]).norm()) == pytest.approx(0.1 * float(o[0].norm()))
+    assert torch.equal(v[1], torch.ones(4) * 1.01)
+
+
+def _attacked_illegal_loss(model, frozen, illegal, steps=4, seed=9):
+    """The illegal loss after a short attack on the trainable rest (the frozen set held), as a user would run it."""
+    m = copy.deepcopy(model)
+    objective = _objective(m)
+    for p in objective.parameters():
+        p.requires_grad_(False)
+    rest = [p for n, p in m.unet.named_parameters() if n not in set(frozen)]
+    for p in rest:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(rest, lr=1e-3)
+    enc = _encoded(m, illegal)
+    for batch in _batches(enc, steps, 4, seed):
+        objective(batch).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        return sum(float(objective(b)) for b in _batches(enc, 4, 4, seed + 1)) / 4
+
+
+def test_immunised_values_make_the_attacked_model_worse_on_the_illegal_data(toy_data):
+    """The defender ascends the attacked model's illegal loss: after immunising, the same attack (same seeds)
+    ends at a higher illegal loss than on the plain release. With legal_weight 0 nothing holds it back."""
+    model = build_tiny_model(TinySpec(), seed=0)
+    frozen = [n for n in Guard.random(model.unet, 0.5, seed=0).frozen]
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    plain = _attacked_illegal_loss(model, frozen, illegal)
+    immunise_frozen(model, frozen, illegal, legal, ImmuniseConfig(steps=8, reset_every=4, batch_size=4, lr=1e-2,
+                    attack_lr=1e-3, legal_weight=0.0, max_change=0.5), seed=0, progress=False)
+    immunised = _attacked_illegal_loss(model, frozen, illegal)
+    assert immunised > plain * 1.05, (plain, immunised)
+
+
+@pytest.mark.parametrize("base", ["random", "freeze-cross-attention"])
+def test_immunised_methods_release_a_guard_recording_the_new_values(base, toy_data):
+    model = build_tiny_model(TinySpec(), seed=0)
+    opts = MethodOptions(immunise=ImmuniseConfig(steps=2, reset_every=1, batch_size=2, lr=1e-2))
+    out = release(f"{base}+immunise", MethodContext(model, toy_data(4), toy_data(4, random_flip=False), 0.3,
+                                                    seed=0, options=opts))
+    plain = release(base, MethodContext(build_tiny_model(TinySpec(), seed=0), None, None, 0.3, seed=0))
+    assert out.guard.frozen == plain.guard.frozen  # the same frozen set, other values
+    tensors = dict(out.model.unet.named_parameters())
+    assert all(record_match(tensors[n], out.guard.tensors[n]) == "ok" for n in out.guard.frozen)
+    assert any(record_match(tensors[n], plain.guard.tensors[n]) is None for n in out.guard.frozen)
+    out.guard.check_fingerprint(out.model.unet)
+    assert out.guard.method.endswith("+immunise") and out.info["immunised_tensors"] == len(out.guard.frozen)
+    assert METHODS[f"{base}+immunise"].uses[-1] == "immunise"
+
+
+def test_immunise_config_refuses_nonsense():
+    with pytest.raises(ValueError, match="max_change"):
+        ImmuniseConfig(max_change=0)
+    with pytest.raises(ValueError, match="steps"):
+        ImmuniseConfig(steps=0)
+    with pytest.raises(ValueError, match="unknown"):
+        ImmuniseConfig.from_dict({"stepz": 3})
