@@ -51,6 +51,13 @@ def serve(
     data_dir: DataDirOpt = None,
     db: DbOpt = None,
     config: ConfigOpt = None,
+    max_job_seconds: Annotated[float | None, typer.Option(help="A job running longer fails with error code "
+                                                          "'timeout', nothing released (0: no limit). Default: "
+                                                          "the config's, else 86400.")] = None,
+    retention_days: Annotated[float | None, typer.Option(help="Delete the upload, run and artefacts of jobs "
+                                                         "finished this many days ago; the job stays listed and "
+                                                         "its artefacts answer 410 (0: keep forever). Default: "
+                                                         "the config's, else 0.")] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -65,7 +72,8 @@ def serve(
     from ..service.api import create_app
     from ..service.config import CONFIG_NAME
 
-    cfg = _config(config, data_dir, guard=str(guard) if guard else None, model=model, database=db)
+    cfg = _config(config, data_dir, guard=str(guard) if guard else None, model=model, database=db,
+                  max_job_seconds=max_job_seconds, retention_days=retention_days)
     # Absolute paths in service.json, so a worker started from any folder finds the same files.
     cfg.data_dir, cfg.guard = str(cfg.root), str(Path(cfg.guard).resolve())
     if cfg.model != "embedded":
@@ -88,12 +96,18 @@ def worker(
     model: ServeModelOpt = None,
     config: ConfigOpt = None,
     db: DbOpt = None,
+    processes_per_job: Annotated[int | None, typer.Option(help="Processes (one per GPU) that train each job, "
+                                                          "launched with torchrun; the job's batch is split "
+                                                          "over them. Default: the config's, else 1 (in the "
+                                                          "worker's own process).")] = None,
+    devices: Annotated[str | None, typer.Option(help="CUDA_VISIBLE_DEVICES for this worker's launched jobs, "
+                                                "e.g. '0,1' (default: inherited).")] = None,
     max_jobs: Annotated[int | None, typer.Option(help="Exit after this many jobs.")] = None,
     exit_when_idle: Annotated[bool, typer.Option(help="Exit when no job is waiting.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Claim queued jobs and run them (fine-tune under the guard, verify, publish); SIGTERM requeues the
-    current job at its next step boundary."""
+    current job at its next step boundary. Workers also delete expired jobs' files (retention_days)."""
     _offline()
     _require_extra()
     from ..service.config import CONFIG_NAME
@@ -104,7 +118,8 @@ def worker(
     if config is None and guard is None and not (data_dir / CONFIG_NAME).is_file():
         raise _fail(ValueError(f"{data_dir / CONFIG_NAME}: no service config; start `freezeasguard serve "
                                f"--data-dir {data_dir}` first (it writes one), or pass --guard or --config"))
-    cfg = _config(config, data_dir, guard=str(guard) if guard else None, model=model, database=db)
+    cfg = _config(config, data_dir, guard=str(guard) if guard else None, model=model, database=db,
+                  processes_per_job=processes_per_job, devices=devices)
     try:
         w = Worker(cfg)
     except (ValueError, OSError) as exc:

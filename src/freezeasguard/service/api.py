@@ -28,6 +28,7 @@ from .. import __version__
 from .config import ServiceConfig
 from .db import (TERMINAL, ApiKey, Job, JobEvent, active_jobs, add_event, authenticate, lock_key, make_engine,
                  session_factory, steps_used_today)
+from .retention import expiry_time, sweep_expired
 from .uploads import UploadError, extract_upload
 from .worker import MANIFEST, file_sha256, job_dir
 
@@ -51,7 +52,7 @@ def _error(status: int, code: str, message: str, param: str | None = None) -> JS
                         headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
 
-def job_object(job: Job) -> dict[str, Any]:
+def job_object(job: Job, cfg: ServiceConfig) -> dict[str, Any]:
     now = time.time()
     started, finished = job.started_at, job.finished_at
     result = job.result or {}
@@ -80,6 +81,9 @@ def job_object(job: Job) -> dict[str, Any]:
         "cancel_requested": job.cancel_requested,
         "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
         "result": job.result,
+        # retention: when the job's files (upload, artefacts) are deleted, and when they were
+        "expires_at": expiry_time(cfg, finished),
+        "expired_at": job.expired_at,
     }
 
 
@@ -106,6 +110,7 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
     guard = Guard.load(cfg.guard)
     guard_digest = file_sha256(cfg.guard)
     sweep_stale_validations(cfg, sessions)
+    sweep_expired(cfg, sessions)
     model_id = "embedded" if cfg.model == "embedded" else Path(cfg.model).name
 
     app = FastAPI(title="freezeasguard fine-tuning service", version=__version__,
@@ -236,7 +241,7 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
                                                  "files": checked.files, "bytes": checked.uncompressed_bytes}))
             add_event(s, job_id, f"validated {filename}: {checked.images} image(s); queued")
             s.commit()
-            return job_object(s.get(Job, job_id, populate_existing=True))
+            return job_object(s.get(Job, job_id, populate_existing=True), cfg)
 
     upload_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
@@ -297,12 +302,12 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
         with sessions() as s:
             jobs = s.scalars(select(Job).where(Job.key_id == key.id).order_by(Job.created_at.desc())
                              .limit(max(1, min(limit, 100)))).all()
-            return {"object": "list", "data": [job_object(j) for j in jobs]}
+            return {"object": "list", "data": [job_object(j, cfg) for j in jobs]}
 
     @app.get("/v1/fine-tunes/{job_id}", summary="A job: status, progress, step, loss, timings, savings")
     def get_job(job_id: str, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
         with sessions() as s:
-            return job_object(own_job(s, job_id, key))
+            return job_object(own_job(s, job_id, key), cfg)
 
     @app.get("/v1/fine-tunes/{job_id}/events", summary="The job's log lines, oldest first")
     def events(job_id: str, after: int = 0, limit: int = 100, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
@@ -328,10 +333,14 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
                           .values(cancel_requested=True))
             add_event(s, job_id, "cancelled" if done else "cancellation requested")
             s.commit()
-            return job_object(s.get(Job, job_id, populate_existing=True))
+            return job_object(s.get(Job, job_id, populate_existing=True), cfg)
 
     def artifacts_of(s: Any, job_id: str, key: ApiKey) -> tuple[Path, dict[str, Any]]:
         job = own_job(s, job_id, key)
+        if job.expired_at is not None:
+            raise APIError(410, "artifacts_expired", f"job {job_id}'s files were deleted on "
+                           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(job.expired_at))}: the publisher keeps "
+                           f"the files of finished jobs for {cfg.retention_days:g} day(s)", "id")
         if job.status != "succeeded":
             raise APIError(409, "job_not_succeeded", f"job {job_id} is {job.status}; artefacts exist only for a "
                            "succeeded (verified) job", "id")

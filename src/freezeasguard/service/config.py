@@ -52,6 +52,13 @@ class ServiceConfig:
     poll_seconds: float = 1.0
     sample_images: int = 4  # sample grid of the fine-tuned model: first N captions of the upload
     sample_steps: int = 20
+    # processes (GPUs) per job: above 1 the worker launches the job under torchrun, one process per device;
+    # a job's batch_size stays its global batch, split over the most processes (up to this) that divide it
+    processes_per_job: int = 1
+    devices: str = ""  # CUDA_VISIBLE_DEVICES for a worker's launched jobs (e.g. '0,1'); empty: inherit
+    max_job_seconds: float = 86400.0  # running time after which a job fails with 'timeout' (0: no limit)
+    # ---- retention: uploads, runs and artefacts of jobs finished this many days ago are deleted (0: keep)
+    retention_days: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes shown by GET /v1/models
 
     def __post_init__(self) -> None:
@@ -70,6 +77,11 @@ class ServiceConfig:
                              f"got lease {self.lease_seconds}, heartbeat {self.heartbeat_seconds}")
         if self.checkpoint_every < 0 or self.sample_images < 0:
             raise ValueError("ServiceConfig.checkpoint_every and sample_images must be >= 0")
+        if int(self.processes_per_job) < 1:
+            raise ValueError(f"ServiceConfig.processes_per_job must be >= 1, got {self.processes_per_job}")
+        for name in ("max_job_seconds", "retention_days"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"ServiceConfig.{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
 
     @property
     def root(self) -> Path:

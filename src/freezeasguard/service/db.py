@@ -65,6 +65,8 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(60), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # set when retention deleted the job's files (upload, run, artefacts); the row itself is kept
+    expired_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class JobEvent(Base):
@@ -94,7 +96,23 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns added to a table since a database was created (nullable, so old rows stay valid): create_all
+    makes missing tables only, and a service restarted on a newer version must still open its database."""
+    from sqlalchemy import inspect, text
+
+    existing = inspect(engine)
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

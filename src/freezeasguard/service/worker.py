@@ -1,12 +1,16 @@
 """`freezeasguard worker`: claim queued jobs, fine-tune under the publisher's guard, verify, publish.
 
-One job at a time per process (run several workers for several jobs). The training runs in this process's
-main thread; a heartbeat thread renews the job's lease and records progress. When the job is cancelled, or
-the lease was lost to another worker, the heartbeat thread sends this process SIGINT, which the training
-loop turns into a checkpoint and a clean stop at the next step boundary. A worker killed outright (SIGKILL,
-power loss) simply stops renewing: once the lease expires the job is claimable again, and `finetune`
-resumes it from the last checkpoint in the job's run folder. An exclusive file lock on the job folder
-(released by the kernel when a process dies) keeps a worker that lost its lease but still runs from
+One job at a time per process (run several workers for several jobs). A job trains either in this process's
+main thread (`processes_per_job` 1) or, for several processes (GPUs), as a torchrun launch of
+`service.jobrun` that talks to this worker through files in the job folder. A heartbeat thread renews the
+job's lease, records progress and enforces the time limit. When the job is cancelled, times out, or the lease
+was lost to another worker, the heartbeat asks the training to stop: in-process by sending this process
+SIGINT, which the training loop turns into a checkpoint and a clean stop at the next step boundary; launched,
+by a `stop` file that rank 0 turns into the same interrupt on every rank (and, past STOP_GRACE_S, by killing
+the launch). A worker killed outright (SIGKILL, power loss) simply stops renewing: once the lease expires the
+job is claimable again, and `finetune` resumes it from the last checkpoint in the job's run folder; launched
+ranks die with their worker (see `jobrun`). An exclusive file lock on the job folder (released by the kernel
+when its holders die; a launch inherits it) keeps a worker that lost its lease but still runs from
 overlapping with its successor on the same folder.
 """
 
@@ -18,19 +22,25 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..training import TrainCallback
 from .config import ServiceConfig
 from .db import Job, add_event, claim, finish, heartbeat, make_engine, session_factory
+from .jobrun import (LAUNCH, OUTCOME, PROGRESS, SAMPLES, STOP, WORKER_PID_ENV, error_code, error_message,
+                     processes_for, train_job)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST = "artifacts.json"  # name -> bytes and SHA-256 of every published file
+STOP_GRACE_S = 60.0  # a launched job asked to stop gets this long to finish its step and checkpoint
+TRAIN_LOG = "train.log"  # the launched processes' output, for the publisher (never served to users)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -45,16 +55,10 @@ def job_dir(cfg: ServiceConfig, job_id: str) -> Path:
     return cfg.root / "jobs" / job_id
 
 
-def load_base_model(model: str):  # type: ignore[no-untyped-def]
-    from ..model import DiffusionModel
-    from ..zoo import EMBEDDED, load_base
-
-    return load_base() if model == EMBEDDED else DiffusionModel.from_pretrained(Path(model))
-
-
 @contextlib.contextmanager
-def job_lock(folder: Path) -> Iterator[bool]:
-    """An exclusive, non-blocking lock on a job folder: yields False when another live process holds it."""
+def job_lock(folder: Path) -> Iterator[int | None]:
+    """An exclusive, non-blocking lock on a job folder: yields its file descriptor (which a launched child can
+    inherit to keep holding it), or None when another live process holds it."""
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -63,21 +67,51 @@ def job_lock(folder: Path) -> Iterator[bool]:
 
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
+            yield None
             return
         except ImportError:  # no fcntl (Windows): the lease alone guards the job
             pass
-        yield True
+        yield fd
     finally:
         os.close(fd)
 
 
+def descendants(pid: int) -> list[int]:
+    """Live descendants of `pid` (from /proc on Linux; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class _Stop(Exception):
-    """The job must stop: `reason` is 'cancel', 'lost' (another worker owns it) or 'shutdown'."""
+    """The job must stop: `reason` is 'cancel', 'lost' (another worker owns it), 'timeout' or 'shutdown'."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _Failed(Exception):
+    """A launched job's ranks reported a failure with this error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 class Worker:
@@ -89,17 +123,24 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._stop_reason: str | None = None
         self._training = False
+        self._interrupt: Callable[[], None] = self._sigint_self
         self._shutdown = False
+        self._swept = float("-inf")
 
     # ------------------------------------------------------------------ loop
     def run(self, *, max_jobs: int | None = None, exit_when_idle: bool = False) -> int:
         """Claim and run jobs until SIGTERM/SIGINT (or `max_jobs`, or an empty queue with exit_when_idle)."""
+        from .retention import SWEEP_EVERY_S, sweep_expired
+
         done = 0
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM,)}
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_term)
         try:
             while not self._shutdown and (max_jobs is None or done < max_jobs):
+                if self.cfg.retention_days and time.monotonic() - self._swept >= SWEEP_EVERY_S:
+                    self._swept = time.monotonic()
+                    sweep_expired(self.cfg, self.sessions)
                 with self.sessions() as s:
                     job = claim(s, self.worker_id, self.guard_digest, self.cfg.lease_seconds)
                 if job is None:
@@ -117,11 +158,14 @@ class Worker:
                     signal.signal(s, h)
         return done
 
+    def _sigint_self(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the training loop checkpoints and stops
+
     def _on_term(self, signum: int, frame: Any) -> None:
         self._shutdown = True
         if self._training:  # stop at the next step boundary, with a checkpoint
             self._stop_reason = self._stop_reason or "shutdown"
-            os.kill(os.getpid(), signal.SIGINT)
+            self._interrupt()
 
     def event(self, job_id: str, message: str, level: str = "info") -> None:
         with self.sessions() as s:
@@ -132,8 +176,8 @@ class Worker:
     def run_job(self, job: Job) -> str:
         """Run a claimed job to its end; returns the status it left the job in."""
         folder = job_dir(self.cfg, job.id)
-        with job_lock(folder) as locked:
-            if not locked:
+        with job_lock(folder) as lock_fd:
+            if lock_fd is None:
                 # A worker that lost its lease is still running this job: hand it back; that worker's next
                 # heartbeat finds the job no longer its own and stops, and the job is claimed afresh.
                 with self.sessions() as s:
@@ -141,29 +185,32 @@ class Worker:
                 return "queued"
             if job.cancel_requested:
                 return self._end(job, "cancelled", message="cancelled before it resumed")
+            if self._over_time(job):
+                return self._stopped(job, "timeout", folder)
             self._stop_reason = None
             try:
-                return self._run_locked(job, folder)
+                return self._run_locked(job, folder, lock_fd)
             except _Stop as stop:
                 return self._stopped(job, stop.reason, folder)
             except KeyboardInterrupt:
                 return self._stopped(job, self._stop_reason or "shutdown", folder)
+            except _Failed as failed:
+                return self._end(job, "failed", error_code=failed.code, error_message=failed.message)
             except Exception as exc:  # noqa: BLE001 - a job's failure must never take the worker down
-                from ..errors import DataError, FreezeAsGuardError
-                from ..finetuning import GuardViolation
+                return self._end(job, "failed", error_code=error_code(exc), error_message=error_message(exc))
 
-                code = ("guard_violation" if isinstance(exc, GuardViolation) else
-                        "training_diverged" if isinstance(exc, FloatingPointError) else
-                        "invalid_training_data" if isinstance(exc, DataError) else
-                        # the publisher's side: guard and model do not match, unreadable model or checkpoint
-                        "service_error" if isinstance(exc, FreezeAsGuardError) else "internal_error")
-                return self._end(job, "failed", error_code=code, error_message=f"{type(exc).__name__}: {exc}"
-                                 if code == "internal_error" else str(exc))
+    def _over_time(self, job: Job) -> bool:
+        """The publisher's time limit, on the job's running time as users see it (since it first started)."""
+        limit = self.cfg.max_job_seconds
+        return bool(limit) and job.started_at is not None and time.time() - job.started_at > limit
 
     def _stopped(self, job: Job, reason: str, folder: Path) -> str:
         shutil.rmtree(folder / "artifacts", ignore_errors=True)
         if reason == "cancel":
             return self._end(job, "cancelled", message="cancelled at a step boundary")
+        if reason == "timeout":
+            return self._end(job, "failed", error_code="timeout", error_message="the job ran longer than the "
+                             f"publisher's limit of {self.cfg.max_job_seconds:g} s; nothing is released")
         if reason == "lost":
             self.event(job.id, f"worker {self.worker_id} lost the job's lease and stopped", "warning")
             return "lost"
@@ -182,35 +229,45 @@ class Worker:
             return status
         return "lost"
 
-    def _run_locked(self, job: Job, folder: Path) -> str:
+    def _processes(self, folder: Path, hp: dict[str, Any]) -> int:
+        """How many processes train this job. A job that has a checkpoint keeps the count it started with
+        (its per-process batch is part of what a resumed run must match), whatever this worker's setting."""
+        from ..io import read_json
+        from ..training import latest_checkpoint
+
+        if latest_checkpoint(folder / "run") is not None and (folder / LAUNCH).is_file():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return int(read_json(folder / LAUNCH, "job launch record")["processes"])
+        return processes_for(int(hp["batch_size"]), self.cfg.processes_per_job)
+
+    def _run_locked(self, job: Job, folder: Path, lock_fd: int) -> str:
         from ..audit import verify
-        from ..data import ImageCaptionFolder, ImageTransform
-        from ..finetuning import FinetuneConfig, finetune
         from ..guard import Guard
-        from ..training import TrainConfig, latest_checkpoint
+        from ..io import atomic_write_json, read_json
+        from ..training import latest_checkpoint
 
         hp = job.hyperparameters
         run_dir = folder / "run"
-        self.event(job.id, f"attempt {job.attempts} started on worker {self.worker_id}")
+        processes = self._processes(folder, hp)
+        self.event(job.id, f"attempt {job.attempts} started on worker {self.worker_id}"
+                   + (f" with {processes} processes" if processes > 1 else ""))
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None:
             self.event(job.id, f"resuming from checkpoint {ckpt.name}")
-        guard = Guard.load(self.cfg.guard)
-        model = load_base_model(self.cfg.model)
-        data = ImageCaptionFolder(folder / "data", ImageTransform(model.resolution))
-        config = FinetuneConfig(
-            method=hp["method"], lora_rank=int(hp["lora_rank"]),
-            train=TrainConfig(max_steps=int(hp["steps"]), batch_size=int(hp["batch_size"]),
-                              learning_rate=float(hp["learning_rate"]), seed=int(hp["seed"]),
-                              checkpoint_every=self.cfg.checkpoint_every, progress=False),
-        )
-        progress = _Progress()
-        with self._heartbeat(job, run_dir, progress):
-            result = finetune(model, data, guard=guard, config=config, output_dir=run_dir, callbacks=[progress])
+        atomic_write_json(folder / LAUNCH, {"config": self.cfg.to_dict(), "hyperparameters": hp,
+                                            "processes": processes})
+        (run_dir / SAMPLES).unlink(missing_ok=True)
+        if processes == 1:
+            progress = _Progress()
+            with self._heartbeat(job, run_dir, progress.snapshot, self._sigint_self):
+                train_job(self.cfg, folder, hp, 1, callbacks=[progress])
+        else:
+            self._launch(job, folder, processes, lock_fd)
         if self._stop_reason:
             raise _Stop(self._stop_reason)
 
         # The gate: nothing is published unless the written derivative passes the auditor.
+        guard = Guard.load(self.cfg.guard)
         derivative = run_dir / "lora" / LORA_FILE if hp["method"] == "lora" else run_dir / "model"
         report = verify(derivative, guard)
         if not report.compliant:
@@ -219,20 +276,18 @@ class Worker:
                              error_message="the fine-tuned model fails the guard audit; nothing is released: "
                              + report.describe(limit=5))
         self.event(job.id, f"verify: {report.describe()}")
-        record = result.record()
-        self._publish(job, folder, run_dir, derivative, model, data, report, record)
+        record = read_json(run_dir / "finetune.json", "fine-tuning record")
+        self._publish(folder, run_dir, derivative, report)
         metrics = record["metrics"]
         summary = savings(record, len(guard.frozen))
-        summary["resumed_from_step"] = result.train.resumed_from
-        losses = result.train.losses
-        return self._end(job, "succeeded", message=f"{hp['steps']} steps, final loss {losses[-1]:.4f}" if losses else None,
-                         step=int(hp["steps"]), loss=losses[-1] if losses else None,
-                         result={"savings": summary, "audit": report.to_dict(),
+        summary["resumed_from_step"] = metrics["resumed_from"]
+        last = (metrics.get("loss") or {}).get("last")
+        return self._end(job, "succeeded", message=f"{hp['steps']} steps, final loss {last:.4f}"
+                         if last is not None else None, step=int(hp["steps"]), loss=last,
+                         result={"savings": summary, "audit": report.to_dict(), "processes": metrics["world_size"],
                                  "step_time_s": metrics.get("step_time_s"), "device": metrics.get("device")})
 
-    def _publish(self, job: Job, folder: Path, run_dir: Path, derivative: Path, model: Any, data: Any,
-                 report: Any, record: dict[str, Any]) -> None:
-        from ..images import save_grid
+    def _publish(self, folder: Path, run_dir: Path, derivative: Path, report: Any) -> None:
         from ..io import atomic_directory, atomic_write_json
 
         with atomic_directory(folder / "artifacts", overwrite=True) as tmp:
@@ -242,54 +297,141 @@ class Worker:
                 _zip_dir(derivative, tmp / "model.zip")
             shutil.copy2(run_dir / "finetune.json", tmp / "finetune.json")
             atomic_write_json(tmp / "verify.json", report.to_dict())
-            n = min(self.cfg.sample_images, len(data))
-            if n:
-                import torch
-
-                with torch.no_grad():
-                    images = model.sample(list(data.captions[:n]), seed=int(job.hyperparameters["seed"]),
-                                          num_inference_steps=self.cfg.sample_steps)
-                save_grid(images, tmp / "samples.png", nrow=n, scale=max(1, 128 // model.resolution))
+            if (run_dir / SAMPLES).is_file():
+                shutil.copy2(run_dir / SAMPLES, tmp / SAMPLES)
             files = sorted(p for p in tmp.iterdir() if p.is_file())
             atomic_write_json(tmp / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                                                for p in files})
 
+    # ------------------------------------------------------------------ the launched path
+    def _launch(self, job: Job, folder: Path, processes: int, lock_fd: int) -> None:
+        """Train the job as `processes` torchrun ranks of `service.jobrun`; returns when they are done."""
+        from ..io import read_json
+
+        for stale in (folder / STOP, folder / PROGRESS, *folder.glob(OUTCOME.format(rank="*"))):
+            stale.unlink(missing_ok=True)
+        env = {**os.environ, WORKER_PID_ENV: str(os.getpid())}
+        if self.cfg.devices:
+            env["CUDA_VISIBLE_DEVICES"] = self.cfg.devices
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "freezeasguard.service.jobrun", str(folder)]
+        with open(folder / TRAIN_LOG, "ab") as log:
+            # Own session: a Ctrl-C at the worker's terminal reaches the worker, which stops the job cleanly,
+            # not torchrun. The lock's descriptor is inherited, so the folder stays locked while torchrun lives.
+            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, pass_fds=(lock_fd,))
+            try:
+                with self._heartbeat(job, folder / "run", _ProgressFile(folder).snapshot,
+                                     lambda: (folder / STOP).touch()):
+                    rc = self._wait(proc, folder)
+            finally:
+                if proc.poll() is None:
+                    _kill(proc)
+        if self._stop_reason:
+            return
+        outcomes = {int(p.name.split(".")[1]): p for p in folder.glob(OUTCOME.format(rank="*"))}
+        for rank in sorted(outcomes):
+            outcome = read_json(outcomes[rank], "rank outcome")
+            if outcome.get("status") == "failed":
+                raise _Failed(outcome.get("code", "internal_error"), outcome.get("message", "training failed"))
+        if rc != 0 or 0 not in outcomes:
+            tail = (folder / TRAIN_LOG).read_bytes()[-4000:].decode("utf-8", "replace")
+            print(f"worker {self.worker_id}: job {job.id}: training processes exited with code {rc}:\n{tail}",
+                  file=sys.stderr)
+            raise RuntimeError(f"the training processes exited with code {rc} without a result")
+
+    def _wait(self, proc: subprocess.Popen, folder: Path) -> int:
+        """Wait for the launch; once the job must stop, give it STOP_GRACE_S to checkpoint, then kill it."""
+        deadline: float | None = None
+        while True:
+            try:
+                return proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            except KeyboardInterrupt:  # Ctrl-C (or SIGINT) at the worker: requeue; a second one kills
+                if deadline is not None:
+                    _kill(proc)
+                    return proc.wait()
+                self._stop_reason = self._stop_reason or "shutdown"
+                (folder / STOP).touch()
+            if self._stop_reason and deadline is None:
+                deadline = time.monotonic() + STOP_GRACE_S
+            if deadline is not None and time.monotonic() > deadline:
+                _kill(proc)
+                return proc.wait()
+
+    # ------------------------------------------------------------------ heartbeat
     @contextlib.contextmanager
-    def _heartbeat(self, job: Job, run_dir: Path, progress: Any) -> Iterator[None]:
+    def _heartbeat(self, job: Job, run_dir: Path, progress: Callable[[], tuple[int | None, float | None]],
+                   interrupt: Callable[[], None]) -> Iterator[None]:
         stop = threading.Event()
         seen = {"ckpt": _checkpoint_step(run_dir)}
 
         def beat() -> None:
             with self.sessions() as s:
                 while not stop.wait(self.cfg.heartbeat_seconds):
+                    step, loss = progress()
                     try:
                         ours, cancel = heartbeat(s, job.id, self.worker_id, self.cfg.lease_seconds,
-                                                 step=progress.step, loss=progress.loss)
+                                                 step=step, loss=loss)
                         ckpt = _checkpoint_step(run_dir)
                         if ckpt > seen["ckpt"]:
                             seen["ckpt"] = ckpt
-                            loss = "" if progress.loss is None else f": loss {progress.loss:.4f}"
-                            add_event(s, job.id, f"step {progress.step}/{job.total_steps}{loss}; checkpoint at "
-                                      f"step {ckpt}")
+                            shown = "" if loss is None else f": loss {loss:.4f}"
+                            add_event(s, job.id, f"step {step}/{job.total_steps}{shown}; checkpoint at step {ckpt}")
                             s.commit()
                     except Exception:  # noqa: BLE001 - a database hiccup: retry at the next beat
                         s.rollback()
                         continue
-                    reason = "lost" if not ours else "cancel" if cancel else None
+                    reason = ("lost" if not ours else "cancel" if cancel else
+                              "timeout" if self._over_time(job) else None)
                     if reason and self._stop_reason is None:
                         self._stop_reason = reason
                         if self._training:
-                            os.kill(os.getpid(), signal.SIGINT)  # the loop checkpoints and stops
+                            interrupt()
 
         thread = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+        self._interrupt = interrupt
         self._training = True
         thread.start()
         try:
             yield
         finally:
             self._training = False
+            self._interrupt = self._sigint_self
             stop.set()
             thread.join()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """End a launch: SIGTERM to torchrun (which stops its ranks), then SIGKILL to it and every descendant."""
+    kids = descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *kids]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+class _ProgressFile:
+    """Step and loss of a launched job, as its rank 0 last wrote them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / PROGRESS
+
+    def snapshot(self) -> tuple[int | None, float | None]:
+        import json
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None, None
+        return data.get("step"), data.get("loss")
 
 
 class _Progress(TrainCallback):
@@ -306,6 +448,9 @@ class _Progress(TrainCallback):
 
     def on_step_end(self, ctx: Any) -> None:
         self.step, self.loss = ctx.step, ctx.loss
+
+    def snapshot(self) -> tuple[int | None, float | None]:
+        return self.step, self.loss
 
 
 def _checkpoint_step(run_dir: Path) -> int:

@@ -1,0 +1,145 @@
+"""Jobs trained by several processes: the worker launches `service.jobrun` under torchrun (gloo on CPU here,
+one process per GPU on a publisher's machine). Progress, cancel, kill -9 and resumption hold as for one process,
+and no launched process outlives its job or its worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from service_helpers import Api, guarded_model, service_config  # noqa: E402,F401
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def _ranks_of(folder: Path) -> list[int]:
+    """Live processes (the torchrun agent and its ranks) training this job folder."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if b"freezeasguard.service.jobrun" in cmdline and str(folder).encode() in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _status(api: Api, headers: dict[str, str], job_id: str) -> dict:
+    return api.client.get(f"/v1/fine-tunes/{job_id}", headers=headers).json()
+
+
+def test_two_process_job_survives_kill_9_of_its_worker_and_finishes_verified(service_config, guarded_model, tmp_path):
+    from freezeasguard.audit import verify
+    from freezeasguard.guard import Guard, unet_tensors
+    from freezeasguard.model import DiffusionModel
+    from freezeasguard.service.worker import Worker
+
+    cfg = service_config(processes_per_job=2, lease_seconds=1.5, heartbeat_seconds=0.2)
+    api = Api(cfg)
+    headers = api.key()
+    job_id = api.submit(headers, method="full", steps=30, batch_size=2, learning_rate=1e-3).json()["id"]
+    config = tmp_path / "service.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen([sys.executable, "-m", "freezeasguard", "worker", "--config", str(config)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    folder = cfg.root / "jobs" / job_id
+    try:
+        # Progress written by the launched rank 0 reaches the job row through the worker's heartbeat.
+        job = _wait_for(lambda: (j := _status(api, headers, job_id))["step"] >= 2 and j, 180,
+                        f"step 2 ({(tmp_path / 'worker.log').read_text()[-2000:]})")
+        assert job["status"] == "running" and job["step"] < 30, job
+        assert len(_ranks_of(folder)) == 3  # torchrun and two ranks
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        # The ranks die with their worker: nothing keeps training the folder a successor will resume.
+        # (Left running they would train on for seconds and finish the job unsupervised; 5 s is far longer
+        # than the kernel and the ranks' watch need.)
+        _wait_for(lambda: not _ranks_of(folder), 5, "the launched processes to die with their worker")
+        assert not (folder / "run" / "finetune.json").exists()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        log.close()
+        for pid in _ranks_of(folder):  # a failed check must not leave processes behind
+            os.kill(pid, signal.SIGKILL)
+
+    time.sleep(cfg.lease_seconds)  # the dead worker's lease runs out
+    assert Worker(cfg, worker_id="second").run(exit_when_idle=True) == 1
+    job = _status(api, headers, job_id)
+    assert job["status"] == "succeeded", (job["error"], (folder / "train.log").read_text()[-3000:])
+    assert job["attempts"] == 2 and job["step"] == 30 and job["result"]["processes"] == 2
+    assert job["result"]["savings"]["resumed_from_step"] >= 2
+    record = json.loads(api.client.get(f"/v1/fine-tunes/{job_id}/artifacts/finetune.json", headers=headers).content)
+    assert record["metrics"]["world_size"] == 2 and record["metrics"]["global_batch"] == 2
+    assert record["config"]["train"]["batch_size"] == 1  # the job's batch of 2, split over two processes
+    r = api.client.get(f"/v1/fine-tunes/{job_id}/artifacts/model.zip", headers=headers)
+    import io
+    import zipfile
+
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path / "derivative")
+    guard = Guard.load(guarded_model[1])
+    assert verify(tmp_path / "derivative", guard).compliant
+    tuned = unet_tensors(DiffusionModel.from_pretrained(tmp_path / "derivative").unet)
+    base = unet_tensors(DiffusionModel.from_pretrained(guarded_model[0]).unet)
+    assert all(tuned[n].equal(base[n]) for n in guard.frozen)
+    assert any(not tuned[n].equal(base[n]) for n in base if n not in set(guard.frozen))
+    assert not _ranks_of(folder)
+
+
+def test_cancel_of_a_two_process_job_stops_every_process(service_config):
+    from freezeasguard.service.worker import Worker
+
+    api = Api(service_config(processes_per_job=2))
+    headers = api.key()
+    job_id = api.submit(headers, method="lora", steps=2000, batch_size=2).json()["id"]
+    folder = api.cfg.root / "jobs" / job_id
+    seen: dict[str, list[int]] = {}
+
+    def cancel_when_running() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if _status(api, headers, job_id)["step"] >= 2:
+                seen["ranks"] = _ranks_of(folder)
+                api.client.post(f"/v1/fine-tunes/{job_id}/cancel", headers=headers)
+                return
+            time.sleep(0.05)
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    Worker(api.cfg).run(exit_when_idle=True)
+    canceller.join()
+    job = _status(api, headers, job_id)
+    assert job["status"] == "cancelled", (job, (folder / "train.log").read_text()[-3000:])
+    assert 2 <= job["step"] < 2000
+    assert len(seen["ranks"]) == 3
+    assert not _ranks_of(folder)
+    assert all(not Path(f"/proc/{pid}").exists() or (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+                                                      .split()[0] == "Z") for pid in seen["ranks"])
+    assert api.client.get(f"/v1/fine-tunes/{job_id}/artifacts", headers=headers).status_code == 409
