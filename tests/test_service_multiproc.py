@@ -113,7 +113,9 @@ def test_two_process_job_survives_kill_9_of_its_worker_and_finishes_verified(ser
     assert not _ranks_of(folder)
 
 
-def test_cancel_of_a_two_process_job_stops_every_process(service_config):
+def test_sigterm_requeues_a_two_process_job_that_resumes_and_cancel_stops_every_process(service_config):
+    """SIGTERM to the worker: the ranks checkpoint and stop, the job is requeued; the next worker resumes it
+    from that checkpoint, and a cancel then stops it at a step boundary. Neither leaves a process behind."""
     from freezeasguard.service.worker import Worker
 
     api = Api(service_config(processes_per_job=2))
@@ -122,23 +124,39 @@ def test_cancel_of_a_two_process_job_stops_every_process(service_config):
     folder = api.cfg.root / "jobs" / job_id
     seen: dict[str, list[int]] = {}
 
-    def cancel_when_running() -> None:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if _status(api, headers, job_id)["step"] >= 2:
-                seen["ranks"] = _ranks_of(folder)
-                api.client.post(f"/v1/fine-tunes/{job_id}/cancel", headers=headers)
-                return
-            time.sleep(0.05)
+    def act_at(step: int, action) -> threading.Thread:
+        def watch() -> None:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                if _status(api, headers, job_id)["step"] >= step:
+                    seen.setdefault("ranks", []).extend(_ranks_of(folder))
+                    action()
+                    return
+                time.sleep(0.05)
 
-    canceller = threading.Thread(target=cancel_when_running)
-    canceller.start()
-    Worker(api.cfg).run(exit_when_idle=True)
-    canceller.join()
+        t = threading.Thread(target=watch)
+        t.start()
+        return t
+
+    # main thread: the worker's signal handling needs it
+    t = act_at(2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    Worker(api.cfg, worker_id="first").run(exit_when_idle=True)
+    t.join()
+    job = _status(api, headers, job_id)
+    assert job["status"] == "queued" and 2 <= job["step"] < 2000, (job, (folder / "train.log").read_text()[-3000:])
+    assert not _ranks_of(folder)
+    stopped_at = job["step"]
+
+    t = act_at(stopped_at + 2, lambda: api.client.post(f"/v1/fine-tunes/{job_id}/cancel", headers=headers))
+    Worker(api.cfg, worker_id="second").run(exit_when_idle=True)
+    t.join()
     job = _status(api, headers, job_id)
     assert job["status"] == "cancelled", (job, (folder / "train.log").read_text()[-3000:])
-    assert 2 <= job["step"] < 2000
-    assert len(seen["ranks"]) == 3
+    assert stopped_at + 2 <= job["step"] < 2000 and job["attempts"] == 2
+    messages = [e["message"] for e in api.client.get(f"/v1/fine-tunes/{job_id}/events", headers=headers).json()["data"]]
+    resumed = [int(m.rsplit("-", 1)[1]) for m in messages if m.startswith("resuming from checkpoint step-")]
+    assert resumed and resumed[0] >= stopped_at, messages  # the checkpoint SIGTERM made
+    assert len(seen["ranks"]) == 6  # torchrun and two ranks, each attempt
     assert not _ranks_of(folder)
     assert all(not Path(f"/proc/{pid}").exists() or (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
                                                       .split()[0] == "Z") for pid in seen["ranks"])
