@@ -2,7 +2,8 @@
 
 The job table is also the queue. A worker claims a job with one conditional UPDATE (`status='queued'`, or
 `running` with an expired lease) and owns it while it renews the lease; the database serialises the claims,
-so two workers can never both win the same job, on SQLite or on PostgreSQL. Times are Unix seconds (floats)
+so two workers can never both win the same job, on SQLite or on PostgreSQL (where the candidate is first
+selected FOR UPDATE SKIP LOCKED, so concurrent workers pick different jobs). Times are Unix seconds (floats)
 so lease arithmetic is the same on every backend.
 """
 
@@ -187,8 +188,11 @@ def claim(session: Session, worker_id: str, guard_digest: str, lease_seconds: fl
     for _ in range(5):  # another worker may win the candidate between the SELECT and the UPDATE
         now = time.time()
         claimable = ((Job.status == "queued") | ((Job.status == "running") & (Job.lease_expires_at < now)))
+        # PostgreSQL (and other servers with row locks): lock the candidate and skip rows other workers are
+        # claiming this instant, so concurrent workers take different jobs instead of racing for the oldest.
+        # SQLite has no row locks (SQLAlchemy leaves the clause out); its single writer serialises claims.
         candidate = session.scalar(select(Job.id).where(claimable, Job.guard_digest == guard_digest)
-                                   .order_by(Job.created_at).limit(1))
+                                   .order_by(Job.created_at).limit(1).with_for_update(skip_locked=True))
         if candidate is None:
             session.rollback()
             return None
