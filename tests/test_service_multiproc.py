@@ -161,3 +161,33 @@ def test_sigterm_requeues_a_two_process_job_that_resumes_and_cancel_stops_every_
     assert all(not Path(f"/proc/{pid}").exists() or (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
                                                       .split()[0] == "Z") for pid in seen["ranks"])
     assert api.client.get(f"/v1/fine-tunes/{job_id}/artifacts", headers=headers).status_code == 409
+
+
+def test_a_failing_two_process_job_reports_the_ranks_error_code(service_config, tiny_latent_dir, tmp_path):
+    """A rank's exception reaches the job as the same error code the in-process path gives (here the publisher's
+    guard belongs to another model: a service error), through the ranks' outcome files."""
+    from freezeasguard.guard import Guard
+    from freezeasguard.model import DiffusionModel
+    from freezeasguard.service.worker import Worker
+
+    other = tmp_path / "other-guard.json"
+    Guard.random(DiffusionModel.from_pretrained(tiny_latent_dir).unet, 0.3, seed=0).save(other)
+    api = Api(service_config(guard=str(other), processes_per_job=2))
+    headers = api.key()
+    job_id = api.submit(headers, batch_size=2).json()["id"]
+    Worker(api.cfg).run(exit_when_idle=True)
+    job = _status(api, headers, job_id)
+    assert job["status"] == "failed" and job["error"]["code"] == "service_error", job["error"]
+    assert "guard" in job["error"]["message"]
+    assert not _ranks_of(api.cfg.root / "jobs" / job_id)
+
+
+def test_processes_split_the_jobs_batch_evenly():
+    from freezeasguard.service.config import ServiceConfig
+    from freezeasguard.service.jobrun import processes_for
+
+    assert [processes_for(b, 2) for b in (1, 2, 3, 4)] == [1, 2, 1, 2]
+    assert [processes_for(b, 4) for b in (4, 6, 7, 8, 9)] == [4, 3, 1, 4, 3]
+    assert processes_for(5, 1) == 1
+    with pytest.raises(ValueError, match="processes_per_job"):
+        ServiceConfig(guard="g.json", processes_per_job=0)
