@@ -329,11 +329,14 @@ class Worker:
                     _kill(proc)
         if self._stop_reason:
             return
-        outcomes = {int(p.name.split(".")[1]): p for p in folder.glob(OUTCOME.format(rank="*"))}
+        outcomes = {int(p.name.split(".")[1]): read_json(p, "rank outcome")
+                    for p in folder.glob(OUTCOME.format(rank="*"))}
         for rank in sorted(outcomes):
-            outcome = read_json(outcomes[rank], "rank outcome")
-            if outcome.get("status") == "failed":
-                raise _Failed(outcome.get("code", "internal_error"), outcome.get("message", "training failed"))
+            if outcomes[rank].get("status") == "failed":
+                raise _Failed(outcomes[rank].get("code", "internal_error"),
+                              outcomes[rank].get("message", "training failed"))
+        if outcomes.get(0, {}).get("status") == "stopped":  # interrupted from outside the worker: requeue
+            raise _Stop("shutdown")
         if rc != 0 or 0 not in outcomes:
             tail = (folder / TRAIN_LOG).read_bytes()[-4000:].decode("utf-8", "replace")
             print(f"worker {self.worker_id}: job {job.id}: training processes exited with code {rc}:\n{tail}",
