@@ -71,22 +71,27 @@ def pg_server():
 
 
 @pytest.fixture
-def pg_url(pg_server):
-    """A new, empty database on the server: its SQLAlchemy URL."""
+def new_pg_api(pg_server, service_config, tmp_path):
+    """Factory: an Api on a new, empty database of the server (and its own data folder)."""
     import psycopg
 
     sock, port = pg_server
-    name = "fag_" + uuid.uuid4().hex[:12]
-    with psycopg.connect(host=sock, port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return f"postgresql+psycopg://postgres@/{name}?host={sock}&port={port}"
+
+    def make() -> Api:
+        name = "fag_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(host=sock, port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        api = Api(service_config(database=f"postgresql+psycopg://postgres@/{name}?host={sock}&port={port}",
+                                 data_dir=str(tmp_path / name)))
+        assert api.app.state.engine.dialect.name == "postgresql"
+        return api
+
+    return make
 
 
 @pytest.fixture
-def pg_api(service_config, pg_url):
-    api = Api(service_config(database=pg_url))
-    assert api.app.state.engine.dialect.name == "postgresql"
-    return api
+def pg_api(new_pg_api):
+    return new_pg_api()
 
 
 def test_round_trip_on_postgresql(pg_api):
@@ -153,3 +158,13 @@ def test_claims_are_atomic_on_postgresql(pg_api):
     with S() as s:
         assert s.scalar(select(func.count()).select_from(Job).where(Job.status == "queued")) == 0
         assert s.scalar(select(func.max(Job.attempts))) == 1
+
+
+def test_sqlite_suite_leases_auth_quotas_and_cancel_on_postgresql(new_pg_api):
+    """The SQLite tests of leases, tenancy, quotas and cancellation, run as they are on PostgreSQL."""
+    import test_service
+
+    test_service.test_claims_are_exclusive_and_an_expired_lease_moves_the_job(new_pg_api())
+    test_service.test_auth_missing_invalid_revoked_and_other_tenant(new_pg_api())
+    test_service.test_steps_per_day_quota(new_pg_api())
+    test_service.test_cancel_a_queued_job_and_a_finished_one(new_pg_api())
