@@ -191,3 +191,19 @@ def test_processes_split_the_jobs_batch_evenly():
     assert processes_for(5, 1) == 1
     with pytest.raises(ValueError, match="processes_per_job"):
         ServiceConfig(guard="g.json", processes_per_job=0)
+
+
+def test_more_processes_than_gpus_is_refused_at_worker_start(service_config, monkeypatch):
+    import torch
+
+    from freezeasguard.service.worker import Worker
+
+    service_config().root.mkdir(parents=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="processes_per_job 2 exceeds the 1 GPU"):
+        Worker(service_config(processes_per_job=2))
+    with pytest.raises(ValueError, match="devices '3'"):
+        Worker(service_config(processes_per_job=2, devices="3"))
+    Worker(service_config(processes_per_job=2, devices="2,3"))
+    Worker(service_config(processes_per_job=1))

@@ -98,6 +98,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def visible_gpus(cfg: ServiceConfig) -> int:
+    """GPUs a worker's launched jobs can use (0: none, the processes share the CPUs)."""
+    if cfg.devices:
+        return len([d for d in cfg.devices.split(",") if d.strip()])
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 class _Stop(Exception):
     """The job must stop: `reason` is 'cancel', 'lost' (another worker owns it), 'timeout' or 'shutdown'."""
 
@@ -120,6 +129,11 @@ class Worker:
         self.engine = make_engine(cfg.database_url)
         self.sessions = session_factory(self.engine)
         self.guard_digest = file_sha256(cfg.guard)
+        gpus = visible_gpus(cfg) if cfg.processes_per_job > 1 else 0
+        if gpus and cfg.processes_per_job > gpus:  # one process per GPU: more would fail at their first step
+            raise ValueError(f"processes_per_job {cfg.processes_per_job} exceeds the {gpus} GPU(s) this worker sees "
+                             f"({'devices ' + repr(cfg.devices) if cfg.devices else 'CUDA_VISIBLE_DEVICES'}); "
+                             "lower it or list more devices")
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self._stop_reason: str | None = None
         self._training = False
