@@ -141,3 +141,12 @@ def test_an_older_database_gains_the_new_columns(tmp_path):
     assert "expired_at" in {c["name"] for c in sa.inspect(again).get_columns("jobs")}
     with again.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM api_keys")).scalar() == 1
+
+
+def test_jobs_status_shows_retention():
+    from freezeasguard.cli.jobs_cmd import _describe
+
+    job = {"id": "ftjob-1", "status": "succeeded", "step": 2, "total_steps": 2, "expires_at": 86400.0 * 365}
+    assert "files kept until 1971-01-01 00:00 UTC" in _describe(job)
+    assert "files deleted 1970-01-02 00:00 UTC" in _describe({**job, "expired_at": 86400.0})
+    assert "files" not in _describe({**job, "expires_at": None})

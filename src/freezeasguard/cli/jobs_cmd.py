@@ -51,7 +51,17 @@ def _describe(job: dict[str, Any]) -> str:
         line += (f"\n  trained {s['trainable_parameters']:,} of {s['full_finetune_parameters']:,} UNet parameters "
                  f"({s['trainable_fraction']:.1%}); optimizer state {s['optimizer_state_bytes']:,} B "
                  f"(full fine-tuning: ~{s['full_finetune_optimizer_state_bytes_estimate']:,} B)")
+    if job.get("expired_at") is not None:
+        line += f"\n  files deleted {_utc(job['expired_at'])} (the publisher's retention period)"
+    elif job.get("expires_at") is not None:
+        line += f"\n  files kept until {_utc(job['expires_at'])}"
     return line
+
+
+def _utc(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
 
 
 @jobs_app.command("submit")

@@ -268,7 +268,8 @@ class Worker:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None:
             self.event(job.id, f"resuming from checkpoint {ckpt.name}")
-        atomic_write_json(folder / LAUNCH, {"config": self.cfg.to_dict(), "hyperparameters": hp,
+        # The ranks never touch the database: its URL (credentials, maybe) stays out of the job folder.
+        atomic_write_json(folder / LAUNCH, {"config": {**self.cfg.to_dict(), "database": ""}, "hyperparameters": hp,
                                             "processes": processes})
         (run_dir / SAMPLES).unlink(missing_ok=True)
         if processes == 1:
