@@ -4,8 +4,11 @@
 worker then verifies and publishes. With `processes_per_job > 1` the worker launches this module under
 torchrun (`python -m torch.distributed.run --standalone --nproc_per_node N -m freezeasguard.service.jobrun
 <job folder>`): every rank runs `train_job` (finetune makes its own Accelerator, so the ranks join one
-data-parallel run and only the main process writes), and the ranks talk to the worker through small files in
-the job folder, never through the database:
+data-parallel run and only the main process writes). torchrun rather than `accelerate launch`: it ships with
+torch and takes everything from its command line, while `accelerate launch` also reads the machine's accelerate
+config file, so the same worker setting could launch differently on two machines; the Accelerator inside picks
+torchrun's environment up either way. The ranks talk to the worker through small files in the job folder, never
+through the database:
 
 - `launch.json` (worker -> ranks): the service config, the hyperparameters and the process count;
 - `progress.json` (rank 0 -> worker): step and loss, rewritten atomically at most every PROGRESS_EVERY_S;
