@@ -207,3 +207,30 @@ def test_more_processes_than_gpus_is_refused_at_worker_start(service_config, mon
         Worker(service_config(processes_per_job=2, devices="3"))
     Worker(service_config(processes_per_job=2, devices="2,3"))
     Worker(service_config(processes_per_job=1))
+
+
+def test_kill_ends_a_launch_and_its_ranks_in_their_own_sessions():
+    """The last resort for a launch that will not stop: its ranks run in sessions of their own (as torchrun
+    starts them), and a launcher that ignores SIGTERM is killed with all of them."""
+    from freezeasguard.service.worker import _kill, descendants
+
+    launcher = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "[subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True) "
+                "for _ in range(2)]; time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], start_new_session=True)
+    ranks = _wait_for(lambda: len(d := descendants(proc.pid)) == 2 and d, 30, "two ranks")
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    try:
+        _kill(proc, grace=0.5)
+        assert proc.returncode == -signal.SIGKILL
+        _wait_for(lambda: all(gone(p) for p in ranks), 10, "the ranks to die")
+    finally:
+        for pid in [proc.pid, *ranks]:  # they ignore SIGTERM (inherited): never leave them behind
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -421,13 +421,14 @@ class Worker:
             thread.join()
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """End a launch: SIGTERM to torchrun (which stops its ranks), then SIGKILL to it and every descendant."""
+def _kill(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End a launch: SIGTERM to torchrun (which stops its ranks), then, after `grace` seconds, SIGKILL to it and
+    every descendant it had (the ranks run in sessions of their own, so no process-group signal reaches them)."""
     kids = descendants(proc.pid)
     with contextlib.suppress(ProcessLookupError):
         proc.terminate()
     try:
-        proc.wait(10)
+        proc.wait(grace)
     except subprocess.TimeoutExpired:
         pass
     for pid in [proc.pid, *kids]:
