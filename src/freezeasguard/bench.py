@@ -84,19 +84,23 @@ ALL_METHODS = ["none", "random", "importance-change", "importance-grad", "import
 FRONTIER_METHODS = ["none", "random", "importance-ratio", "freeze-cross-attention", "freeze-resnets",
                     "freeze-time-embedding", "guard"]
 PROFILES = {
-    # quick: the relearn scenarios sized for a 2-core CPU (each setting: the taught base and its release, then 9
-    # cells of 400 illegal + 800 legal user steps; estimated at about 3 h from the demo's measured cell times,
-    # docs/results.md says what it took): the frontier at 0.3 and 0.5 for the guard, random and importance
-    # freezing, two component baselines; curves for full fine-tuning, random freezing and the guard at 0.3.
+    # quick: the relearn scenarios sized for a 2-core CPU (each setting: the taught base and its release, then 10
+    # cells of 400 illegal + 800 legal user steps; figures seed 0's 9 cells took 41 min uncontended, 65 min as
+    # measured on a shared machine, docs/results.md): the frontier at 0.3 and 0.5 for the guard, random and
+    # importance freezing, two component baselines, and all cross-attention released with immunised values;
+    # curves for full fine-tuning, random freezing, the guard at 0.3 and the immunised cross-attention.
     # Legal users run 800 steps: on figures seed 0, full fine-tuning's legal-near rate was 79 / 90 / 94% at
     # 400 / 800 / 1600 steps and legal-far 96 / 92 / 97% (its plateau from 400 on).
     "quick": BenchProfile("quick", ["figures", "artstyle"],
-                          ["none", "random", "importance-ratio", "freeze-cross-attention", "freeze-resnets", "guard"],
+                          ["none", "random", "importance-ratio", "freeze-cross-attention", "freeze-resnets", "guard",
+                           "freeze-cross-attention+immunise"],
                           [0.3, 0.5], [0, 1], legal_steps=800, n_samples=100,
+                          curve_cells=["none", "random@0.3", "guard@0.3", "freeze-cross-attention+immunise"],
                           curve_steps=[25, 50, 100, 200, 400], legal_curve_steps=[200, 400]),
     # full: every method, the whole frontier, three seeds, longer curves: for a GPU.
     "full": BenchProfile("full", ["figures", "artstyle", "figures-scratch", "artstyle-scratch"],
-                         FRONTIER_METHODS + ["importance-change", "importance-grad", "imma", "guard+uce"],
+                         FRONTIER_METHODS + ["importance-change", "importance-grad", "imma", "guard+uce",
+                                             "freeze-cross-attention+immunise", "guard+immunise", "random+immunise"],
                          [0.1, 0.2, 0.3, 0.5, 0.7], [0, 1, 2], legal_steps=1600, n_samples=400,
                          curve_cells=["none", "random@0.3", "importance-ratio@0.3", "guard@0.3", "guard@0.5"],
                          curve_steps=[25, 50, 100, 200, 400, 800, 1600], legal_curve_steps=[200, 400, 800]),

@@ -32,13 +32,15 @@ from .training.config import strict_from_dict
 
 @dataclass
 class ImmuniseConfig:
+    # Defaults: the strongest setting measured (docs/results.md, figures seed 0, all cross-attention frozen):
+    # mitigation 89% at a legal impact of 36% / 41%; legal_weight 5 keeps legal learning whole and mitigates 3%.
     steps: int = 200
-    lr: float = 1e-4  # Adam on the frozen values
+    lr: float = 1e-3  # Adam on the frozen values (1e-4 barely moved them: 4% mean change, 4% mitigation)
     attack_lr: float = 1e-4  # the simulated attacker: the benchmark user's AdamW rate
     reset_every: int = 25  # attacker steps before it restarts from the release
     batch_size: int = 16
     legal_weight: float = 1.0  # the defender's objective: -L_illegal + legal_weight * L_legal
-    max_change: float = 0.05  # per frozen tensor: |released - original| <= max_change * |original|
+    max_change: float = 0.3  # per frozen tensor: |released - original| <= max_change * |original|
 
     def __post_init__(self) -> None:
         for name in ("steps", "reset_every", "batch_size"):
