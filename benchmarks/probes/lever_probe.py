@@ -1,0 +1,29 @@
+"""Issue 11 lever probes (a research script, run from the repository root after the quick grid on figures):
+lever probes on the quick profile's settings (figures, relearn, 400 illegal / 800 legal steps, 100 samples),
+reusing runs/quick's release and base cell (mitigation is against its full fine-tune).
+usage: lever_probe.py NAME METHOD RATIO SEED '{json overrides}'
+overrides: {"immunise": {...}, "learn": {...}} replace fields of the profile's sections."""
+import dataclasses, json, shutil, sys
+from pathlib import Path
+from freezeasguard.bench import PROFILES, run_bench, cell_settings, BENCH_PRODUCTS, cell_key
+name, method, ratio, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+over = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+p = PROFILES["quick"]
+kw = {}
+if "immunise" in over:
+    kw["immunise"] = dataclasses.replace(p.immunise, **over["immunise"])
+if "learn" in over:
+    kw["learn"] = dataclasses.replace(p.learn, **over["learn"])
+p = dataclasses.replace(p, scenarios=["figures"], methods=[method], ratios=[ratio], seeds=[seed],
+                        curve_cells=[f"{method}@{ratio:g}", method], **kw)
+out = Path("runs/probe5") / name
+src = Path("runs/quick")
+if not out.exists():
+    (out / "cells").mkdir(parents=True)
+    shutil.copytree(src / "relearn" / f"figures-seed{seed}", out / "relearn" / f"figures-seed{seed}")
+    for m in ("base",):
+        k = cell_key("figures", seed, m, None)
+        shutil.copy(src / "cells" / f"{k}.json", out / "cells" / f"{k}.json")
+    (out / ".freezeasguard-run.json").write_text(json.dumps({"format": "freezeasguard-run", "command": "bench",
+        "identity": json.loads(json.dumps({"cell_settings": cell_settings(p)}, sort_keys=True)), "products": sorted(BENCH_PRODUCTS)}))
+run_bench(out, p, command=" ".join(sys.argv))
