@@ -285,13 +285,13 @@ def _register_immunised(base: str) -> None:
         chosen = spec.fn(ctx)
         if chosen.guard is None:
             raise ValueError(f"{base}+immunise: {base} released no guard")
-        out = None if ctx.output_dir is None else ctx.output_dir
         info = immunise_frozen(chosen.model, list(chosen.guard.frozen), ctx.illegal, ctx.legal,
-                               ctx.options.immunise_config(), seed=ctx.seed, output_dir=out)
+                               ctx.options.immunise_config(), seed=ctx.seed, output_dir=ctx.output_dir)
         g = chosen.guard
-        guard = Guard.from_names(chosen.model.unet, g.frozen, method=f"{g.method}+immunise", scores=g.scores,
-                                 provenance={**g.provenance, "immunised": True})
-        guard.allow_text_encoder = g.allow_text_encoder
+        guard = dataclasses.replace(
+            Guard.from_names(chosen.model.unet, g.frozen, method=f"{g.method}+immunise", scores=g.scores,
+                             provenance={**g.provenance, "immunised": True}),
+            allow_text_encoder=g.allow_text_encoder)
         return Release(chosen.model, guard, {**chosen.info, **info})
 
     method.__doc__ = f"{base}'s frozen set, released with immunised values (lever 5: hostile to relearning the illegal domain)."
