@@ -355,7 +355,6 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
     rec = recogniser or zoo.load_recogniser()
     cells: dict[str, Any] = {}
     missing_cells: list[str] = []
-    settings = cell_settings(profile)
     # seed-major: an interrupted bench has covered every scenario for the first seeds
     for seed in profile.seeds:
         for name in profile.scenarios:
