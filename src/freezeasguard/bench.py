@@ -85,9 +85,10 @@ FRONTIER_METHODS = ["none", "random", "importance-ratio", "freeze-cross-attentio
                     "freeze-time-embedding", "guard"]
 PROFILES = {
     # quick: the relearn scenarios sized for a 2-core CPU (each setting: the taught base and its release, then 10
-    # cells of 400 illegal + 800 legal user steps; figures seed 0's 9 cells took 41 min uncontended, 65 min as
-    # measured on a shared machine, docs/results.md): the frontier at 0.3 and 0.5 for the guard, random and
-    # importance freezing, two component baselines, and all cross-attention released with immunised values;
+    # cells of 400 illegal + 800 legal user steps; about 60 min per setting measured on figures, so about 4 h in
+    # all, over the 3 h target since the immunised cells came in: docs/results.md): the frontier at 0.3 and 0.5
+    # for the guard, random and importance freezing, two component baselines, and all cross-attention released
+    # with immunised values;
     # curves for full fine-tuning, random freezing, the guard at 0.3 and the immunised cross-attention.
     # Legal users run 800 steps: on figures seed 0, full fine-tuning's legal-near rate was 79 / 90 / 94% at
     # 400 / 800 / 1600 steps and legal-far 96 / 92 / 97% (its plateau from 400 on).
