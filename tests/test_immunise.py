@@ -9,7 +9,7 @@ import torch
 
 from freezeasguard.baselines import METHODS, MethodContext, MethodOptions, _batches, _encoded, _objective, release
 from freezeasguard.guard import Guard, record_match
-from freezeasguard.immunise import ImmuniseConfig, immunise_frozen, pull_into_trust_region_
+from freezeasguard.immunise import ImmuniseConfig, illegal_text_subspace, immunise_frozen, pull_into_trust_region_
 from freezeasguard.tiny import TinySpec, build_tiny_model
 
 
@@ -17,11 +17,12 @@ def _frozen_names(model, share=0.3):
     return list(Guard.random(model.unet, share, seed=3).frozen)
 
 
-def test_only_the_frozen_tensors_change_and_each_stays_in_its_trust_region(toy_data, tmp_path):
+@pytest.mark.parametrize("legal_at", ["attacked", "user"])
+def test_only_the_frozen_tensors_change_and_each_stays_in_its_trust_region(legal_at, toy_data, tmp_path):
     model = build_tiny_model(TinySpec(), seed=0)
     frozen = _frozen_names(model)
     before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
-    cfg = ImmuniseConfig(steps=6, reset_every=3, batch_size=2, lr=1e-2, max_change=0.02)
+    cfg = ImmuniseConfig(steps=6, reset_every=3, batch_size=2, lr=1e-2, max_change=0.02, legal_at=legal_at)
     info = immunise_frozen(model, frozen, toy_data(4), toy_data(4, random_flip=False), cfg, seed=1,
                            output_dir=tmp_path, progress=False)
     after = dict(model.unet.named_parameters())
@@ -95,5 +96,65 @@ def test_immunise_config_refuses_nonsense():
         ImmuniseConfig(max_change=0)
     with pytest.raises(ValueError, match="steps"):
         ImmuniseConfig(steps=0)
+    with pytest.raises(ValueError, match="legal_at"):
+        ImmuniseConfig(legal_at="nowhere")
     with pytest.raises(ValueError, match="unknown"):
         ImmuniseConfig.from_dict({"stepz": 3})
+
+
+def test_a_legal_user_term_takes_the_legal_gradient_at_the_legal_users_model(toy_data):
+    """With a still attacker and a still legal user (rate ~0) both stay at the release, so "user" must give
+    the values "attacked" gives (same batches); a legal user that learns moves the legal gradient elsewhere."""
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    out = {}
+    for legal_at, attack_lr in (("attacked", 1e-12), ("user", 1e-12), ("user", 1e-2)):
+        model = build_tiny_model(TinySpec(), seed=0)
+        frozen = set(_frozen_names(model))
+        cfg = ImmuniseConfig(steps=3, reset_every=3, batch_size=2, lr=1e-2, attack_lr=attack_lr,
+                             legal_weight=5.0, legal_at=legal_at)
+        immunise_frozen(model, sorted(frozen), illegal, legal, cfg, seed=0, progress=False)
+        out[legal_at, attack_lr] = torch.cat([p.detach().flatten() for n, p in model.unet.named_parameters()
+                                              if n in frozen])
+    # Not bit-equal: the user's pass takes grads of the rest too, and Adam turns reduction-order noise on
+    # near-zero gradients into steps of up to lr (measured on 0.02% of the elements); count the elements.
+    def share_moved(a, b):
+        return float(((a - b).abs() > 1e-4).float().mean())
+
+    assert share_moved(out["attacked", 1e-12], out["user", 1e-12]) < 0.01
+    assert share_moved(out["user", 1e-12], out["user", 1e-2]) > 0.1
+
+
+def test_illegal_text_subspace_finds_the_directions_only_illegal_captions_use():
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(200, 8, generator=g) * torch.tensor([0, 0, 1, 1, 1, 1, 1, 1.0])
+    illegal = shared.clone()
+    illegal[:, 0] += 3 * torch.randn(200, generator=g)  # axis 0: illegal only
+    illegal[:, 1] += 0.5 * torch.randn(200, generator=g)  # axis 1: illegal only, weaker
+    legal = shared + 0.01 * torch.randn(200, 8, generator=g)
+    proj, info = illegal_text_subspace(illegal, legal, 1)
+    assert float(proj[0, 0]) > 0.95 and float(torch.diagonal(proj)[2:].max()) < 1e-2
+    proj2, info2 = illegal_text_subspace(illegal, legal, 2)
+    assert torch.allclose(torch.diagonal(proj2)[:2], torch.ones(2), atol=1e-2)
+    assert info2["illegal_energy_share"] > 0.5 and info2["legal_energy_share"] < 1e-3
+    assert info2["energy_ratios"][0] >= info2["energy_ratios"][1] > 1
+    with pytest.raises(ValueError, match="text_subspace"):
+        illegal_text_subspace(illegal, legal, 9)
+
+
+def test_token_selective_immunising_moves_only_key_value_rows_inside_the_illegal_subspace(toy_data):
+    model = build_tiny_model(TinySpec(), seed=0)
+    frozen = sorted(n for n, _ in model.unet.named_parameters() if ".attn2.to_" in n)
+    before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    cfg = ImmuniseConfig(steps=3, reset_every=3, batch_size=2, lr=1e-2, text_subspace=2)
+    info = immunise_frozen(model, frozen, illegal, legal, cfg, seed=0, progress=False)
+    after = dict(model.unet.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
+    proj, _ = illegal_text_subspace(_encoded(model, illegal).embeddings, _encoded(model, legal).embeddings, 2)
+    for n in changed:
+        delta = after[n] - before[n]
+        assert float((delta - delta @ proj).norm()) <= 1e-4 * float(delta.norm())  # rows inside the subspace
+    assert info["text_subspace"]["rank"] == 2
+    with pytest.raises(ValueError, match="K/V"):
+        immunise_frozen(model, [n for n in frozen if ".to_q." in n], illegal, legal, cfg, seed=0, progress=False)

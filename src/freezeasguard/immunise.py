@@ -16,7 +16,11 @@ One round, `steps` times:
 The trainable rest is restored to the release at the end: only F changes, and the guard records F's new
 values.
 
-Cost: three forward/backward passes of the UNet per step, no model copy beyond the rest's release values.
+With `legal_at="user"` a simulated legal user (its own copy of the rest, its own AdamW, reset with the
+attacker) takes a step on a legal batch each round, and L_legal is taken at its model instead.
+
+Cost: three forward/backward passes of the UNet per step (four with a legal user), no model copy beyond the
+rest's release values (and the legal user's copy).
 """
 
 from __future__ import annotations
@@ -41,14 +45,27 @@ class ImmuniseConfig:
     batch_size: int = 16
     legal_weight: float = 1.0  # the defender's objective: -L_illegal + legal_weight * L_legal
     max_change: float = 0.3  # per frozen tensor: |released - original| <= max_change * |original|
+    # Where L_legal is taken. "attacked": at the illegal attacker's model (IMMA's form). "user": at a simulated
+    # legal user, a second copy of the rest fine-tuned on the legal sample from the release; legal users learn
+    # concepts the release does not know, so what must survive is their learning, not the release's legal loss.
+    legal_at: str = "attacked"
+    # > 0: token-selective immunisation. Only the cross-attention K/V tensors (the ones that read the text) move,
+    # and only along the `text_subspace` directions of text-embedding space where the publisher's illegal
+    # captions carry the most energy relative to the legal ones (generalised eigenvectors), so that legal
+    # prompts' keys and values stay as released. Other frozen tensors keep their released values.
+    text_subspace: int = 0
 
     def __post_init__(self) -> None:
+        if self.text_subspace < 0:
+            raise ValueError(f"ImmuniseConfig.text_subspace must be >= 0, got {self.text_subspace}")
         for name in ("steps", "reset_every", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ImmuniseConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "attack_lr", "max_change"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ImmuniseConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.legal_at not in ("attacked", "user"):
+            raise ValueError(f"ImmuniseConfig.legal_at must be 'attacked' or 'user', got {self.legal_at!r}")
         if self.legal_weight < 0:
             raise ValueError(f"ImmuniseConfig.legal_weight must be >= 0, got {self.legal_weight}")
 
@@ -77,6 +94,33 @@ def pull_into_trust_region_(values: list[torch.Tensor], origins: list[torch.Tens
                 v.copy_(o + delta * (cap / norm))
 
 
+def illegal_text_subspace(illegal_embeddings: torch.Tensor, legal_embeddings: torch.Tensor, rank: int
+                          ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Orthogonal projector [D, D] onto the `rank` directions of text-embedding space with the largest ratio of
+    illegal to legal energy (over every token the UNet attends to), and how much of each side's energy it
+    holds. Embeddings: [..., D]."""
+    ei = illegal_embeddings.reshape(-1, illegal_embeddings.shape[-1]).double()
+    el = legal_embeddings.reshape(-1, legal_embeddings.shape[-1]).double()
+    d = ei.shape[1]
+    if not 1 <= rank <= d:
+        raise ValueError(f"immunise: text_subspace must be between 1 and the text width {d}, got {rank}")
+    ci, cl = ei.T @ ei / len(ei), el.T @ el / len(el)
+    # A ridge keeps the legal covariance invertible when the legal captions span fewer than D directions.
+    chol = torch.linalg.cholesky(cl + 1e-6 * torch.trace(cl) / d * torch.eye(d, dtype=cl.dtype))
+    inv = torch.linalg.inv(chol)
+    ratios, w = torch.linalg.eigh(inv @ ci @ inv.T)
+    directions = inv.T @ w.flip(1)[:, :rank]
+    q, _ = torch.linalg.qr(directions)
+    proj = q @ q.T
+
+    def share(e: torch.Tensor) -> float:
+        return float((e @ proj).pow(2).sum() / e.pow(2).sum())
+
+    info = {"rank": rank, "energy_ratios": [float(x) for x in ratios.flip(0)[:rank]],
+            "illegal_energy_share": share(ei), "legal_energy_share": share(el)}
+    return proj.float(), info
+
+
 def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, config: ImmuniseConfig | None = None,
                     *, seed: int = 0, output_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Optimise the values of the UNet tensors `frozen` in place (see the module doc); returns what it did."""
@@ -103,19 +147,43 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     for p in objective.parameters():
         p.requires_grad_(False)
     ill, leg = _encoded(model, illegal), _encoded(model, legal)
+    subspace_info: dict[str, Any] | None = None
+    text_width = ill.embeddings.shape[-1] if ill.embeddings is not None else None
+    # Per frozen value: None (free), a projector (K/V rows confined to the illegal subspace) or "hold".
+    confine: list[Any] = [None] * len(values)
+    if cfg.text_subspace:
+        proj, subspace_info = illegal_text_subspace(ill.embeddings, leg.embeddings, cfg.text_subspace)
+        names = sorted(fset)
+        for i, (name, v) in enumerate(zip(names, values)):
+            reads_text = (".attn2.to_k." in name or ".attn2.to_v." in name) and v.dim() == 2 and v.shape[1] == text_width
+            confine[i] = proj if reads_text else "hold"
+        if all(c == "hold" for c in confine):
+            raise ValueError("immunise: text_subspace needs cross-attention K/V weights in the frozen set; none found")
     n = cfg.steps
     attack_batches = _batches(ill, n, cfg.batch_size, seed)
     defend_batches = _batches(ill, n, cfg.batch_size, seed + 1)
     legal_batches = _batches(leg, n, cfg.batch_size, seed + 2)
     defender = torch.optim.Adam(values, lr=cfg.lr)
     attacker: torch.optim.Optimizer | None = None
+    legal_user: torch.optim.Optimizer | None = None
+    by_user = cfg.legal_at == "user"
+    # Two states of the rest share the Parameter objects (so each optimizer keeps its own moments): the
+    # attacker's tensors and the legal user's, swapped in through .data.
+    attacker_rest = [p.data for p in rest]
+    user_rest = [r.clone() for r in release_rest] if by_user else []
+
+    def use(state: list[torch.Tensor]) -> None:
+        for p, t in zip(rest, state):
+            p.data = t
+
     history: list[dict[str, float]] = []
     for step in tqdm(range(n), desc="immunise frozen values", disable=not progress, dynamic_ncols=True):
         if step % cfg.reset_every == 0:
             with torch.no_grad():
-                for p, r in zip(rest, release_rest):
-                    p.copy_(r)
+                for t, r in zip(attacker_rest + user_rest, release_rest + release_rest):
+                    t.copy_(r)
             attacker = torch.optim.AdamW(rest, lr=cfg.attack_lr)
+            legal_user = torch.optim.AdamW(rest, lr=cfg.attack_lr) if by_user else None
         for p in rest:
             p.requires_grad_(True)
         for v in values:
@@ -129,13 +197,37 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
         for v in values:
             v.requires_grad_(True)
         l_ill = objective(defend_batches[step])
-        l_leg = objective(legal_batches[step])
-        _set_grads(values, -l_ill + cfg.legal_weight * l_leg)
+        if by_user:
+            # Backward of L_illegal before the rest's tensors are swapped under its graph.
+            ill_grads = torch.autograd.grad(-l_ill, values)
+            # The legal user's step and the defender's legal gradient come from one pass at the user's model.
+            use(user_rest)
+            for p in rest:
+                p.requires_grad_(True)
+            l_leg = objective(legal_batches[step])
+            grads = torch.autograd.grad(l_leg, values + rest)
+            for p, g in zip(rest, grads[len(values):]):
+                p.grad = g
+            legal_user.step()
+            legal_user.zero_grad(set_to_none=True)
+            for p in rest:
+                p.requires_grad_(False)
+            use(attacker_rest)
+            for v, gi, gl in zip(values, ill_grads, grads[:len(values)]):
+                v.grad = gi + cfg.legal_weight * gl
+        else:
+            l_leg = objective(legal_batches[step])
+            _set_grads(values, -l_ill + cfg.legal_weight * l_leg)
         defender.step()
         defender.zero_grad(set_to_none=True)
+        if cfg.text_subspace:
+            with torch.no_grad():
+                for v, o, c in zip(values, origins, confine):
+                    v.copy_(o if isinstance(c, str) else o + (v - o) @ c)
         pull_into_trust_region_(values, origins, cfg.max_change)
         history.append({"step": step + 1, "attack_loss": float(attack_loss.detach()),
                         "illegal_loss": float(l_ill.detach()), "legal_loss": float(l_leg.detach())})
+    use(attacker_rest)
     with torch.no_grad():
         for p, r in zip(rest, release_rest):
             p.copy_(r)
@@ -143,7 +235,7 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
         p.requires_grad_(False)
     change = {name: float((v.detach() - o).norm() / (o.norm() + 1e-12)) for name, v, o in zip(sorted(fset), values, origins)}
     info = {"immunise": cfg.to_dict(), "immunised_tensors": len(values),
-            "mean_relative_change": sum(change.values()) / len(change),
+            "mean_relative_change": sum(change.values()) / len(change), "text_subspace": subspace_info,
             "first": history[0] if history else None, "last": history[-1] if history else None}
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
