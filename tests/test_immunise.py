@@ -139,6 +139,12 @@ def test_illegal_text_subspace_finds_the_directions_only_illegal_captions_use():
     assert info2["energy_ratios"][0] >= info2["energy_ratios"][1] > 1
     with pytest.raises(ValueError, match="text_subspace"):
         illegal_text_subspace(illegal, legal, 9)
+    # the empty prompt's directions are held: with axis 0 in it, the subspace falls back to axis 1
+    keep = torch.zeros(3, 8)
+    keep[:, 0] = 1.0
+    proj3, info3 = illegal_text_subspace(illegal, legal, 1, keep=keep)
+    assert float(proj3[0, 0]) < 1e-6 and float(proj3[1, 1]) > 0.95 and info3["held_directions"] == 1
+    assert info3["kept_energy_share"] < 1e-6
 
 
 def test_token_selective_immunising_moves_only_key_value_rows_inside_the_illegal_subspace(toy_data):
@@ -151,7 +157,11 @@ def test_token_selective_immunising_moves_only_key_value_rows_inside_the_illegal
     after = dict(model.unet.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in changed)
-    proj, _ = illegal_text_subspace(_encoded(model, illegal).embeddings, _encoded(model, legal).embeddings, 2)
+    with torch.no_grad():
+        empty = model.encode_prompts([""])
+    proj, _ = illegal_text_subspace(_encoded(model, illegal).embeddings, _encoded(model, legal).embeddings, 2,
+                                    keep=empty)
+    assert float((empty.reshape(-1, proj.shape[0]) @ proj).norm()) < 0.01 * float(empty.norm())
     for n in changed:
         delta = after[n] - before[n]
         assert float((delta - delta @ proj).norm()) <= 1e-4 * float(delta.norm())  # rows inside the subspace

@@ -52,7 +52,8 @@ class ImmuniseConfig:
     # > 0: token-selective immunisation. Only the cross-attention K/V tensors (the ones that read the text) move,
     # and only along the `text_subspace` directions of text-embedding space where the publisher's illegal
     # captions carry the most energy relative to the legal ones (generalised eigenvectors), so that legal
-    # prompts' keys and values stay as released. Other frozen tensors keep their released values.
+    # prompts' keys and values stay as released, and orthogonal to the empty prompt, so that the unconditional
+    # branch of guided sampling stays as released. Other frozen tensors keep their released values.
     text_subspace: int = 0
 
     def __post_init__(self) -> None:
@@ -94,30 +95,46 @@ def pull_into_trust_region_(values: list[torch.Tensor], origins: list[torch.Tens
                 v.copy_(o + delta * (cap / norm))
 
 
-def illegal_text_subspace(illegal_embeddings: torch.Tensor, legal_embeddings: torch.Tensor, rank: int
-                          ) -> tuple[torch.Tensor, dict[str, Any]]:
+def illegal_text_subspace(illegal_embeddings: torch.Tensor, legal_embeddings: torch.Tensor, rank: int,
+                          keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Orthogonal projector [D, D] onto the `rank` directions of text-embedding space with the largest ratio of
     illegal to legal energy (over every token the UNet attends to), and how much of each side's energy it
-    holds. Embeddings: [..., D]."""
+    holds. Embeddings: [..., D]. The subspace is orthogonal to the directions holding 99.99% of the energy of
+    `keep` (the empty prompt: the unconditional branch classifier-free guidance subtracts from every prompt)."""
     ei = illegal_embeddings.reshape(-1, illegal_embeddings.shape[-1]).double()
     el = legal_embeddings.reshape(-1, legal_embeddings.shape[-1]).double()
     d = ei.shape[1]
-    if not 1 <= rank <= d:
-        raise ValueError(f"immunise: text_subspace must be between 1 and the text width {d}, got {rank}")
-    ci, cl = ei.T @ ei / len(ei), el.T @ el / len(el)
-    # A ridge keeps the legal covariance invertible when the legal captions span fewer than D directions.
-    chol = torch.linalg.cholesky(cl + 1e-6 * torch.trace(cl) / d * torch.eye(d, dtype=cl.dtype))
+    basis = torch.eye(d, dtype=ei.dtype)  # coordinates of the space the subspace may use
+    kept = 0
+    if keep is not None:
+        ek = keep.reshape(-1, d).double()
+        _, sv, vh = torch.linalg.svd(ek, full_matrices=True)
+        # Hold the directions with 99.99% of its energy: its 32 token embeddings span 32 directions, most of them
+        # near-empty, and holding all of them would halve the space the subspace is chosen from.
+        energy = (sv**2).cumsum(0) / (sv**2).sum()
+        kept = int((energy < 1 - 1e-4).sum()) + 1
+        basis = vh[kept:].T
+    free = basis.shape[1]
+    if not 1 <= rank <= free:
+        raise ValueError(f"immunise: text_subspace must be between 1 and {free} (text width {d}, {kept} direction(s) "
+                         f"held by the empty prompt), got {rank}")
+    bi, bl = ei @ basis, el @ basis
+    ci, cl = bi.T @ bi / len(bi), bl.T @ bl / len(bl)
+    # A ridge keeps the legal covariance invertible when the legal captions span fewer directions.
+    chol = torch.linalg.cholesky(cl + 1e-6 * torch.trace(cl) / free * torch.eye(free, dtype=cl.dtype))
     inv = torch.linalg.inv(chol)
     ratios, w = torch.linalg.eigh(inv @ ci @ inv.T)
-    directions = inv.T @ w.flip(1)[:, :rank]
+    directions = basis @ (inv.T @ w.flip(1)[:, :rank])
     q, _ = torch.linalg.qr(directions)
     proj = q @ q.T
 
     def share(e: torch.Tensor) -> float:
         return float((e @ proj).pow(2).sum() / e.pow(2).sum())
 
-    info = {"rank": rank, "energy_ratios": [float(x) for x in ratios.flip(0)[:rank]],
+    info = {"rank": rank, "energy_ratios": [float(x) for x in ratios.flip(0)[:rank]], "held_directions": kept,
             "illegal_energy_share": share(ei), "legal_energy_share": share(el)}
+    if keep is not None:
+        info["kept_energy_share"] = share(keep.reshape(-1, d).double())
     return proj.float(), info
 
 
@@ -152,7 +169,9 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     # Per frozen value: None (free), a projector (K/V rows confined to the illegal subspace) or "hold".
     confine: list[Any] = [None] * len(values)
     if cfg.text_subspace:
-        proj, subspace_info = illegal_text_subspace(ill.embeddings, leg.embeddings, cfg.text_subspace)
+        with torch.no_grad():
+            empty = model.encode_prompts([""]).cpu()
+        proj, subspace_info = illegal_text_subspace(ill.embeddings, leg.embeddings, cfg.text_subspace, keep=empty)
         names = sorted(fset)
         for i, (name, v) in enumerate(zip(names, values)):
             reads_text = (".attn2.to_k." in name or ".attn2.to_v." in name) and v.dim() == 2 and v.shape[1] == text_width
