@@ -22,7 +22,8 @@ def test_only_the_frozen_tensors_change_and_each_stays_in_its_trust_region(legal
     model = build_tiny_model(TinySpec(), seed=0)
     frozen = _frozen_names(model)
     before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
-    cfg = ImmuniseConfig(steps=6, reset_every=3, batch_size=2, lr=1e-2, max_change=0.02, legal_at=legal_at)
+    cfg = ImmuniseConfig(steps=6, reset_every=3, batch_size=2, lr=1e-2, max_change=0.02, legal_at=legal_at,
+                         text_subspace=0)
     info = immunise_frozen(model, frozen, toy_data(4), toy_data(4, random_flip=False), cfg, seed=1,
                            output_dir=tmp_path, progress=False)
     after = dict(model.unet.named_parameters())
@@ -70,7 +71,7 @@ def test_immunised_values_make_the_attacked_model_worse_on_the_illegal_data(toy_
     illegal, legal = toy_data(4), toy_data(4, random_flip=False)
     plain = _attacked_illegal_loss(model, frozen, illegal)
     immunise_frozen(model, frozen, illegal, legal, ImmuniseConfig(steps=8, reset_every=4, batch_size=4, lr=1e-2,
-                    attack_lr=1e-3, legal_weight=0.0, max_change=0.5), seed=0, progress=False)
+                    attack_lr=1e-3, legal_weight=0.0, max_change=0.5, text_subspace=0), seed=0, progress=False)
     immunised = _attacked_illegal_loss(model, frozen, illegal)
     assert immunised > plain * 1.05, (plain, immunised)
 
@@ -78,7 +79,7 @@ def test_immunised_values_make_the_attacked_model_worse_on_the_illegal_data(toy_
 @pytest.mark.parametrize("base", ["random", "freeze-cross-attention"])
 def test_immunised_methods_release_a_guard_recording_the_new_values(base, toy_data):
     model = build_tiny_model(TinySpec(), seed=0)
-    opts = MethodOptions(immunise=ImmuniseConfig(steps=2, reset_every=1, batch_size=2, lr=1e-2))
+    opts = MethodOptions(immunise=ImmuniseConfig(steps=2, reset_every=1, batch_size=2, lr=1e-2, text_subspace=2))
     out = release(f"{base}+immunise", MethodContext(model, toy_data(4), toy_data(4, random_flip=False), 0.3,
                                                     seed=0, options=opts))
     plain = release(base, MethodContext(build_tiny_model(TinySpec(), seed=0), None, None, 0.3, seed=0))
@@ -111,7 +112,7 @@ def test_a_legal_user_term_takes_the_legal_gradient_at_the_legal_users_model(toy
         model = build_tiny_model(TinySpec(), seed=0)
         frozen = set(_frozen_names(model))
         cfg = ImmuniseConfig(steps=3, reset_every=3, batch_size=2, lr=1e-2, attack_lr=attack_lr,
-                             legal_weight=5.0, legal_at=legal_at)
+                             legal_weight=5.0, legal_at=legal_at, text_subspace=0)
         immunise_frozen(model, sorted(frozen), illegal, legal, cfg, seed=0, progress=False)
         out[legal_at, attack_lr] = torch.cat([p.detach().flatten() for n, p in model.unet.named_parameters()
                                               if n in frozen])
@@ -166,5 +167,10 @@ def test_token_selective_immunising_moves_only_key_value_rows_inside_the_illegal
         delta = after[n] - before[n]
         assert float((delta - delta @ proj).norm()) <= 1e-4 * float(delta.norm())  # rows inside the subspace
     assert info["text_subspace"]["rank"] == 2
-    with pytest.raises(ValueError, match="K/V"):
-        immunise_frozen(model, [n for n in frozen if ".to_q." in n], illegal, legal, cfg, seed=0, progress=False)
+    # a frozen set without K/V has nothing to carry the values: released as it is, with a warning
+    no_kv = [n for n in frozen if ".to_q." in n]
+    held = {n: p.detach().clone() for n, p in model.unet.named_parameters() if n in no_kv}
+    with pytest.warns(UserWarning, match="K/V"):
+        info = immunise_frozen(model, no_kv, illegal, legal, cfg, seed=0, progress=False)
+    assert all(torch.equal(held[n], p) for n, p in model.unet.named_parameters() if n in held)
+    assert "nothing immunised" in info["text_subspace"]["note"]

@@ -36,25 +36,28 @@ from .training.config import strict_from_dict
 
 @dataclass
 class ImmuniseConfig:
-    # Defaults: the strongest setting measured (docs/results.md, figures seed 0, all cross-attention frozen):
-    # mitigation 89% at a legal impact of 36% / 41%; legal_weight 5 keeps legal learning whole and mitigates 3%.
+    # Defaults: token-selective immunising, the best trade-off measured (docs/results.md; figures, all
+    # cross-attention frozen): mitigation 65% / 82% on seeds 0 / 1 at a legal impact of -4% / -1% (near) and
+    # 8% / 5% (far). The unrestricted game (text_subspace=0, lr=1e-3, max_change=0.3) mitigates 89% / 77% but
+    # costs legal learning 36-67%.
     steps: int = 200
-    lr: float = 1e-3  # Adam on the frozen values (1e-4 barely moved them: 4% mean change, 4% mitigation)
+    lr: float = 0.05  # Adam on the frozen values; confined to a few directions, they need a large step
     attack_lr: float = 1e-4  # the simulated attacker: the benchmark user's AdamW rate
     reset_every: int = 25  # attacker steps before it restarts from the release
     batch_size: int = 16
     legal_weight: float = 1.0  # the defender's objective: -L_illegal + legal_weight * L_legal
-    max_change: float = 0.3  # per frozen tensor: |released - original| <= max_change * |original|
+    max_change: float = 1.0  # per frozen tensor: |released - original| <= max_change * |original|
     # Where L_legal is taken. "attacked": at the illegal attacker's model (IMMA's form). "user": at a simulated
-    # legal user, a second copy of the rest fine-tuned on the legal sample from the release; legal users learn
-    # concepts the release does not know, so what must survive is their learning, not the release's legal loss.
+    # legal user, a second copy of the rest fine-tuned on the legal sample from the release (measured worse:
+    # legal impact 57-100% near, 74% far).
     legal_at: str = "attacked"
-    # > 0: token-selective immunisation. Only the cross-attention K/V tensors (the ones that read the text) move,
+    # > 0: token-selective immunising. Only the cross-attention K/V tensors (the ones that read the text) move,
     # and only along the `text_subspace` directions of text-embedding space where the publisher's illegal
     # captions carry the most energy relative to the legal ones (generalised eigenvectors), so that legal
     # prompts' keys and values stay as released, and orthogonal to the empty prompt, so that the unconditional
     # branch of guided sampling stays as released. Other frozen tensors keep their released values.
-    text_subspace: int = 0
+    # 0: every frozen tensor moves freely (IMMA's game restricted to the frozen set).
+    text_subspace: int = 8
 
     def __post_init__(self) -> None:
         if self.text_subspace < 0:
@@ -177,8 +180,14 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             reads_text = (".attn2.to_k." in name or ".attn2.to_v." in name) and v.dim() == 2 and v.shape[1] == text_width
             confine[i] = proj if reads_text else "hold"
         if all(c == "hold" for c in confine):
-            raise ValueError("immunise: text_subspace needs cross-attention K/V weights in the frozen set; none found")
-    n = cfg.steps
+            # A frozen set without K/V cannot carry token-selective values: release it as it is, and say so
+            # (a bench cell of a small random set must not fail for it).
+            import warnings
+
+            warnings.warn("immunise: the frozen set holds no cross-attention K/V weights; text_subspace leaves "
+                          "every value as released", stacklevel=2)
+            subspace_info["note"] = "no cross-attention K/V in the frozen set: nothing immunised"
+    n = 0 if cfg.text_subspace and all(c == "hold" for c in confine) else cfg.steps
     attack_batches = _batches(ill, n, cfg.batch_size, seed)
     defend_batches = _batches(ill, n, cfg.batch_size, seed + 1)
     legal_batches = _batches(leg, n, cfg.batch_size, seed + 2)
