@@ -174,3 +174,26 @@ def test_token_selective_immunising_moves_only_key_value_rows_inside_the_illegal
         info = immunise_frozen(model, no_kv, illegal, legal, cfg, seed=0, progress=False)
     assert all(torch.equal(held[n], p) for n, p in model.unet.named_parameters() if n in held)
     assert "nothing immunised" in info["text_subspace"]["note"]
+
+
+def test_guard_plus_kv_freezes_every_key_value_weight_and_immunises_them(toy_data, tmp_path):
+    from freezeasguard.learn import LearnConfig
+    from freezeasguard.training import TrainConfig
+
+    user = TrainConfig(batch_size=2, learning_rate=1e-3, progress=False)
+    warm = TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-3, progress=False)
+    learn = LearnConfig(ratio=0.1, mask_every=2, mask_steps=2, mask_batch=2, mask_lr=0.05, user=user, warm_start=warm)
+    opts = MethodOptions(learn=learn, immunise=ImmuniseConfig(steps=2, reset_every=2, batch_size=2, text_subspace=2))
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    plain = release("guard", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.1, seed=0,
+                                           options=opts, output_dir=tmp_path / "plain"))
+    out = release("guard+kv+immunise", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.1,
+                                                     seed=0, options=opts, output_dir=tmp_path / "kv"))
+    kv = {n for n, _ in out.model.unet.named_parameters() if n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))}
+    assert set(out.guard.frozen) == set(plain.guard.frozen) | kv  # the learned set (same seed) plus every K/V
+    assert out.guard.provenance["added_cross_attention_kv"] == len(kv - set(plain.guard.frozen)) > 0
+    tensors = dict(out.model.unet.named_parameters())
+    base = dict(build_tiny_model(TinySpec(), seed=0).unet.named_parameters())
+    moved = {n for n in out.guard.frozen if not torch.equal(tensors[n], base[n])}
+    assert moved and moved <= kv  # token-selective: only key/value weights carry new values
+    out.guard.check_fingerprint(out.model.unet)

@@ -276,30 +276,46 @@ for _kind in COMPONENTS:
 IMMUNISED = ("guard", "random", "freeze-cross-attention")
 
 
-def _register_immunised(base: str) -> None:
+def _cross_attention_kv(unet: Any) -> set[str]:
+    """The weights that read the text: token-selective immunising moves only these."""
+    return {n for n in unet_tensors(unet) if n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))}
+
+
+def _register_immunised(base: str, *, with_kv: bool = False) -> None:
     spec = METHODS[base]
+    name = f"{base}+kv+immunise" if with_kv else f"{base}+immunise"
 
     def method(ctx: MethodContext) -> Release:
         from .immunise import immunise_frozen
 
         chosen = spec.fn(ctx)
         if chosen.guard is None:
-            raise ValueError(f"{base}+immunise: {base} released no guard")
-        info = immunise_frozen(chosen.model, list(chosen.guard.frozen), ctx.illegal, ctx.legal,
-                               ctx.options.immunise_config(), seed=ctx.seed, output_dir=ctx.output_dir)
+            raise ValueError(f"{name}: {base} released no guard")
         g = chosen.guard
+        frozen = sorted(set(g.frozen) | _cross_attention_kv(chosen.model.unet)) if with_kv else list(g.frozen)
+        info = immunise_frozen(chosen.model, frozen, ctx.illegal, ctx.legal, ctx.options.immunise_config(),
+                               seed=ctx.seed, output_dir=ctx.output_dir)
+        provenance = {**g.provenance, "immunised": True}
+        if with_kv:
+            provenance["added_cross_attention_kv"] = len(set(frozen) - set(g.frozen))
         guard = dataclasses.replace(
-            Guard.from_names(chosen.model.unet, g.frozen, method=f"{g.method}+immunise", scores=g.scores,
-                             provenance={**g.provenance, "immunised": True}),
+            Guard.from_names(chosen.model.unet, frozen, method=f"{g.method}+{'kv+' if with_kv else ''}immunise",
+                             scores=g.scores, provenance=provenance),
             allow_text_encoder=g.allow_text_encoder)
         return Release(chosen.model, guard, {**chosen.info, **info})
 
-    method.__doc__ = f"{base}'s frozen set, released with immunised values (lever 5: hostile to relearning the illegal domain)."
-    register(f"{base}+immunise", needs_ratio=spec.needs_ratio, uses=spec.uses + ("immunise",))(method)
+    if with_kv:
+        method.__doc__ = (f"{base}'s frozen set plus every cross-attention key/value weight, released with immunised "
+                          "values (token-selective immunising needs every K/V frozen; the set exceeds the ratio by "
+                          "the K/V the base left out).")
+    else:
+        method.__doc__ = f"{base}'s frozen set, released with immunised values (lever 5: hostile to relearning the illegal domain)."
+    register(name, needs_ratio=spec.needs_ratio, uses=spec.uses + ("immunise",))(method)
 
 
 for _base in IMMUNISED:
     _register_immunised(_base)
+_register_immunised("guard", with_kv=True)
 
 
 # ---------------------------------------------------------------------------- UCE
