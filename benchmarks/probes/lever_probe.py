@@ -2,7 +2,13 @@
 lever probes on the quick profile's settings (figures, relearn, 400 illegal / 800 legal steps, 100 samples),
 reusing runs/quick's release and base cell (mitigation is against its full fine-tune).
 usage: lever_probe.py NAME METHOD RATIO SEED '{json overrides}'
-overrides: {"immunise": {...}, "learn": {...}} replace fields of the profile's sections."""
+overrides: {"immunise": {...}, "learn": {...}} replace fields of the profile's sections; {"profile": {...}}
+replaces the profile's own fields (the users': "steps", "curve_steps", "lr", ...). Those change what every cell
+shares, so the base cell is then recomputed, and the method is compared with the probe's own full fine-tune
+when "none" is the METHOD of another probe with the same "profile" overrides. Examples (session 5):
+  lever_probe.py long-xattn freeze-cross-attention+immunise 0.3 0 \
+      '{"profile": {"steps": 1600, "curve_steps": [25, 50, 100, 200, 400, 800, 1600]}}'
+  lever_probe.py lr5e-4-none none 0.3 0 '{"profile": {"lr": 5e-4}}'"""
 import dataclasses, json, shutil, sys
 from pathlib import Path
 from freezeasguard.bench import PROFILES, run_bench, cell_settings, BENCH_PRODUCTS, cell_key
@@ -14,6 +20,7 @@ if "immunise" in over:
     kw["immunise"] = dataclasses.replace(p.immunise, **over["immunise"])
 if "learn" in over:
     kw["learn"] = dataclasses.replace(p.learn, **over["learn"])
+kw.update(over.get("profile", {}))
 p = dataclasses.replace(p, scenarios=["figures"], methods=[method], ratios=[ratio], seeds=[seed],
                         curve_cells=[f"{method}@{ratio:g}", method], **kw)
 out = Path("runs/probe5") / name
@@ -21,8 +28,8 @@ src = Path("runs/quick")
 if not out.exists():
     (out / "cells").mkdir(parents=True)
     shutil.copytree(src / "relearn" / f"figures-seed{seed}", out / "relearn" / f"figures-seed{seed}")
-    for m in ("base",):
-        k = cell_key("figures", seed, m, None)
+    if "profile" not in over:  # the grid's base cell holds only while the shared settings are the grid's
+        k = cell_key("figures", seed, "base", None)
         shutil.copy(src / "cells" / f"{k}.json", out / "cells" / f"{k}.json")
     (out / ".freezeasguard-run.json").write_text(json.dumps({"format": "freezeasguard-run", "command": "bench",
         "identity": json.loads(json.dumps({"cell_settings": cell_settings(p)}, sort_keys=True)), "products": sorted(BENCH_PRODUCTS)}))

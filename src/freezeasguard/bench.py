@@ -88,7 +88,7 @@ PROFILES = {
     # cells of 400 illegal + 800 legal user steps; about 60 min per setting measured on figures, so about 4 h in
     # all, over the 3 h target since the immunised cells came in: docs/results.md): the frontier at 0.3 and 0.5
     # for the guard, random and importance freezing, two component baselines, and all cross-attention released
-    # with immunised values;
+    # with immunised values (token-selective by default, ImmuniseConfig);
     # curves for full fine-tuning, random freezing, the guard at 0.3 and the immunised cross-attention.
     # Legal users run 800 steps: on figures seed 0, full fine-tuning's legal-near rate was 79 / 90 / 94% at
     # 400 / 800 / 1600 steps and legal-far 96 / 92 / 97% (its plateau from 400 on).
@@ -101,7 +101,8 @@ PROFILES = {
     # full: every method, the whole frontier, three seeds, longer curves: for a GPU.
     "full": BenchProfile("full", ["figures", "artstyle", "figures-scratch", "artstyle-scratch"],
                          FRONTIER_METHODS + ["importance-change", "importance-grad", "imma", "guard+uce",
-                                             "freeze-cross-attention+immunise", "guard+immunise", "random+immunise"],
+                                             "freeze-cross-attention+immunise", "guard+immunise", "random+immunise",
+                                             "guard+kv+immunise"],
                          [0.1, 0.2, 0.3, 0.5, 0.7], [0, 1, 2], legal_steps=1600, n_samples=400,
                          curve_cells=["none", "random@0.3", "importance-ratio@0.3", "guard@0.3", "guard@0.5"],
                          curve_steps=[25, 50, 100, 200, 400, 800, 1600], legal_curve_steps=[200, 400, 800]),
