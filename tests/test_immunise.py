@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -97,6 +98,8 @@ def test_immunise_config_refuses_nonsense():
         ImmuniseConfig(max_change=0)
     with pytest.raises(ValueError, match="steps"):
         ImmuniseConfig(steps=0)
+    with pytest.raises(ValueError, match="attack_lr_spread"):
+        ImmuniseConfig(attack_lr_spread=0.5)
     with pytest.raises(ValueError, match="legal_at"):
         ImmuniseConfig(legal_at="nowhere")
     with pytest.raises(ValueError, match="unknown"):
@@ -197,3 +200,18 @@ def test_guard_plus_kv_freezes_every_key_value_weight_and_immunises_them(toy_dat
     moved = {n for n in out.guard.frozen if not torch.equal(tensors[n], base[n])}
     assert moved and moved <= kv  # token-selective: only key/value weights carry new values
     out.guard.check_fingerprint(out.model.unet)
+
+
+def test_an_attack_rate_spread_draws_seeded_rates_within_its_range(toy_data, tmp_path):
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    rates = []
+    for run in range(2):
+        model = build_tiny_model(TinySpec(), seed=0)
+        cfg = ImmuniseConfig(steps=4, reset_every=2, batch_size=2, text_subspace=0, attack_lr=1e-4, attack_lr_spread=10)
+        immunise_frozen(model, _frozen_names(model), illegal, legal, cfg, seed=0, output_dir=tmp_path / str(run),
+                        progress=False)
+        history = json.loads((tmp_path / str(run) / "immunise.json").read_text())["history"]
+        rates.append([h["attack_lr"] for h in history])
+    assert rates[0] == rates[1]  # seeded
+    assert all(1e-4 <= r <= 1e-3 for r in rates[0]) and rates[0][0] != rates[0][2]  # a new draw per restart
+    assert rates[0][0] == rates[0][1]  # one rate between restarts

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .seeding import derive_seed
 from .training.config import strict_from_dict
 
 
@@ -43,6 +44,9 @@ class ImmuniseConfig:
     steps: int = 200
     lr: float = 0.05  # Adam on the frozen values; confined to a few directions, they need a large step
     attack_lr: float = 1e-4  # the simulated attacker: the benchmark user's AdamW rate
+    # > 1: each restart draws the attacker's rate log-uniformly in [attack_lr, attack_lr * attack_lr_spread]
+    # (seeded), so the values are not tuned to one rate: a user at 5x the rate relearned 61% against 35%.
+    attack_lr_spread: float = 1.0
     reset_every: int = 25  # attacker steps before it restarts from the release
     batch_size: int = 16
     legal_weight: float = 1.0  # the defender's objective: -L_illegal + legal_weight * L_legal
@@ -68,6 +72,8 @@ class ImmuniseConfig:
         for name in ("lr", "attack_lr", "max_change"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ImmuniseConfig.{name} must be > 0, got {getattr(self, name)}")
+        if not self.attack_lr_spread >= 1.0:
+            raise ValueError(f"ImmuniseConfig.attack_lr_spread must be >= 1, got {self.attack_lr_spread}")
         if self.legal_at not in ("attacked", "user"):
             raise ValueError(f"ImmuniseConfig.legal_at must be 'attacked' or 'user', got {self.legal_at!r}")
         if self.legal_weight < 0:
@@ -210,8 +216,12 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             with torch.no_grad():
                 for t, r in zip(attacker_rest + user_rest, release_rest + release_rest):
                     t.copy_(r)
-            attacker = torch.optim.AdamW(rest, lr=cfg.attack_lr)
-            legal_user = torch.optim.AdamW(rest, lr=cfg.attack_lr) if by_user else None
+            rate = cfg.attack_lr
+            if cfg.attack_lr_spread > 1.0:
+                u = torch.rand((), generator=torch.Generator().manual_seed(derive_seed(seed, 91, step)))
+                rate = cfg.attack_lr * cfg.attack_lr_spread ** float(u)
+            attacker = torch.optim.AdamW(rest, lr=rate)
+            legal_user = torch.optim.AdamW(rest, lr=rate) if by_user else None
         for p in rest:
             p.requires_grad_(True)
         for v in values:
@@ -253,7 +263,7 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
                 for v, o, c in zip(values, origins, confine):
                     v.copy_(o if isinstance(c, str) else o + (v - o) @ c)
         pull_into_trust_region_(values, origins, cfg.max_change)
-        history.append({"step": step + 1, "attack_loss": float(attack_loss.detach()),
+        history.append({"step": step + 1, "attack_lr": rate, "attack_loss": float(attack_loss.detach()),
                         "illegal_loss": float(l_ill.detach()), "legal_loss": float(l_leg.detach())})
     use(attacker_rest)
     with torch.no_grad():
