@@ -278,7 +278,9 @@ IMMUNISED = ("guard", "random", "freeze-cross-attention")
 
 def _cross_attention_kv(unet: Any) -> set[str]:
     """The weights that read the text: token-selective immunising moves only these."""
-    return {n for n in unet_tensors(unet) if n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))}
+    from .immunise import reads_text
+
+    return {n for n in unet_tensors(unet) if reads_text(n)}
 
 
 def _register_immunised(base: str, *, with_kv: bool = False) -> None:

@@ -104,6 +104,11 @@ def pull_into_trust_region_(values: list[torch.Tensor], origins: list[torch.Tens
                 v.copy_(o + delta * (cap / norm))
 
 
+def reads_text(name: str) -> bool:
+    """A UNet weight that reads the text embeddings: a cross-attention key or value projection."""
+    return name.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))
+
+
 def illegal_text_subspace(illegal_embeddings: torch.Tensor, legal_embeddings: torch.Tensor, rank: int,
                           keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Orthogonal projector [D, D] onto the `rank` directions of text-embedding space with the largest ratio of
@@ -164,28 +169,24 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     if not frozen:
         raise ValueError("immunise: the frozen set is empty")
     fset = set(frozen)
+    names = sorted(fset)
     params = dict(model.unet.named_parameters())
-    values = [params[n] for n in sorted(fset)]
     rest = [p for n, p in params.items() if n not in fset]
-    origins = [v.detach().clone() for v in values]
     release_rest = [p.detach().clone() for p in rest]
     objective = _objective(model)
     for p in objective.parameters():
         p.requires_grad_(False)
     ill, leg = _encoded(model, illegal), _encoded(model, legal)
     subspace_info: dict[str, Any] | None = None
-    text_width = ill.embeddings.shape[-1] if ill.embeddings is not None else None
-    # Per frozen value: None (free), a projector (K/V rows confined to the illegal subspace) or "hold".
-    confine: list[Any] = [None] * len(values)
+    proj: torch.Tensor | None = None
+    moving = names  # the frozen tensors whose values are optimised; the others keep their released values
     if cfg.text_subspace:
         with torch.no_grad():
             empty = model.encode_prompts([""]).cpu()
         proj, subspace_info = illegal_text_subspace(ill.embeddings, leg.embeddings, cfg.text_subspace, keep=empty)
-        names = sorted(fset)
-        for i, (name, v) in enumerate(zip(names, values)):
-            reads_text = (".attn2.to_k." in name or ".attn2.to_v." in name) and v.dim() == 2 and v.shape[1] == text_width
-            confine[i] = proj if reads_text else "hold"
-        if all(c == "hold" for c in confine):
+        width = proj.shape[0]
+        moving = [n for n in names if reads_text(n) and params[n].dim() == 2 and params[n].shape[1] == width]
+        if not moving:
             # A frozen set without K/V cannot carry token-selective values: release it as it is, and say so
             # (a bench cell of a small random set must not fail for it).
             import warnings
@@ -193,11 +194,13 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             warnings.warn("immunise: the frozen set holds no cross-attention K/V weights; text_subspace leaves "
                           "every value as released", stacklevel=2)
             subspace_info["note"] = "no cross-attention K/V in the frozen set: nothing immunised"
-    n = 0 if cfg.text_subspace and all(c == "hold" for c in confine) else cfg.steps
+    values = [params[n] for n in moving]
+    origins = [v.detach().clone() for v in values]
+    n = cfg.steps if values else 0
     attack_batches = _batches(ill, n, cfg.batch_size, seed)
     defend_batches = _batches(ill, n, cfg.batch_size, seed + 1)
     legal_batches = _batches(leg, n, cfg.batch_size, seed + 2)
-    defender = torch.optim.Adam(values, lr=cfg.lr)
+    defender = torch.optim.Adam(values, lr=cfg.lr) if values else None
     attacker: torch.optim.Optimizer | None = None
     legal_user: torch.optim.Optimizer | None = None
     by_user = cfg.legal_at == "user"
@@ -258,10 +261,10 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             _set_grads(values, -l_ill + cfg.legal_weight * l_leg)
         defender.step()
         defender.zero_grad(set_to_none=True)
-        if cfg.text_subspace:
+        if proj is not None:
             with torch.no_grad():
-                for v, o, c in zip(values, origins, confine):
-                    v.copy_(o if isinstance(c, str) else o + (v - o) @ c)
+                for v, o in zip(values, origins):
+                    v.copy_(o + (v - o) @ proj)
         pull_into_trust_region_(values, origins, cfg.max_change)
         history.append({"step": step + 1, "attack_lr": rate, "attack_loss": float(attack_loss.detach()),
                         "illegal_loss": float(l_ill.detach()), "legal_loss": float(l_leg.detach())})
@@ -271,8 +274,9 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             p.copy_(r)
     for p in params.values():
         p.requires_grad_(False)
-    change = {name: float((v.detach() - o).norm() / (o.norm() + 1e-12)) for name, v, o in zip(sorted(fset), values, origins)}
-    info = {"immunise": cfg.to_dict(), "immunised_tensors": len(values),
+    moved = {name: float((v.detach() - o).norm() / (o.norm() + 1e-12)) for name, v, o in zip(moving, values, origins)}
+    change = {name: moved.get(name, 0.0) for name in names}
+    info = {"immunise": cfg.to_dict(), "immunised_tensors": len(names), "moved_tensors": len(moving),
             "mean_relative_change": sum(change.values()) / len(change), "text_subspace": subspace_info,
             "first": history[0] if history else None, "last": history[-1] if history else None}
     if output_dir is not None:
