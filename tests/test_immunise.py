@@ -179,7 +179,9 @@ def test_token_selective_immunising_moves_only_key_value_rows_inside_the_illegal
     assert "nothing immunised" in info["text_subspace"]["note"]
 
 
-def test_guard_plus_kv_freezes_every_key_value_weight_and_immunises_them(toy_data, tmp_path):
+@pytest.mark.parametrize("extra", ["kv", "xattn"])
+def test_guard_plus_extra_freezes_the_added_tensors_and_immunises_only_key_values(extra, toy_data, tmp_path):
+    from freezeasguard.baselines import component_names
     from freezeasguard.learn import LearnConfig
     from freezeasguard.training import TrainConfig
 
@@ -190,11 +192,14 @@ def test_guard_plus_kv_freezes_every_key_value_weight_and_immunises_them(toy_dat
     illegal, legal = toy_data(4), toy_data(4, random_flip=False)
     plain = release("guard", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.1, seed=0,
                                            options=opts, output_dir=tmp_path / "plain"))
-    out = release("guard+kv+immunise", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.1,
-                                                     seed=0, options=opts, output_dir=tmp_path / "kv"))
+    out = release(f"guard+{extra}+immunise", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.1,
+                                                           seed=0, options=opts, output_dir=tmp_path / extra))
     kv = {n for n, _ in out.model.unet.named_parameters() if n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))}
-    assert set(out.guard.frozen) == set(plain.guard.frozen) | kv  # the learned set (same seed) plus every K/V
-    assert out.guard.provenance["added_cross_attention_kv"] == len(kv - set(plain.guard.frozen)) > 0
+    added = kv if extra == "kv" else set(component_names(out.model.unet, "freeze-cross-attention"))
+    assert kv <= added
+    assert set(out.guard.frozen) == set(plain.guard.frozen) | added  # the learned set (same seed) plus the extra
+    key = "added_cross_attention_kv" if extra == "kv" else "added_xattn"
+    assert out.guard.provenance[key] == len(added - set(plain.guard.frozen)) > 0
     tensors = dict(out.model.unet.named_parameters())
     base = dict(build_tiny_model(TinySpec(), seed=0).unet.named_parameters())
     moved = {n for n in out.guard.frozen if not torch.equal(tensors[n], base[n])}

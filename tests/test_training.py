@@ -209,6 +209,17 @@ def test_config_validation():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"max_step": 3})
+    # NaN passes a `<= 0` test; inf would turn every weight into NaN after one step
+    for bad in (float("nan"), float("inf"), 0.0, -1e-4):
+        with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+            TrainConfig(learning_rate=bad)
+    with pytest.raises(ValueError, match="weight_decay"):
+        TrainConfig(weight_decay=float("nan"))
+    with pytest.raises(ValueError, match="adam_beta2"):
+        TrainConfig(adam_beta2=1.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TrainConfig(max_grad_norm=float("inf"))
+    TrainConfig(learning_rate=1e-3, weight_decay=0.0, adam_beta1=0.0, max_grad_norm=None)  # edges still accepted
 
 
 class _PoisonedAt(torch.nn.Module):

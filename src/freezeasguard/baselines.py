@@ -283,9 +283,19 @@ def _cross_attention_kv(unet: Any) -> set[str]:
     return {n for n in unet_tensors(unet) if reads_text(n)}
 
 
-def _register_immunised(base: str, *, with_kv: bool = False) -> None:
+#: What a "+<extra>+immunise" method adds to its base's frozen set: token-selective immunising moves only the
+#: K/V weights, so every one must be frozen; "xattn" also freezes the cross-attention queries and outputs, the
+#: paths a relearning user could otherwise re-route around immunised keys and values.
+IMMUNISE_EXTRAS: dict[str, tuple[str, Any]] = {
+    "kv": ("every cross-attention key/value weight", _cross_attention_kv),
+    "xattn": ("every cross-attention projection", lambda unet: set(component_names(unet, "freeze-cross-attention"))),
+}
+
+
+def _register_immunised(base: str, *, extra: str | None = None) -> None:
     spec = METHODS[base]
-    name = f"{base}+kv+immunise" if with_kv else f"{base}+immunise"
+    name = f"{base}+{extra}+immunise" if extra else f"{base}+immunise"
+    added = IMMUNISE_EXTRAS[extra][1] if extra else None
 
     def method(ctx: MethodContext) -> Release:
         from .immunise import immunise_frozen
@@ -294,22 +304,24 @@ def _register_immunised(base: str, *, with_kv: bool = False) -> None:
         if chosen.guard is None:
             raise ValueError(f"{name}: {base} released no guard")
         g = chosen.guard
-        frozen = sorted(set(g.frozen) | _cross_attention_kv(chosen.model.unet)) if with_kv else list(g.frozen)
+        frozen = sorted(set(g.frozen) | added(chosen.model.unet)) if added else list(g.frozen)
         info = immunise_frozen(chosen.model, frozen, ctx.illegal, ctx.legal, ctx.options.immunise_config(),
                                seed=ctx.seed, output_dir=ctx.output_dir)
         provenance = {**g.provenance, "immunised": True}
-        if with_kv:
+        if extra == "kv":  # the key recorded since the first of these methods
             provenance["added_cross_attention_kv"] = len(set(frozen) - set(g.frozen))
+        elif extra:
+            provenance[f"added_{extra}"] = len(set(frozen) - set(g.frozen))
         guard = dataclasses.replace(
-            Guard.from_names(chosen.model.unet, frozen, method=f"{g.method}+{'kv+' if with_kv else ''}immunise",
+            Guard.from_names(chosen.model.unet, frozen, method=f"{g.method}+{extra + '+' if extra else ''}immunise",
                              scores=g.scores, provenance=provenance),
             allow_text_encoder=g.allow_text_encoder)
         return Release(chosen.model, guard, {**chosen.info, **info})
 
-    if with_kv:
-        method.__doc__ = (f"{base}'s frozen set plus every cross-attention key/value weight, released with immunised "
-                          "values (token-selective immunising needs every K/V frozen; the set exceeds the ratio by "
-                          "the K/V the base left out).")
+    if extra:
+        method.__doc__ = (f"{base}'s frozen set plus {IMMUNISE_EXTRAS[extra][0]}, released with immunised values "
+                          "(token-selective immunising needs every K/V frozen; the set exceeds the ratio by what "
+                          "the base left out).")
     else:
         method.__doc__ = f"{base}'s frozen set, released with immunised values (lever 5: hostile to relearning the illegal domain)."
     register(name, needs_ratio=spec.needs_ratio, uses=spec.uses + ("immunise",))(method)
@@ -317,7 +329,8 @@ def _register_immunised(base: str, *, with_kv: bool = False) -> None:
 
 for _base in IMMUNISED:
     _register_immunised(_base)
-_register_immunised("guard", with_kv=True)
+for _extra in IMMUNISE_EXTRAS:
+    _register_immunised("guard", extra=_extra)
 
 
 # ---------------------------------------------------------------------------- UCE
