@@ -98,19 +98,19 @@ ALL = "*"
 # option -> the commands that must take it (ALL: every command, minus the listed exceptions). Each must have the
 # same type, arity and help everywhere: one option module (freezeasguard.cli.options) defines them.
 SHARED = {
-    "--model": {"info", "sample", "finetune", "learn", "guard random", "guard top", "guard names"},
-    "--guard": {"finetune", "verify"},
-    "--out": {"finetune", "learn", "guard random", "guard top", "guard names", "guard combine", "zoo pretrain",
+    "--model": {"info", "sample", "finetune", "learn", "immunise", "guard random", "guard top", "guard names"},
+    "--guard": {"finetune", "verify", "immunise"},
+    "--out": {"finetune", "learn", "immunise", "guard random", "guard top", "guard names", "guard combine", "zoo pretrain",
               "demo", "bench"},
-    "--seed": {"sample", "tiny", "finetune", "learn", "guard random", "zoo pretrain", "demo"},
+    "--seed": {"sample", "tiny", "finetune", "learn", "immunise", "guard random", "zoo pretrain", "demo"},
     "--steps": {"finetune", "demo"},
     "--lr": {"finetune", "learn", "demo"},
     "--batch-size": {"finetune", "learn", "demo"},
     "--ratio": {"learn", "guard random", "guard top", "demo"},
     "--ratio-by": {"learn", "guard random", "guard top", "demo"},
-    "--config": {"finetune", "learn", "zoo pretrain"},
-    "--print-config": {"finetune", "learn", "zoo pretrain"},
-    "--overwrite": {"tiny", "guard random", "guard top", "guard names", "guard combine", "finetune", "learn",
+    "--config": {"finetune", "learn", "immunise", "zoo pretrain"},
+    "--print-config": {"finetune", "learn", "immunise", "zoo pretrain"},
+    "--overwrite": {"tiny", "guard random", "guard top", "guard names", "guard combine", "finetune", "learn", "immunise",
                     "demo", "bench", "zoo pretrain"},
     "--json": {"info", "inspect", "verify", "guard diff"},
     "--debug": ALL,
@@ -158,12 +158,15 @@ def test_option_defaults_are_the_configs_defaults():
     """The CLI writes its defaults out (importing the configs would make --help slow): they must be the
     dataclasses' defaults, or `--print-config` and a run without options would disagree with the docs."""
     from freezeasguard.cli.finetune_cmd import FINETUNE_FIELDS
+    from freezeasguard.cli.immunise_cmd import IMMUNISE_FIELDS
     from freezeasguard.cli.learn_cmd import LEARN_FIELDS
     from freezeasguard.finetuning import FinetuneConfig
+    from freezeasguard.immunise import ImmuniseConfig
     from freezeasguard.learn import LearnConfig
 
     commands = _commands()
-    for command, fields, cfg in (("finetune", FINETUNE_FIELDS, FinetuneConfig()), ("learn", LEARN_FIELDS, LearnConfig())):
+    for command, fields, cfg in (("finetune", FINETUNE_FIELDS, FinetuneConfig()), ("learn", LEARN_FIELDS, LearnConfig()),
+                                 ("immunise", IMMUNISE_FIELDS, ImmuniseConfig())):
         params = {p.name: p for p in commands[command].params}
         for param, dotted in fields:
             value = cfg.to_dict()

@@ -54,7 +54,7 @@ def _profile(**kw):
     base = dict(name="test", scenarios=["figures"], methods=["none", "random", "freeze-time-embedding", "guard"],
                 ratios=[0.3], seeds=[0], steps=2, legal_steps=2, batch_size=2, n_samples=2, curve_cells=["none", "guard@0.3"],
                 curve_steps=[1, 2, 3], legal_curve_steps=[1], curve_samples=2, sampling=FAST, learn=_learn(),
-                relearn=_relearn(), imma_steps=1, keep_images=2)
+                relearn=_relearn(), imma_steps=1, keep_images=2, skip_void=False)
     return BenchProfile(**{**base, **kw})
 
 
@@ -68,6 +68,11 @@ def test_scenario_names_and_cells_parse():
     plan = planned_cells(_profile(ratios=[0.1, 0.3]))
     assert plan == [("none", None, True), ("random", 0.1, False), ("random", 0.3, False),
                     ("freeze-time-embedding", None, False), ("guard", 0.1, False), ("guard", 0.3, True)]
+    # "METHOD@RATIO" runs that method at that ratio alone
+    plan = planned_cells(_profile(methods=["none", "guard@0.1", "random"], ratios=[0.3, 0.5]))
+    assert plan == [("none", None, True), ("guard", 0.1, False), ("random", 0.3, False), ("random", 0.5, False)]
+    with pytest.raises(ValueError, match="takes no ratio"):
+        planned_cells(_profile(methods=["none@0.3"]))
 
 
 def test_user_budgets_put_the_budget_at_full_samples_and_curve_points_at_curve_samples():
@@ -284,6 +289,26 @@ def test_bench_relearn_grid_runs_caches_and_reports(tmp_path):
     run_bench(tmp_path, other, model_loader=_loader(), recogniser=_recogniser())
     now = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
     assert {k for k in now if now[k] != mtimes.get(k)} == {"figures-seed0-guard-r0.3.json"}
+
+
+def test_bench_skips_the_cells_of_a_void_setting(tmp_path):
+    # a random tiny model fails the validity checks, which are known after the base cell and full fine-tuning
+    profile = _profile(skip_void=True)
+    summary = run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
+    assert summary["void"] == ["figures seed 0"]
+    assert sorted(p.stem for p in (tmp_path / "cells").iterdir()) == ["figures-seed0-base", "figures-seed0-none"]
+    assert sorted(summary["skipped_void"]) == ["figures-seed0-freeze-time-embedding", "figures-seed0-guard-r0.3",
+                                               "figures-seed0-random-r0.3"]
+    assert summary["missing_cells"] == [] and "3 cell(s) of void settings were not computed" in (
+        tmp_path / "results.md").read_text()
+    # a report-only run says the same, without computing anything
+    again = run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser(), report_only=True)
+    assert sorted(again["skipped_void"]) == sorted(summary["skipped_void"]) and again["missing_cells"] == []
+    # the setting's cells are computed when skipping is off (same cell settings: the cached two are reused)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
+    run_bench(tmp_path, _profile(skip_void=False), model_loader=_loader(), recogniser=_recogniser())
+    now = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
+    assert len(now) == 5 and all(now[k] == v for k, v in mtimes.items())
 
 
 def test_demo_is_one_run_of_the_bench_cells(tmp_path):

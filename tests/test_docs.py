@@ -81,11 +81,12 @@ def test_commands_shown_in_the_docs_exist_with_their_options():
 
 def test_cli_doc_lists_every_config_field():
     from freezeasguard.finetuning import FinetuneConfig
+    from freezeasguard.immunise import ImmuniseConfig
     from freezeasguard.learn import LearnConfig
     from freezeasguard.service.config import ServiceConfig
     from freezeasguard.training import TrainConfig
 
     text = (ROOT / "docs" / "cli.md").read_text()
-    missing = [f"{cls.__name__}.{f.name}" for cls in (LearnConfig, FinetuneConfig, TrainConfig, ServiceConfig)
+    missing = [f"{cls.__name__}.{f.name}" for cls in (LearnConfig, ImmuniseConfig, FinetuneConfig, TrainConfig, ServiceConfig)
                for f in dataclasses.fields(cls) if f"`{f.name}`" not in text]
     assert not missing, missing

@@ -220,3 +220,42 @@ def test_an_attack_rate_spread_draws_seeded_rates_within_its_range(toy_data, tmp
     assert rates[0] == rates[1]  # seeded
     assert all(1e-4 <= r <= 1e-3 for r in rates[0]) and rates[0][0] != rates[0][2]  # a new draw per restart
     assert rates[0][0] == rates[0][1]  # one rate between restarts
+
+
+def test_the_immunise_command_releases_a_model_and_its_guard_together(tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import CAPTIONS, toy_images
+    from freezeasguard.cli import app
+    from freezeasguard.data import write_imagefolder
+    from freezeasguard.guard import Guard, GuardError
+    from freezeasguard.model import DiffusionModel
+    from freezeasguard.tiny import write_tiny_model
+
+    base_dir = write_tiny_model(tmp_path / "base", TinySpec())
+    base = DiffusionModel.from_pretrained(base_dir)
+    ill = write_imagefolder(tmp_path / "ill", toy_images(4, 16), [CAPTIONS[0]] * 4)
+    leg = write_imagefolder(tmp_path / "leg", toy_images(4, 16, seed=1), [CAPTIONS[1]] * 4)
+    Guard.random(base.unet, 0.2, seed=0).save(tmp_path / "g.json")
+    cfg = tmp_path / "imm.json"
+    cfg.write_text(json.dumps({"reset_every": 2, "batch_size": 2}))
+    args = ["immunise", "--model", str(base_dir), "--guard", str(tmp_path / "g.json"), "--illegal", str(ill),
+            "--legal", str(leg), "--add", "kv", "--steps", "2", "--text-subspace", "2", "--config", str(cfg)]
+    result = CliRunner().invoke(app, args + ["--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    released = DiffusionModel.from_pretrained(tmp_path / "out" / "model")
+    guard = Guard.load(tmp_path / "out" / "guard.json")
+    guard.check_values(released.unet)  # the guard describes the released values ...
+    kv = {n for n, _ in released.unet.named_parameters() if n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))}
+    assert kv <= set(guard.frozen) and guard.provenance["immunised"] and guard.method == "random+kv+immunise"
+    with pytest.raises(GuardError, match="differ from the guard's record"):  # ... not the base's: release both
+        guard.check_values(base.unet)
+    record = json.loads((tmp_path / "out" / "immunise.json").read_text())
+    assert record["add"] == "kv" and record["immunise"]["steps"] == 2 and len(record["history"]) == 2
+    # a guard of another model (same architecture, other values) is refused before any work; nothing is written
+    other = build_tiny_model(TinySpec(), seed=1)
+    Guard.random(other.unet, 0.2, seed=0).save(tmp_path / "other.json")
+    args[4] = str(tmp_path / "other.json")
+    bad = CliRunner().invoke(app, args + ["--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "differ from the guard's record" in bad.output, bad.output
+    assert not (tmp_path / "bad" / "guard.json").exists() and not (tmp_path / "bad" / "model").exists()

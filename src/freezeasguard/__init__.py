@@ -52,6 +52,8 @@ _EXPORTS = {
     "AuditReport": "audit",
     "LearnConfig": "learn",
     "learn_guard": "learn",
+    "ImmuniseConfig": "immunise",
+    "immunised_release": "immunise",
     "Recogniser": "recogniser",
     "FreezeAsGuardError": "errors",
     "DataError": "errors",
@@ -83,6 +85,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .finetuning import FinetuneConfig, finetune
     from .guard import Guard, GuardError
     from .images import save_grid
+    from .immunise import ImmuniseConfig, immunised_release
     from .learn import LearnConfig, learn_guard
     from .recogniser import Recogniser
     from .model import DiffusionModel, load_model

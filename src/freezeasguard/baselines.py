@@ -276,52 +276,29 @@ for _kind in COMPONENTS:
 IMMUNISED = ("guard", "random", "freeze-cross-attention")
 
 
-def _cross_attention_kv(unet: Any) -> set[str]:
-    """The weights that read the text: token-selective immunising moves only these."""
-    from .immunise import reads_text
-
-    return {n for n in unet_tensors(unet) if reads_text(n)}
-
-
-#: What a "+<extra>+immunise" method adds to its base's frozen set: token-selective immunising moves only the
-#: K/V weights, so every one must be frozen; "xattn" also freezes the cross-attention queries and outputs, the
-#: paths a relearning user could otherwise re-route around immunised keys and values.
-IMMUNISE_EXTRAS: dict[str, tuple[str, Any]] = {
-    "kv": ("every cross-attention key/value weight", _cross_attention_kv),
-    "xattn": ("every cross-attention projection", lambda unet: set(component_names(unet, "freeze-cross-attention"))),
-}
-
-
-def _register_immunised(base: str, *, extra: str | None = None) -> None:
+def _register_immunised(base: str, *, extra: str = "none") -> None:
     spec = METHODS[base]
-    name = f"{base}+{extra}+immunise" if extra else f"{base}+immunise"
-    added = IMMUNISE_EXTRAS[extra][1] if extra else None
+    name = f"{base}+{extra}+immunise" if extra != "none" else f"{base}+immunise"
 
     def method(ctx: MethodContext) -> Release:
-        from .immunise import immunise_frozen
+        from .immunise import immunised_release
 
         chosen = spec.fn(ctx)
         if chosen.guard is None:
             raise ValueError(f"{name}: {base} released no guard")
-        g = chosen.guard
-        frozen = sorted(set(g.frozen) | added(chosen.model.unet)) if added else list(g.frozen)
-        info = immunise_frozen(chosen.model, frozen, ctx.illegal, ctx.legal, ctx.options.immunise_config(),
-                               seed=ctx.seed, output_dir=ctx.output_dir)
-        provenance = {**g.provenance, "immunised": True}
-        if extra == "kv":  # the key recorded since the first of these methods
-            provenance["added_cross_attention_kv"] = len(set(frozen) - set(g.frozen))
-        elif extra:
-            provenance[f"added_{extra}"] = len(set(frozen) - set(g.frozen))
-        guard = dataclasses.replace(
-            Guard.from_names(chosen.model.unet, frozen, method=f"{g.method}+{extra + '+' if extra else ''}immunise",
-                             scores=g.scores, provenance=provenance),
-            allow_text_encoder=g.allow_text_encoder)
+        guard, info = immunised_release(chosen.model, chosen.guard, ctx.illegal, ctx.legal,
+                                        ctx.options.immunise_config(), add=extra, seed=ctx.seed,
+                                        output_dir=ctx.output_dir)
         return Release(chosen.model, guard, {**chosen.info, **info})
 
-    if extra:
-        method.__doc__ = (f"{base}'s frozen set plus {IMMUNISE_EXTRAS[extra][0]}, released with immunised values "
-                          "(token-selective immunising needs every K/V frozen; the set exceeds the ratio by what "
-                          "the base left out).")
+    if extra == "kv":
+        method.__doc__ = (f"{base}'s frozen set plus every cross-attention key/value weight, released with immunised "
+                          "values (token-selective immunising needs every K/V frozen; the set exceeds the ratio by "
+                          "the K/V the base left out).")
+    elif extra == "xattn":
+        method.__doc__ = (f"{base}'s frozen set plus every cross-attention projection, released with immunised "
+                          "values (queries and outputs frozen too, so a relearning user cannot re-route around the "
+                          "immunised keys and values; the set exceeds the ratio by what the base left out).")
     else:
         method.__doc__ = f"{base}'s frozen set, released with immunised values (lever 5: hostile to relearning the illegal domain)."
     register(name, needs_ratio=spec.needs_ratio, uses=spec.uses + ("immunise",))(method)
@@ -329,7 +306,7 @@ def _register_immunised(base: str, *, extra: str | None = None) -> None:
 
 for _base in IMMUNISED:
     _register_immunised(_base)
-for _extra in IMMUNISE_EXTRAS:
+for _extra in ("kv", "xattn"):
     _register_immunised("guard", extra=_extra)
 
 

@@ -39,7 +39,7 @@ FORMS = ("relearn", "scratch")
 class BenchProfile:
     name: str
     scenarios: list[str]  # "figures", "artstyle" (relearn form); "figures-scratch", "artstyle-scratch"
-    methods: list[str]
+    methods: list[str]  # a name, or "METHOD@RATIO" for that method at that ratio only
     ratios: list[float]  # the frontier: every ratio method runs at each
     seeds: list[int]
     steps: int = 400  # the illegal user's attack budget
@@ -58,14 +58,21 @@ class BenchProfile:
     immunise: ImmuniseConfig = field(default_factory=ImmuniseConfig)  # the "+immunise" methods (lever 5)
     keep_images: int = 8  # first samples per domain kept beside each cell (sample grids)
     ratio_by: str = "params"  # every method freezes the same share of parameters, so the comparison is fair
+    # A setting whose validity checks fail (known after its base cell and full fine-tuning) is void: its other
+    # cells would be left out of every figure, so they are not computed; the report lists them as skipped.
+    skip_void: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def validate(self, methods: dict[str, Any]) -> None:
-        unknown = [m for m in self.methods if m not in methods]
+        unknown = [m for m in self.methods if parse_cell(m)[0] not in methods]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(methods))}")
+        for spec in self.methods:
+            method, ratio = parse_cell(spec)
+            if ratio is not None and not methods[method].needs_ratio:
+                raise ValueError(f"method {spec!r}: {method} takes no ratio")
         for sc in self.scenarios:
             scenario_form(sc)
         if self.ratio_by not in ("count", "params"):
@@ -316,8 +323,12 @@ def planned_cells(profile: BenchProfile) -> list[tuple[str, float | None, bool]]
 
     curve_specs = {parse_cell(c) for c in profile.curve_cells}
     out = []
-    for method in profile.methods:
-        for ratio in (profile.ratios if METHODS[method].needs_ratio else [None]):
+    for spec in profile.methods:
+        method, only = parse_cell(spec)  # "METHOD@RATIO": that method at that ratio alone
+        if only is not None and not METHODS[method].needs_ratio:
+            raise ValueError(f"method {spec!r}: {method} takes no ratio")
+        ratios = [only] if only is not None else (profile.ratios if METHODS[method].needs_ratio else [None])
+        for ratio in ratios:
             out.append((method, ratio, (method, ratio) in curve_specs))
     return out
 
@@ -357,6 +368,7 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
     rec = recogniser or zoo.load_recogniser()
     cells: dict[str, Any] = {}
     missing_cells: list[str] = []
+    skipped_void: list[str] = []
     # seed-major: an interrupted bench has covered every scenario for the first seeds
     for seed in profile.seeds:
         for name in profile.scenarios:
@@ -367,13 +379,20 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
             cells.update(cached)
             todo = [k for k in keys if k not in cached]
             if report_only:
-                missing_cells += todo
+                void = profile.skip_void and setting_is_void(cells, name, seed)
+                missing_cells += [k for k in todo if not (void and keys[k][0] not in VALIDITY_METHODS)]
+                skipped_void += [k for k in todo if void and keys[k][0] not in VALIDITY_METHODS]
                 continue
             if not todo:
                 continue
             setting = prepare_setting(name, seed, profile, out, load)
+            # the validity cells first (base, full fine-tuning), so a void setting is known before the rest
+            todo.sort(key=lambda k: keys[k][0] not in VALIDITY_METHODS)
             for key in todo:
                 method, ratio, curve = keys[key]
+                if profile.skip_void and method not in VALIDITY_METHODS and setting_is_void(cells, name, seed):
+                    skipped_void.append(key)
+                    continue
                 print(f"bench: {key} ...", flush=True)
                 if method == "base":
                     cell = run_base_cell(setting, profile, rec, None)
@@ -386,6 +405,7 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
                 print(f"bench: {key} done: " + describe_cell(cell), flush=True)
     summary = summarise(cells, profile)
     summary["missing_cells"] = missing_cells
+    summary["skipped_void"] = skipped_void
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", {"profile": profile.to_dict(), "cells": cells, "summary": summary})
     plot_frontier(summary, out / "frontier.png")
@@ -410,6 +430,18 @@ def _metric(cell: dict[str, Any] | None, domain: str, what: str = "rate") -> flo
 
 def _one_minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else 1 - a / b
+
+
+VALIDITY_METHODS = ("base", "none")  # the cells a setting's validity checks read
+
+
+def setting_is_void(cells: dict[str, Any], scenario: str, seed: int) -> bool:
+    """Whether the setting's validity checks have failed, once both cells they read are there (False before)."""
+    base = cells.get(cell_key(scenario, seed, "base", None))
+    full = cells.get(cell_key(scenario, seed, "none", None))
+    if base is None or full is None:
+        return False
+    return not all(c["ok"] for c in setting_validity(base, full))
 
 
 def setting_validity(base_cell: dict[str, Any], full_cell: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -483,7 +515,9 @@ def summarise(cells: dict[str, Any], profile: BenchProfile) -> dict[str, Any]:
             if value is not None:
                 acc.setdefault(name, []).append(value)
     table = []
-    order = {m: i for i, m in enumerate(profile.methods)}  # the profile's order: baselines first, the guard last
+    order: dict[str, int] = {}
+    for i, spec in enumerate(profile.methods):
+        order.setdefault(parse_cell(spec)[0], i)  # the profile's order: baselines first, the guard last
     for (sc, method, ratio), acc in sorted(rows.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)),
                                                                          kv[0][1], kv[0][2] or 0)):
         table.append({"scenario": sc, "method": method, "ratio": ratio, "seeds": len(acc.get("illegal", [])),
@@ -667,6 +701,10 @@ def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfi
              f"domains); batch {profile.batch_size}, lr {profile.lr}, through the guarded path. {profile.n_samples} "
              f"samples per domain at the budgets, {profile.curve_samples} at the other curve points. Learning "
              f"curves for {', '.join(profile.curve_cells)} at illegal steps {profile.curve_steps}.", ""]
+    if summary.get("skipped_void"):
+        lines += [f"**Skipped: {len(summary['skipped_void'])} cell(s) of void settings were not computed** "
+                  f"(`skip_void`; their validity checks failed, so no figure would use them): "
+                  f"{', '.join(summary['skipped_void'])}.", ""]
     if summary.get("missing_cells"):
         lines += [f"**Incomplete: {len(summary['missing_cells'])} cell(s) not computed yet** "
                   f"({', '.join(summary['missing_cells'])}); averages cover the seeds present.", ""]

@@ -53,7 +53,8 @@ class DemoConfig:
                             legal_steps=self.legal_steps, batch_size=self.batch_size, lr=self.lr,
                             n_samples=self.n_samples, curve_cells=["none", f"guard@{self.ratio:g}"],
                             curve_steps=list(self.curve_steps), legal_curve_steps=[], curve_samples=self.n_samples,
-                            sampling=self.sampling, learn=self.learn, relearn=self.relearn, ratio_by=self.ratio_by)
+                            sampling=self.sampling, learn=self.learn, relearn=self.relearn, ratio_by=self.ratio_by,
+                            skip_void=False)  # the demo shows the guarded user even where a check fails
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, *, model_loader: Any = None,

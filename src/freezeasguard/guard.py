@@ -330,15 +330,20 @@ class Guard:
             parts.append("shape/dtype differs for " + ", ".join(f"{n}: guard {ours[n]} vs model {theirs[n]}" for n in shape[:5]))
         raise GuardError("the guard was made for another model: " + "; ".join(parts))
 
-    def apply(self, unet: Any) -> list[str]:
-        """Check the fingerprint and the frozen values, turn off requires_grad on frozen tensors, and return
-        the names left trainable."""
+    def check_values(self, unet: Any) -> None:
+        """Raise GuardError unless `unet` is the model this guard was made for: its fingerprint (names, shapes)
+        and the frozen tensors' values, by the rule the auditor uses."""
         self.check_fingerprint(unet)
         tensors = _tensors(unet)
         differ = [n for n in self.frozen if record_match(tensors[n], self.tensors[n]) is None]
         if differ:
             raise GuardError(f"the model's frozen tensors differ from the guard's record, so it is not the base this "
                              f"guard was made for: {len(differ)} tensor(s), e.g. {differ[:5]}")
+
+    def apply(self, unet: Any) -> list[str]:
+        """Check the fingerprint and the frozen values, turn off requires_grad on frozen tensors, and return
+        the names left trainable."""
+        self.check_values(unet)
         trainable = []
         for name, p in unet_tensors(unet).items():
             frozen = name in self._frozen_set

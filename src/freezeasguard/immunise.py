@@ -25,6 +25,7 @@ rest's release values (and the legal user's copy).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -283,3 +284,52 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(output_dir) / "immunise.json", {**info, "history": history, "relative_change": change})
     return info
+
+
+#: What `immunised_release(add=...)` freezes beside the guard's set. Token-selective values live in the
+#: cross-attention K/V weights, so every one must be frozen ("kv"); "xattn" also freezes the cross-attention
+#: queries and outputs, the paths a relearning user could re-route around immunised keys and values (measured on
+#: the embedded figures scenario: docs/results.md); "none" immunises the guard's own set as it is.
+IMMUNISE_ADDS: tuple[str, ...] = ("none", "kv", "xattn")
+
+
+def added_tensors(unet: Any, add: str) -> set[str]:
+    """The UNet tensors `add` puts in the frozen set (see IMMUNISE_ADDS)."""
+    from .guard import unet_tensors
+
+    if add not in IMMUNISE_ADDS:
+        raise ValueError(f"add must be one of {IMMUNISE_ADDS}, got {add!r}")
+    names = unet_tensors(unet)
+    if add == "kv":
+        return {n for n in names if reads_text(n)}
+    if add == "xattn":
+        return {n for n in names if ".attn2.to_" in n}
+    return set()
+
+
+def immunised_release(model: Any, guard: Any, illegal: Any, legal: Any, config: ImmuniseConfig | None = None,
+                      *, add: str = "xattn", seed: int = 0, output_dir: str | Path | None = None,
+                      progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The publisher's release with immunised frozen values: the guard's set plus `add`, whose values are
+    optimised in place in `model` (`immunise_frozen`) so that relearning the illegal domain through the
+    trainable rest fails while legal fine-tuning works. Returns the new guard (its fingerprint is of the new
+    values: release `model` with it, never the old one) and what the immunisation did.
+
+    `guard` must belong to `model` (its fingerprint and frozen values are checked first), so a guard is never
+    re-fingerprinted onto a model it was not made for."""
+    from .guard import Guard
+
+    guard.check_values(model.unet)
+    extra = added_tensors(model.unet, add)
+    frozen = sorted(set(guard.frozen) | extra)
+    info = immunise_frozen(model, frozen, illegal, legal, config, seed=seed, output_dir=output_dir, progress=progress)
+    provenance = {**guard.provenance, "immunised": True, "immunise": info["immunise"]}
+    if add == "kv":  # the key recorded since the first of these releases
+        provenance["added_cross_attention_kv"] = len(set(frozen) - set(guard.frozen))
+    elif add != "none":
+        provenance[f"added_{add}"] = len(set(frozen) - set(guard.frozen))
+    method = f"{guard.method}+{add + '+' if add != 'none' else ''}immunise"
+    new = dataclasses.replace(Guard.from_names(model.unet, frozen, method=method, scores=guard.scores,
+                                               provenance=provenance),
+                              allow_text_encoder=guard.allow_text_encoder)
+    return new, info

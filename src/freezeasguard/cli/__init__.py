@@ -184,7 +184,7 @@ def main() -> None:
 
 
 # Commands defined in sibling modules register themselves on `app` (their heavy imports stay inside them).
-from . import bench_cmd, demo_cmd, finetune_cmd, guard_cmds, learn_cmd, zoo_cmds  # noqa: E402,F401
+from . import bench_cmd, demo_cmd, finetune_cmd, guard_cmds, immunise_cmd, learn_cmd, zoo_cmds  # noqa: E402,F401
 from . import jobs_cmd, serve_cmd  # noqa: E402,F401
 
 

@@ -25,6 +25,7 @@ def bench(
     batch_size: Annotated[int | None, typer.Option(help="The users' batch size instead of the profile's.", min=1)] = None,
     n_samples: Annotated[int | None, typer.Option(help="Samples per domain at the budgets instead of the profile's.", min=1)] = None,
     curve: Annotated[list[str] | None, typer.Option(help="Replace the profile's curve cells (repeat): METHOD or METHOD@RATIO.")] = None,
+    skip_void: Annotated[bool, typer.Option("--skip-void/--no-skip-void", help="Skip the method cells of a setting whose validity checks failed (known after its base cell and full fine-tuning).")] = True,
     report_only: Annotated[bool, typer.Option("--report-only", help="Compute nothing: report the cached cells and list the missing ones.")] = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
@@ -38,7 +39,8 @@ def bench(
     if profile not in PROFILES:
         raise _fail(ValueError(f"--profile must be one of {sorted(PROFILES)}"))
     p = replace_profile(PROFILES[profile], scenarios=scenario, methods=method, seeds=seed, ratios=ratio, steps=steps,
-                        legal_steps=legal_steps, lr=lr, batch_size=batch_size, n_samples=n_samples, curve_cells=curve)
+                        legal_steps=legal_steps, lr=lr, batch_size=batch_size, n_samples=n_samples, curve_cells=curve,
+                        skip_void=skip_void)
     try:
         run_bench(out, p, command="freezeasguard " + " ".join(sys.argv[1:]), report_only=report_only,
                   overwrite=overwrite)

@@ -37,6 +37,27 @@ def scenario_data(name: str, resolution: int, seed: int = 0):  # type: ignore[no
     return illegal, legal, sc
 
 
+def check_data_options(scenario: str | None, illegal: Path | None, legal: Path | None) -> None:
+    """The publisher's samples come from an embedded scenario or from two image folders, not both."""
+    if scenario is not None and (illegal or legal):
+        raise ValueError("give either --scenario or --illegal/--legal, not both")
+    if scenario is None and not (illegal and legal):
+        raise ValueError("give --scenario, or both --illegal and --legal image folders")
+
+
+def publisher_data(scenario: str | None, illegal: Path | None, legal: Path | None, caption_column: str,
+                   resolution: int, seed: int):  # type: ignore[no-untyped-def]
+    """(illegal, legal) datasets from the options checked by `check_data_options`."""
+    from ..data import ImageCaptionFolder, ImageTransform
+
+    if scenario is not None:
+        ill, leg, _ = scenario_data(scenario, resolution, seed)
+        return ill, leg
+    transform = ImageTransform(resolution)
+    return (ImageCaptionFolder(illegal, transform, caption_column=caption_column),
+            ImageCaptionFolder(legal, transform, caption_column=caption_column))
+
+
 @app.command()
 def learn(
     ctx: typer.Context,
@@ -87,7 +108,6 @@ def learn(
     --lr and --batch-size are the simulated user's (the same user `finetune` defaults to); every other field
     of the configuration is in --config (see --print-config and docs/cli.md)."""
     _offline()
-    from ..data import ImageCaptionFolder, ImageTransform
     from ..learn import LearnConfig, learn_guard
     from ..model import DiffusionModel
 
@@ -95,17 +115,9 @@ def learn(
     if show_config:
         print_config(cfg)
         return
-    if scenario is not None and (illegal or legal):
-        raise ValueError("give either --scenario or --illegal/--legal, not both")
-    if scenario is None and not (illegal and legal):
-        raise ValueError("give --scenario, or both --illegal and --legal image folders")
+    check_data_options(scenario, illegal, legal)
     m = load_model_arg(model)
-    if scenario is not None:
-        ill, leg, _ = scenario_data(scenario, m.resolution, cfg.seed)
-    else:
-        transform = ImageTransform(m.resolution)
-        ill = ImageCaptionFolder(illegal, transform, caption_column=caption_column)
-        leg = ImageCaptionFolder(legal, transform, caption_column=caption_column)
+    ill, leg = publisher_data(scenario, illegal, legal, caption_column, m.resolution, cfg.seed)
     warm = DiffusionModel.from_pretrained(warm_start_model) if warm_start_model else None
     guard = learn_guard(m, ill, leg, cfg, output_dir=out, warm_start_model=warm,
                         provenance={"model": str(model), "scenario": scenario}, overwrite=overwrite)
