@@ -2,7 +2,9 @@
 lever probes on the quick profile's settings (figures, relearn, 400 illegal / 800 legal steps, 100 samples),
 reusing runs/quick's release and base cell (mitigation is against its full fine-tune).
 usage: lever_probe.py NAME METHOD RATIO SEED '{json overrides}'
-overrides: {"immunise": {...}, "learn": {...}} replace fields of the profile's sections; {"profile": {...}}
+overrides: {"immunise": {...}, "learn": {...}} replace fields of the profile's sections; {"legal_far_repeat": K}
+repeats the publisher's legal-far images K times in its legal sample (lever 4's share of legal-far vs legal-near:
+20 far and 30 near images on figures; K=4 makes far 73%); {"profile": {...}}
 replaces the profile's own fields (the users': "steps", "curve_steps", "lr", ...). Those change what every cell
 shares, so the base cell is then recomputed, and the method is compared with the probe's own full fine-tune
 when "none" is the METHOD of another probe with the same "profile" overrides. Examples (session 5):
@@ -33,4 +35,19 @@ if not out.exists():
         shutil.copy(src / "cells" / f"{k}.json", out / "cells" / f"{k}.json")
     (out / ".freezeasguard-run.json").write_text(json.dumps({"format": "freezeasguard-run", "command": "bench",
         "identity": json.loads(json.dumps({"cell_settings": cell_settings(p)}, sort_keys=True)), "products": sorted(BENCH_PRODUCTS)}))
+if over.get("legal_far_repeat", 1) != 1:
+    import freezeasguard.bench as bench
+    from freezeasguard import emoji
+
+    k, prepare = int(over["legal_far_repeat"]), bench.prepare_setting
+
+    def with_more_far(*args, **kw):
+        setting = prepare(*args, **kw)
+        sc = setting.scenario
+        items = list(sc.items("legal_near", "publisher")) + k * list(sc.items("legal_far", "publisher"))
+        setting.publisher_legal = emoji.dataset(items, setting.publisher_legal[0]["pixel_values"].shape[-1],
+                                                preload=True)
+        return setting
+
+    bench.prepare_setting = with_more_far
 run_bench(out, p, command=" ".join(sys.argv))
