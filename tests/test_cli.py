@@ -91,7 +91,8 @@ def _commands():
 
 
 def _options(cmd):
-    return {opt: p for p in cmd.params for opt in p.opts if opt.startswith("--")}
+    # a boolean flag's "--no-..." form (secondary_opts) is an option the docs may show too
+    return {opt: p for p in cmd.params for opt in (*p.opts, *getattr(p, "secondary_opts", ())) if opt.startswith("--")}
 
 
 ALL = "*"
