@@ -624,19 +624,31 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
     plt, fig, axes = _axes_grid(len(scenarios), 3, (5.0, 3.8))
     labels = list(dict.fromkeys(_cell_label(r) for r in summary["curves"]))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}
+    seeds = sorted({r["seed"] for r in summary["curves"]})
+    seed_styles = ["-", "--", "-.", (0, (5, 1, 1, 1))]
+    from matplotlib import ticker
+
     for row, sc in enumerate(scenarios):
         for col, (user, domain) in enumerate((("illegal", "illegal"), ("legal", "legal_near"), ("legal", "legal_far"))):
             ax = axes[row][col]
+            steps_seen: set[int] = set()
             for r in summary["curves"]:
                 if r["scenario"] != sc:
                     continue
                 label = _cell_label(r)
                 pts = sorted((p["step"], p["rate"]) for p in r["points"].get(user, []) if p["domain"] == domain)
                 if pts:
+                    steps_seen.update(p[0] for p in pts)
+                    # colour: the cell; line style: the seed (solid, dashed, ...); void settings dotted
+                    style = seed_styles[seeds.index(r["seed"]) % len(seed_styles)] if r["valid"] else ":"
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colours[label],
-                            ls="-" if r["valid"] else ":", lw=1.0,
-                            label=f"{label} seed {r['seed']}" + ("" if r["valid"] else " (void)"))
+                            ls=style, lw=1.0, label=f"{label} seed {r['seed']}" + ("" if r["valid"] else " (void)"))
             ax.set_xscale("log")
+            # the evaluated steps as plain tick labels (log-scale minor labels overlap at these ranges)
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+            ax.set_xticks(sorted(steps_seen))
+            ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+            ax.tick_params(axis="x", labelsize=7)
             ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("user fine-tuning steps")
             ax.set_ylabel("recognition rate")
