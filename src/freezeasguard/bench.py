@@ -69,10 +69,7 @@ class BenchProfile:
         unknown = [m for m in self.methods if parse_cell(m)[0] not in methods]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(sorted(methods))}")
-        for spec in self.methods:
-            method, ratio = parse_cell(spec)
-            if ratio is not None and not methods[method].needs_ratio:
-                raise ValueError(f"method {spec!r}: {method} takes no ratio")
+        planned_cells(self)  # refuses "METHOD@RATIO" for a method that takes no ratio
         for sc in self.scenarios:
             scenario_form(sc)
         if self.ratio_by not in ("count", "params"):
@@ -383,8 +380,8 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
             todo = [k for k in keys if k not in cached]
             if report_only:
                 void = profile.skip_void and setting_is_void(cells, name, seed)
-                missing_cells += [k for k in todo if not (void and keys[k][0] not in VALIDITY_METHODS)]
-                skipped_void += [k for k in todo if void and keys[k][0] not in VALIDITY_METHODS]
+                for k in todo:
+                    (skipped_void if void and keys[k][0] not in VALIDITY_METHODS else missing_cells).append(k)
                 continue
             if not todo:
                 continue

@@ -295,15 +295,15 @@ IMMUNISE_ADDS: tuple[str, ...] = ("none", "kv", "xattn")
 
 def added_tensors(unet: Any, add: str) -> set[str]:
     """The UNet tensors `add` puts in the frozen set (see IMMUNISE_ADDS)."""
+    from .baselines import component_names
     from .guard import unet_tensors
 
     if add not in IMMUNISE_ADDS:
         raise ValueError(f"add must be one of {IMMUNISE_ADDS}, got {add!r}")
-    names = unet_tensors(unet)
     if add == "kv":
-        return {n for n in names if reads_text(n)}
-    if add == "xattn":
-        return {n for n in names if ".attn2.to_" in n}
+        return {n for n in unet_tensors(unet) if reads_text(n)}
+    if add == "xattn":  # the same set as the freeze-cross-attention component baseline
+        return set(component_names(unet, "freeze-cross-attention"))
     return set()
 
 
