@@ -62,7 +62,7 @@ def main() -> None:
                                                        by="params")).guard
         t_learn = time.perf_counter() - t0
     stages = guard.provenance.get("timing_seconds", {})
-    report = {"method": args.method, "user_finetune_s": t_user, "learn_guard_s": t_learn, "ratio": t_learn / t_user,
+    report = {"method": args.method, "user_finetune_s": t_user, "release_s": t_learn, "ratio": t_learn / t_user,
               "stages_s": stages, "budget": 5.0, "within_budget": t_learn / t_user <= 5.0,
               "config": {"steps": args.steps, "mask_steps": cfg.mask_steps, "mask_every": cfg.mask_every,
                          "warm_start_steps": cfg.warm_start.max_steps, "batch_size": train.batch_size}}

@@ -259,3 +259,42 @@ def test_the_immunise_command_releases_a_model_and_its_guard_together(tmp_path):
     bad = CliRunner().invoke(app, args + ["--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "differ from the guard's record" in bad.output, bad.output
     assert not (tmp_path / "bad" / "guard.json").exists() and not (tmp_path / "bad" / "model").exists()
+
+
+def test_a_guard_learned_on_the_immunised_cross_attention_keeps_it_frozen_and_spends_only_the_rest(toy_data, tmp_path):
+    from freezeasguard.baselines import component_names
+    from freezeasguard.learn import LearnConfig
+    from freezeasguard.training import TrainConfig
+
+    user = TrainConfig(batch_size=2, learning_rate=1e-3, progress=False)
+    warm = TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-3, progress=False)
+    learn = LearnConfig(ratio=0.3, mask_every=2, mask_steps=2, mask_batch=2, mask_lr=0.05, user=user, warm_start=warm)
+    opts = MethodOptions(learn=learn, immunise=ImmuniseConfig(steps=2, reset_every=2, batch_size=2, text_subspace=2))
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    first = release("freeze-cross-attention+immunise", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal,
+                                                                     legal, None, options=opts, seed=0))
+    out = release("immunised-xattn+guard", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.3,
+                                                         seed=0, options=opts, output_dir=tmp_path, by="params"))
+    xattn = set(component_names(out.model.unet, "freeze-cross-attention"))
+    tensors = dict(out.model.unet.named_parameters())
+    # The release is the immunised one (same seed, same values), and its guard fingerprints those values.
+    assert all(torch.equal(tensors[n], p) for n, p in first.model.unet.named_parameters())
+    out.guard.check_fingerprint(out.model.unet)
+    assert xattn < set(out.guard.frozen)  # the mask added tensors beyond the immunised set
+    sizes = {n: p.numel() for n, p in tensors.items()}
+    frozen_share = sum(sizes[n] for n in out.guard.frozen) / sum(sizes.values())
+    assert frozen_share <= 0.3 + 1e-9  # the ratio counts the immunised set
+    assert out.guard.provenance["always_frozen"] == len(xattn)
+    assert (tmp_path / "learn" / "guard.json").is_file()
+
+
+def test_always_frozen_must_leave_the_mask_a_budget(toy_data):
+    from freezeasguard.baselines import component_names
+    from freezeasguard.learn import LearnConfig, learn_guard
+
+    model = build_tiny_model(TinySpec(), seed=0)
+    xattn = component_names(model.unet, "freeze-cross-attention")
+    with pytest.raises(ValueError, match="leaves the mask nothing to learn"):
+        learn_guard(model, toy_data(2), toy_data(2), LearnConfig(ratio=0.01), always_frozen=xattn)
+    with pytest.raises(ValueError, match="not UNet tensors"):
+        learn_guard(model, toy_data(2), toy_data(2), LearnConfig(), always_frozen=["nope.weight"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -308,6 +309,26 @@ for _base in IMMUNISED:
     _register_immunised(_base)
 for _extra in ("kv", "xattn"):
     _register_immunised("guard", extra=_extra)
+
+
+@register("immunised-xattn+guard", needs_ratio=True, uses=("learn", "immunise"))
+def _immunised_xattn_guard(ctx: MethodContext) -> Release:
+    """Every cross-attention projection frozen with immunised values first, then a guard learned on that
+    release for the rest of the ratio (the mask adds only what the immunised set still lets through)."""
+    import copy
+
+    from .learn import learn_guard
+
+    first = METHODS["freeze-cross-attention+immunise"].fn(ctx)
+    assert first.guard is not None
+    cfg = dataclasses.replace(ctx.options.learn_config(), ratio=ctx.ratio, ratio_by=ctx.by, seed=ctx.seed)
+    out = None if ctx.output_dir is None else Path(ctx.output_dir) / "learn"
+    learned = learn_guard(copy.deepcopy(first.model), ctx.illegal, ctx.legal, cfg, output_dir=out,
+                          always_frozen=first.guard.frozen)
+    guard = dataclasses.replace(learned, method="immunised-xattn+guard",
+                                provenance={**learned.provenance, "immunised": True,
+                                            "immunise": first.info.get("immunise")})
+    return Release(first.model, guard, first.info)
 
 
 # ---------------------------------------------------------------------------- UCE

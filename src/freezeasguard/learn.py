@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -537,7 +538,8 @@ def learn_mask(objective: torch.nn.Module, params: dict[str, torch.nn.Parameter]
 
 def learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | None = None, *,
                 output_dir: str | Path | None = None, warm_start_model: Any = None, accelerator: Any = None,
-                provenance: dict[str, Any] | None = None, overwrite: bool = False) -> Guard:
+                provenance: dict[str, Any] | None = None, overwrite: bool = False,
+                always_frozen: Sequence[str] = ()) -> Guard:
     """Learn a guard for `model` (a DiffusionModel holding the base weights) from the publisher's illegal and
     legal image-caption datasets. The model's UNet is left at theta(m); reload the base to release it.
 
@@ -547,14 +549,42 @@ def learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | None
     The directory is owned by the run (`io.claim_output_dir`): a rerun with another configuration, data or
     provenance is refused unless `overwrite` (it would otherwise resume the old run and write a guard whose
     provenance lies).
+
+    `always_frozen`: UNet tensors the guard freezes whatever the mask says (a set the publisher has already
+    decided, such as immunised cross-attention). They stay at the model's values in the warm start and in the
+    simulated user, as the real user will find them, are not candidates, and count toward the ratio: the mask
+    spends only what is left of the budget.
     """
     cfg = config or LearnConfig()
+    fixed = sorted(set(always_frozen))
+    budget_left(model.unet, fixed, cfg)  # refuse a fixed set that leaves nothing to learn before any work
     identity = _run_identity(model, illegal, legal, cfg, warm_start_model, provenance) if output_dir is not None else {}
+    if fixed:
+        identity["always_frozen"] = fixed
     products = ("guard.json", "learn.json", "learn.png", "mask.png", "warm-start", "mask-learning")
     with claim_output_dir(output_dir, "learn", identity, products, overwrite=overwrite,
                           main=getattr(accelerator, "is_main_process", None)):
         return _learn_guard(model, illegal, legal, cfg, output_dir=output_dir, warm_start_model=warm_start_model,
-                            accelerator=accelerator, provenance=provenance)
+                            accelerator=accelerator, provenance=provenance, always_frozen=fixed)
+
+
+def budget_left(unet: Any, fixed: Sequence[str], config: LearnConfig) -> float:
+    """The ratio the mask learns among the candidates when `fixed` is frozen anyway and counts toward
+    `config.ratio` (by `config.ratio_by`)."""
+    from .guard import unet_tensors
+
+    sizes = {n: t.numel() for n, t in unet_tensors(unet).items()}
+    unknown = [n for n in fixed if n not in sizes]
+    if unknown:
+        raise ValueError(f"always_frozen: {len(unknown)} name(s) are not UNet tensors, e.g. {unknown[:3]}")
+    weight = (lambda n: sizes[n]) if config.ratio_by == "params" else (lambda n: 1)
+    total = sum(weight(n) for n in sizes)
+    held = sum(weight(n) for n in set(fixed))
+    left = (config.ratio * total - held) / (total - held) if total > held else 0.0
+    if not 0.0 < left < 1.0:
+        raise ValueError(f"always_frozen holds {held / total:.1%} of the UNet ({config.ratio_by}); the ratio "
+                         f"{config.ratio} leaves the mask nothing to learn (it must exceed that share)")
+    return left
 
 
 def _run_identity(model: Any, illegal: Any, legal: Any, cfg: LearnConfig, warm_start_model: Any,
@@ -574,11 +604,13 @@ def _run_identity(model: Any, illegal: Any, legal: Any, cfg: LearnConfig, warm_s
 
 def _learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | None = None, *,
                  output_dir: str | Path | None = None, warm_start_model: Any = None, accelerator: Any = None,
-                 provenance: dict[str, Any] | None = None) -> Guard:
+                 provenance: dict[str, Any] | None = None, always_frozen: Sequence[str] = ()) -> Guard:
     from .guard import unet_tensors
     from .plots import plot_guard, plot_learning
 
     cfg = config or LearnConfig()
+    fixed = set(always_frozen)
+    mask_cfg = replace(cfg, ratio=budget_left(model.unet, sorted(fixed), cfg)) if fixed else cfg
     unet = model.unet
     base_tensors = unet_tensors(unet)
     fingerprint = fingerprint_of(base_tensors)
@@ -590,14 +622,18 @@ def _learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | Non
     else:
         illegal_data, legal_data = illegal, legal
     objective = DenoisingObjective(model)
-    params = {f"unet.{n}": p for n, p in unet.named_parameters()}
+    params = {f"unet.{n}": p for n, p in unet.named_parameters() if n not in fixed}
     warm = None
     if warm_start_model is not None:
-        warm = {f"unet.{n}": t for n, t in unet_tensors(warm_start_model.unet).items()}
-    learner, metrics = learn_mask(objective, params, illegal_data, legal_data, cfg, output_dir=output_dir,
+        warm = {f"unet.{n}": t for n, t in unet_tensors(warm_start_model.unet).items() if n not in fixed}
+    learner, metrics = learn_mask(objective, params, illegal_data, legal_data, mask_cfg, output_dir=output_dir,
                                   warm_start_params=warm, accelerator=accelerator)
     scores = {n.removeprefix("unet."): s for n, s in learner.scores().items()}
-    frozen = select_top(scores, sizes, cfg.ratio, by=cfg.ratio_by)
+    candidates = {n: k for n, k in sizes.items() if n not in fixed}
+    frozen = select_top(scores, candidates, mask_cfg.ratio, by=cfg.ratio_by) + sorted(fixed)
+    if fixed:  # ranked above every candidate, as they were chosen first
+        top = max(scores.values()) + 1.0
+        scores.update({n: top for n in fixed})
     check = None
     if cfg.ranking_samples:
         check = ranking_check(learner.restore_effect(objective), [n.removeprefix("unet.") for n in learner.names],
@@ -608,6 +644,7 @@ def _learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | Non
         "illegal": _manifest(illegal),
         "legal": _manifest(legal),
         "timing_seconds": {"warm_start": metrics["warm_start_seconds"], "learning": metrics["learning_seconds"]},
+        **({"always_frozen": len(fixed), "mask_ratio": mask_cfg.ratio} if fixed else {}),
         "versions": _versions(),
         **(provenance or {}),
     }
