@@ -320,7 +320,8 @@ def _immunised_xattn_guard(ctx: MethodContext) -> Release:
     from .learn import learn_guard
 
     first = METHODS["freeze-cross-attention+immunise"].fn(ctx)
-    assert first.guard is not None
+    if first.guard is None:
+        raise ValueError("immunised-xattn+guard: freeze-cross-attention+immunise released no guard")
     cfg = dataclasses.replace(ctx.options.learn_config(), ratio=ctx.ratio, ratio_by=ctx.by, seed=ctx.seed)
     out = None if ctx.output_dir is None else Path(ctx.output_dir) / "learn"
     learned = learn_guard(copy.deepcopy(first.model), ctx.illegal, ctx.legal, cfg, output_dir=out,
