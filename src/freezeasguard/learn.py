@@ -557,7 +557,8 @@ def learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | None
     """
     cfg = config or LearnConfig()
     fixed = sorted(set(always_frozen))
-    budget_left(model.unet, fixed, cfg)  # refuse a fixed set that leaves nothing to learn before any work
+    # Checked before the directory is claimed: a fixed set that leaves the mask nothing is refused before any work.
+    mask_ratio = budget_left(model.unet, fixed, cfg) if fixed else cfg.ratio
     identity = _run_identity(model, illegal, legal, cfg, warm_start_model, provenance) if output_dir is not None else {}
     if fixed:
         identity["always_frozen"] = fixed
@@ -565,7 +566,8 @@ def learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | None
     with claim_output_dir(output_dir, "learn", identity, products, overwrite=overwrite,
                           main=getattr(accelerator, "is_main_process", None)):
         return _learn_guard(model, illegal, legal, cfg, output_dir=output_dir, warm_start_model=warm_start_model,
-                            accelerator=accelerator, provenance=provenance, always_frozen=fixed)
+                            accelerator=accelerator, provenance=provenance, always_frozen=fixed,
+                            mask_ratio=mask_ratio)
 
 
 def budget_left(unet: Any, fixed: Sequence[str], config: LearnConfig) -> float:
@@ -604,13 +606,16 @@ def _run_identity(model: Any, illegal: Any, legal: Any, cfg: LearnConfig, warm_s
 
 def _learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | None = None, *,
                  output_dir: str | Path | None = None, warm_start_model: Any = None, accelerator: Any = None,
-                 provenance: dict[str, Any] | None = None, always_frozen: Sequence[str] = ()) -> Guard:
+                 provenance: dict[str, Any] | None = None, always_frozen: Sequence[str] = (),
+                 mask_ratio: float | None = None) -> Guard:
     from .guard import unet_tensors
     from .plots import plot_guard, plot_learning
 
     cfg = config or LearnConfig()
     fixed = set(always_frozen)
-    mask_cfg = replace(cfg, ratio=budget_left(model.unet, sorted(fixed), cfg)) if fixed else cfg
+    if fixed and mask_ratio is None:
+        mask_ratio = budget_left(model.unet, sorted(fixed), cfg)
+    mask_cfg = replace(cfg, ratio=mask_ratio) if fixed else cfg
     unet = model.unet
     base_tensors = unet_tensors(unet)
     fingerprint = fingerprint_of(base_tensors)
