@@ -33,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from freezeasguard import emoji, zoo
+    from freezeasguard.bench import emoji
+    from freezeasguard import zoo
     from freezeasguard.finetuning import FinetuneConfig, attacker_train_config, finetune
     from freezeasguard.learn import LearnConfig, learn_guard
 

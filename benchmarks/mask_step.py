@@ -59,7 +59,7 @@ def main() -> None:
 
     import torch
 
-    from freezeasguard.allocations import AllocationPeak
+    from freezeasguard.training.allocations import AllocationPeak
     from freezeasguard.learn import LearnConfig, MaskLearner, MixedData
     from freezeasguard.model import DiffusionModel
     from freezeasguard.objective import DenoisingObjective, EncodedDataset
@@ -68,7 +68,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.model == "embedded":
-        from freezeasguard import emoji, zoo
+        from freezeasguard.bench import emoji
+        from freezeasguard import zoo
 
         model = zoo.load_base()
         sc = emoji.scenario("figures")

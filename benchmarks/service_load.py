@@ -104,7 +104,7 @@ def main() -> int:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                     raise SystemExit("the server did not come up")
                 time.sleep(0.2)
-            from freezeasguard.client import Client
+            from freezeasguard.service.client import Client
 
             with Client(url, secret) as c:
                 job = c.submit(root / "data", method="lora", steps=1_000_000, batch_size=2)

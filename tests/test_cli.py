@@ -162,7 +162,7 @@ def test_option_defaults_are_the_configs_defaults():
     from freezeasguard.cli.immunise_cmd import IMMUNISE_FIELDS
     from freezeasguard.cli.learn_cmd import LEARN_FIELDS
     from freezeasguard.finetuning import FinetuneConfig
-    from freezeasguard.immunise import ImmuniseConfig
+    from freezeasguard.protections.immunise import ImmuniseConfig
     from freezeasguard.learn import LearnConfig
 
     commands = _commands()

@@ -9,14 +9,17 @@ import shutil
 import pytest
 import torch
 
-from freezeasguard import emoji
-from freezeasguard.bench import (BenchProfile, cell_key, cell_settings, curve_rows, frontier_verdicts, markdown, parse_cell,
-                                 planned_cells, run_bench, scenario_form, steps_to_reach, summarise, user_budgets)
-from freezeasguard.demo import DemoConfig, run_demo
-from freezeasguard.evaluate import SamplingConfig, validity_checks
+from freezeasguard.bench import emoji
+from freezeasguard.bench.profiles import BenchProfile, cell_key, parse_cell, planned_cells, scenario_form
+from freezeasguard.bench.cells import cell_settings, user_budgets
+from freezeasguard.bench.summary import curve_rows, frontier_verdicts, steps_to_reach, summarise
+from freezeasguard.bench.report import markdown
+from freezeasguard.bench.runner import run_bench
+from freezeasguard.bench.demo import DemoConfig, run_demo
+from freezeasguard.bench.evaluate import SamplingConfig, validity_checks
 from freezeasguard.learn import LearnConfig
-from freezeasguard.recogniser import Recogniser, RecogniserConfig
-from freezeasguard.relearn import Mixture, RelearnConfig, uce_prompts
+from freezeasguard.bench.recogniser import Recogniser, RecogniserConfig
+from freezeasguard.bench.relearn import Mixture, RelearnConfig, uce_prompts
 from freezeasguard.tiny import TinySpec, build_tiny_model
 from freezeasguard.training import TrainConfig
 
@@ -53,8 +56,8 @@ def _relearn():
 def _profile(**kw):
     base = dict(name="test", scenarios=["figures"], methods=["none", "random", "freeze-time-embedding", "guard"],
                 ratios=[0.3], seeds=[0], steps=2, legal_steps=2, batch_size=2, n_samples=2, curve_cells=["none", "guard@0.3"],
-                curve_steps=[1, 2, 3], legal_curve_steps=[1], curve_samples=2, sampling=FAST, learn=_learn(),
-                relearn=_relearn(), imma_steps=1, keep_images=2, skip_void=False)
+                curve_steps=[1, 2, 3], legal_curve_steps=[1], curve_samples=2, sampling=FAST,
+                relearn=_relearn(), options={"guard": _learn(), "imma": {"steps": 1}}, keep_images=2, skip_void=False)
     return BenchProfile(**{**base, **kw})
 
 
@@ -122,23 +125,82 @@ def test_validity_checks_on_hand_set_numbers():
         validity_checks("later", good)
 
 
+def _row(method, ratio, mit, near, far, frozen=None, samples=200):
+    """A summary row over the seeds of the lists given."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"scenario": "figures", "method": method, "ratio": ratio, "mitigation": mean(mit),
+            "legal_impact_near": mean(near), "legal_impact_far": mean(far), "mitigation_per_seed": mit,
+            "legal_impact_near_per_seed": near, "legal_impact_far_per_seed": far,
+            "frozen_params": frozen if frozen is not None else (ratio or 0.2), "n_samples": samples}
+
+
 def test_frontier_verdict_names_the_best_method_within_the_goals():
     table = [
-        {"scenario": "figures", "method": "none", "ratio": None, "mitigation": 0.0, "legal_impact_near": 0.0, "legal_impact_far": 0.0},
-        {"scenario": "figures", "method": "random", "ratio": 0.3, "mitigation": 0.1, "legal_impact_near": 0.0, "legal_impact_far": 0.02},
-        {"scenario": "figures", "method": "guard", "ratio": 0.3, "mitigation": 0.5, "legal_impact_near": 0.05, "legal_impact_far": 0.04},
-        {"scenario": "figures", "method": "random", "ratio": 0.7, "mitigation": 0.9, "legal_impact_near": 0.5, "legal_impact_far": 0.8},
-        {"scenario": "figures", "method": "guard", "ratio": 0.7, "mitigation": 0.7, "legal_impact_near": 0.08, "legal_impact_far": 0.05},
-        {"scenario": "figures", "method": "freeze-resnets", "ratio": None, "mitigation": 0.95, "legal_impact_near": 0.0, "legal_impact_far": 0.3},
+        _row("random", 0.3, [0.1, 0.1], [0.0, 0.0], [0.02, 0.02]),
+        _row("guard", 0.3, [0.5, 0.5], [0.05, 0.05], [0.04, 0.04]),
+        _row("random", 0.7, [0.9, 0.9], [0.5, 0.5], [0.8, 0.8]),
+        _row("guard", 0.7, [0.7, 0.7], [0.08, 0.08], [0.05, 0.05]),
+        _row("freeze-resnets", None, [0.95, 0.95], [0.0, 0.0], [0.3, 0.3], frozen=0.6),
+        _row("guard", 0.5, [0.65, 0.66], [0.02, 0.03], [0.01, 0.0]),
     ]
     v = frontier_verdicts(table)["figures"]
     assert v["best_within_goals"] == {"method": "guard", "ratio": 0.7, "mitigation": 0.7}
     assert v["best_margin_per_ratio"]["0.3"]["method"] == "guard"
     assert v["best_margin_per_ratio"]["0.7"]["method"] == "guard"
-    assert v["goals_met_by"] == ["guard@0.7"]
-    table[4]["legal_impact_far"] = 0.06  # just outside the far goal
-    v = frontier_verdicts(table)["figures"]
-    assert v["best_within_goals"]["ratio"] == 0.3 and v["goals_met_by"] == []
+    # within the legal limits at 0.7, but the goals cap the ratio at 0.5: only guard@0.5 meets them
+    assert v["goals_met_by"] == ["guard@0.5"]
+    table[5]["legal_impact_far_per_seed"] = [0.01, 0.06]  # one seed just outside the far goal
+    assert frontier_verdicts(table)["figures"]["goals_met_by"] == []
+
+
+def test_goals_need_every_seed_the_ratio_cap_a_small_spread_and_enough_samples():
+    from freezeasguard.bench.goals import verdict
+
+    assert verdict(_row("m", 0.3, [0.7, 0.72], [0.0, 0.05], [0.0, 0.04]))["met"]
+    cases = {  # what fails -> (row, the reason it names)
+        "seed average only": (_row("m", 0.3, [0.9, 0.55], [0.0, 0.0], [0.0, 0.0]), "on a seed"),
+        "spread": (_row("m", 0.3, [0.95, 0.8], [0.0, 0.0], [0.0, 0.0]), "spread 15 points"),
+        "ratio": (_row("m", 0.7, [0.9, 0.9], [0.0, 0.0], [0.0, 0.0]), "ratio 0.7"),
+        "frozen share": (_row("m", None, [0.9, 0.9], [0.0, 0.0], [0.0, 0.0], frozen=0.6), "60% of the parameters"),
+        "near on a seed": (_row("m", 0.3, [0.9, 0.9], [0.0, 0.2], [0.0, 0.0]), "legal-near impact 20%"),
+        "one seed": (_row("m", 0.3, [0.9], [0.0], [0.0]), "1 seed(s)"),
+        "samples": (_row("m", 0.3, [0.9, 0.9], [0.0, 0.0], [0.0, 0.0], samples=100), "100 samples"),
+    }
+    for name, (row, reason) in cases.items():
+        v = verdict(row)
+        assert not v["met"] and any(reason in r for r in v["reasons"]), (name, v)
+
+
+def test_summary_reads_the_goals_per_seed_from_hand_set_cells():
+    """Cells set by hand: a method that meets the goals on the seed average but not on each seed, and one that
+    meets them only at a ratio above 0.5, are not reported as meeting them; the one that holds everywhere is."""
+    from freezeasguard.bench.summary import summarise
+
+    def cell(seed, method, ratio, illegal, near, far, frozen):
+        dom = lambda r: {"rate": r, "mean_prob": r, "n": 200}  # noqa: E731
+        return {"scenario": "figures", "seed": seed, "method": method, "ratio": ratio, "form": "relearn",
+                "guard": None if method == "none" else {"ratio_by_count": frozen, "ratio_by_params": frozen},
+                "domains": {"illegal": dom(illegal), "legal_near": dom(near), "legal_far": dom(far)}}
+
+    base_models = {"taught": {"base_families": {"rate": 0.9}, "illegal": {"rate": 0.9}},
+                   "release": {"base_families": {"rate": 0.9}, "illegal": {"rate": 0.1}, "legal_near": {"rate": 0.0},
+                               "legal_far": {"rate": 0.0}}}
+    cells = {}
+    for seed in (0, 1):
+        cells[f"b{seed}"] = {"scenario": "figures", "seed": seed, "method": "base", "ratio": None, "form": "relearn",
+                             "models": base_models}
+        cells[cell_key("figures", seed, "none", None)] = cell(seed, "none", None, 0.9, 0.9, 0.9, 0.0)
+    # mitigation 1 - illegal/0.9: "avg" 78% / 44% (mean 61%), "high" 89% at 0.7, "good" 67% / 72%
+    for seed, (avg, good) in enumerate(((0.2, 0.3), (0.5, 0.25))):
+        cells[f"a{seed}"] = cell(seed, "avg", 0.3, avg, 0.9, 0.9, 0.3)
+        cells[f"h{seed}"] = cell(seed, "high", 0.7, 0.1, 0.9, 0.9, 0.7)
+        cells[f"g{seed}"] = cell(seed, "good", 0.5, good, 0.88, 0.89, 0.5)
+    summary = summarise(cells, _profile(methods=["none", "avg", "high", "good"], seeds=[0, 1]))
+    rows = {r["method"]: r for r in summary["table"]}
+    assert rows["avg"]["mitigation"] == pytest.approx(1 - 0.35 / 0.9) and rows["avg"]["mitigation"] >= 0.6
+    assert not rows["avg"]["verdict"]["met"] and not rows["high"]["verdict"]["met"]
+    assert rows["good"]["verdict"]["met"], rows["good"]["verdict"]
+    assert summary["frontier"]["figures"]["goals_met_by"] == ["good@0.5"]
 
 
 def test_mixture_keeps_its_proportion():
@@ -166,7 +228,7 @@ def test_uce_makes_a_tiny_model_denoise_an_unlearned_caption_like_its_guide():
     """A case built to show unlearning: before the edit the UNet's prediction for a protected figure's caption
     differs from its prediction for the guide caption ('a person'); after UCE it nearly equals it, while a
     preserved caption's prediction does not move."""
-    from freezeasguard.baselines import uce_edit
+    from freezeasguard.protections.uce import uce_edit
 
     from freezeasguard import zoo
 
@@ -194,7 +256,7 @@ def test_uce_makes_a_tiny_model_denoise_an_unlearned_caption_like_its_guide():
 
 
 def test_teach_items_stay_on_the_publishers_side():
-    from freezeasguard.relearn import teach_items
+    from freezeasguard.bench.relearn import teach_items
 
     fig = emoji.scenario("figures", 0)
     assert teach_items(fig) == fig.items("illegal", "publisher")
@@ -277,10 +339,10 @@ def test_bench_relearn_grid_runs_caches_and_reports(tmp_path):
     with pytest.raises(ValueError, match="legal_steps"):
         run_bench(tmp_path, _profile(legal_steps=3), model_loader=_loader(), recogniser=_recogniser())
     # a cell depends on the settings its method reads: another learner invalidates the guard's cell only ...
-    other = _profile(learn=dataclasses.replace(_learn(), mask_lr=0.5))
+    other = _profile(options={"guard": dataclasses.replace(_learn(), mask_lr=0.5), "imma": {"steps": 1}})
     assert cell_settings(other, "random") == cell_settings(profile, "random")
     assert cell_settings(other, "guard") != cell_settings(profile, "guard")
-    with pytest.raises(ValueError, match=r"guard-r0\.3.*learn"):
+    with pytest.raises(ValueError, match=r"guard-r0\.3.*protection"):
         run_bench(tmp_path, other, model_loader=_loader(), recogniser=_recogniser())
     # ... so with that cell (and its work folder, where the learner keeps its resumable run) removed, the
     # rerun recomputes it and reuses every other cell
@@ -345,7 +407,7 @@ def test_bench_rejects_unknown_methods_and_curve_cells(tmp_path):
 
 
 def test_uce_pairs_the_differing_span_and_everything_after_it():
-    from freezeasguard.baselines import _aligned_pairs
+    from freezeasguard.protections.uce import _aligned_pairs
 
     eos = 9
     #             BOS an of  police officer ,  style EOS pad pad
@@ -358,12 +420,13 @@ def test_uce_pairs_the_differing_span_and_everything_after_it():
 
 
 def test_component_baselines_freeze_whole_components():
-    from freezeasguard.baselines import MethodContext, component_names, release
+    from freezeasguard.protections import ReleaseContext, protect
+    from freezeasguard.protections.components import component_names
 
     model = _loader()()
     for kind, must in (("freeze-cross-attention", ".attn2.to_"), ("freeze-resnets", ".resnets."),
                        ("freeze-time-embedding", "time_embedding.")):
-        rel = release(kind, MethodContext(model, None, None, 0.0))
+        rel = protect(kind, ReleaseContext(model, None, None, 0.0))
         names = set(rel.guard.frozen)
         assert names == set(component_names(model.unet, kind)) and all(must in n for n in names), kind
         others = [n for n in rel.guard.names if must in n and n not in names]

@@ -81,7 +81,7 @@ def test_commands_shown_in_the_docs_exist_with_their_options():
 
 def test_cli_doc_lists_every_config_field():
     from freezeasguard.finetuning import FinetuneConfig
-    from freezeasguard.immunise import ImmuniseConfig
+    from freezeasguard.protections.immunise import ImmuniseConfig
     from freezeasguard.learn import LearnConfig
     from freezeasguard.service.config import ServiceConfig
     from freezeasguard.training import TrainConfig

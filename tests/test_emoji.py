@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from freezeasguard import emoji as E
+from freezeasguard.bench import emoji as E
 from freezeasguard.errors import DataError
 
 CAPTION = re.compile(

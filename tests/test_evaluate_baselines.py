@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freezeasguard.baselines import METHODS, MethodContext, MethodOptions, release, uce_closed_form
-from freezeasguard.evaluate import bootstrap_ci, frechet_distance, recognise
+from freezeasguard.protections import PROTECTIONS, ReleaseContext, protect
+from freezeasguard.protections.uce import uce_closed_form
+from freezeasguard.bench.evaluate import bootstrap_ci, frechet_distance, recognise
 from freezeasguard.learn import LearnConfig
-from freezeasguard.recogniser import Recogniser, RecogniserConfig
+from freezeasguard.bench.recogniser import Recogniser, RecogniserConfig
 from freezeasguard.tiny import TinySpec, build_tiny_model
 from freezeasguard.training import TrainConfig
 
@@ -77,9 +78,12 @@ def ctx_factory(toy_data):
         learn = LearnConfig(mask_every=2, mask_steps=2, mask_batch=4,
                             user=TrainConfig(batch_size=2, progress=False),
                             warm_start=TrainConfig(max_steps=2, batch_size=2, progress=False))
-        options = MethodOptions(learn=learn, imma_steps=2, uce_edit=["a red cat", "a green dog"],
-                                uce_guide=["a red house", "a green tree"], uce_preserve=["a blue tree", "a yellow house"])
-        return MethodContext(model, toy_data(4), toy_data(4, random_flip=False), ratio, seed=0, options=options)
+        prompts = {"uce_edit": ["a red cat", "a green dog"], "uce_guide": ["a red house", "a green tree"],
+                   "uce_preserve": ["a blue tree", "a yellow house"]}
+        ctx = ReleaseContext(model, toy_data(4), toy_data(4, random_flip=False), ratio, seed=0, by="count",
+                             prompts=prompts)
+        ctx.options = {"guard": learn, "importance-change": {"warm_start": learn.warm_start}, "imma": {"steps": 2}}
+        return ctx
 
     return make
 
@@ -88,7 +92,7 @@ def ctx_factory(toy_data):
 def test_guard_baselines_hit_the_ratio(name, ctx_factory):
     ctx = ctx_factory(0.3)
     before = {n: p.detach().clone() for n, p in ctx.model.unet.named_parameters()}
-    out = release(name, ctx)
+    out = protect(name, ctx, ctx.options)
     n = len(before)
     assert out.guard is not None and len(out.guard.frozen) == round(0.3 * n)
     out.guard.check_fingerprint(out.model.unet)
@@ -99,7 +103,7 @@ def test_guard_baselines_hit_the_ratio(name, ctx_factory):
 def test_uce_edits_exactly_the_cross_attention_key_value_projections(ctx_factory):
     ctx = ctx_factory()
     before = {n: p.detach().clone() for n, p in ctx.model.unet.named_parameters()}
-    out = release("uce", ctx)
+    out = protect("uce", ctx, ctx.options)
     changed = {n for n, p in out.model.unet.named_parameters() if not torch.equal(before[n], p)}
     expected = {n for n in before if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
     assert changed == expected and changed
@@ -109,7 +113,7 @@ def test_uce_edits_exactly_the_cross_attention_key_value_projections(ctx_factory
 def test_imma_changes_attention_weights_and_releases_a_plain_unet(ctx_factory):
     ctx = ctx_factory()
     before = {n: p.detach().clone() for n, p in ctx.model.unet.named_parameters()}
-    out = release("imma", ctx)
+    out = protect("imma", ctx, ctx.options)
     after = dict(out.model.unet.named_parameters())
     assert after.keys() == before.keys()  # no adapter left behind
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -118,22 +122,32 @@ def test_imma_changes_attention_weights_and_releases_a_plain_unet(ctx_factory):
 
 def test_guard_on_uce_edits_then_freezes(ctx_factory):
     ctx = ctx_factory(0.3)
-    out = release("guard+uce", ctx)
-    assert out.guard is not None and out.info["uce_edited_tensors"]
+    out = protect("uce+guard", ctx, ctx.options)
+    assert out.guard is not None and out.info["edit_rows"] > 0 and out.guard.method == "uce+guard"
     out.guard.check_fingerprint(out.model.unet)
 
 
-def test_registry_lists_every_method_and_refuses_unknown_ones(ctx_factory):
+def test_registry_lists_every_protection_and_refuses_unknown_ones(ctx_factory):
+    from freezeasguard.protections import stages
+
     assert {"none", "random", "importance-change", "importance-grad", "importance-ratio", "guard", "uce", "imma",
-            "guard+uce"} <= set(METHODS)
-    with pytest.raises(ValueError, match="unknown method"):
-        release("nope", ctx_factory())
-    with pytest.raises(TypeError, match="MethodOptions"):
-        MethodContext(None, None, None, 0.3, options={"imma_step": 2})
+            "immunise"} <= set(PROTECTIONS)
+    with pytest.raises(ValueError, match="unknown protection"):
+        protect("nope", ctx_factory())
+    with pytest.raises(ValueError, match="unknown protection.*guard\\+nope"):
+        stages("guard+nope")
+    with pytest.raises(ValueError, match="must come first"):
+        stages("guard+uce")  # a model edit after a frozen set would change frozen values
+    with pytest.raises(ValueError, match="needs a frozen set"):
+        stages("immunise")
+    with pytest.raises(ValueError, match="unknown IMMAConfig field"):
+        protect("imma", ctx_factory(), {"imma": {"step": 2}})
+    with pytest.raises(ValueError, match="ReleaseContext.by"):
+        ReleaseContext(None, None, None, 0.3, by="tensors")
 
 
 def test_imma_adapter_follows_the_seed_not_the_global_rng(toy_data):
-    from freezeasguard.baselines import imma_immunize
+    from freezeasguard.protections.imma import imma_immunize
 
     def run(seed, global_seed):
         torch.manual_seed(global_seed)
@@ -209,17 +223,17 @@ def test_importance_methods_rank_the_illegal_path_first(name, monkeypatch):
     put all four ill* tensors above all four leg* tensors (the legal ones score exactly 0 by grad and change)."""
     import types
 
-    import freezeasguard.baselines as baselines
+    import freezeasguard.protections.importance as importance
 
-    monkeypatch.setattr(baselines, "_objective", _Objective)  # the constructed model is its own loss ...
-    monkeypatch.setattr(baselines, "_encoded", lambda model, data: data)  # ... on data that needs no encoding
+    monkeypatch.setattr(importance, "objective_of", _Objective)  # the constructed model is its own loss ...
+    monkeypatch.setattr(importance, "encoded", lambda model, data: data)  # ... on data that needs no encoding
     model = types.SimpleNamespace(unet=_TwoPaths())
     before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
     # the warm start of importance-change: plain Adam (no weight decay), so zero gradients move nothing
     learn = LearnConfig(warm_start=TrainConfig(max_steps=10, batch_size=4, learning_rate=1e-2, weight_decay=0.0,
                                                progress=False), cache_encodings=False)
-    ctx = MethodContext(model, _Domain(0), _Domain(1), 0.5, seed=0, options=MethodOptions(learn=learn))
-    guard = release(name, ctx).guard
+    ctx = ReleaseContext(model, _Domain(0), _Domain(1), 0.5, seed=0, by="count")
+    guard = protect(name, ctx, {"importance-change": {"warm_start": learn.warm_start}}).guard
     scores = guard.scores
     ill = [n for n in scores if n.startswith("ill")]
     leg = [n for n in scores if n.startswith("leg")]

@@ -273,8 +273,8 @@ def test_finetune_defaults_are_the_attacker_the_guard_is_evaluated_against():
     """A default `finetune` (API or CLI) is the user fine-tune of the quick benchmark and of the demo."""
     import typer.main
 
-    from freezeasguard.bench import PROFILES
-    from freezeasguard.demo import DemoConfig
+    from freezeasguard.bench.profiles import PROFILES
+    from freezeasguard.bench.demo import DemoConfig
 
     t = FinetuneConfig().train
     default = (t.max_steps, t.batch_size * t.gradient_accumulation, t.learning_rate, t.optimizer)

@@ -26,7 +26,7 @@ from conftest import without_sketches
 from freezeasguard.audit import AuditError, verify
 from freezeasguard.finetuning import FinetuneConfig, finetune
 from freezeasguard.guard import Guard
-from freezeasguard.io import OutputDirError, atomic_write_json, claim_output_dir
+from freezeasguard.utils.files import OutputDirError, atomic_write_json, claim_output_dir
 from freezeasguard.model import DiffusionModel
 from freezeasguard.tiny import TinySpec, build_tiny_model
 from freezeasguard.training import TrainConfig
@@ -240,7 +240,7 @@ def _holder(out: Path, run: Callable[..., Any]):  # type: ignore[no-untyped-def]
     """Another process holding the directory, as a second concurrent run would."""
     code = textwrap.dedent(f"""
         import sys, time
-        from freezeasguard.io import claim_output_dir
+        from freezeasguard.utils.files import claim_output_dir
         with claim_output_dir({str(out)!r}, "finetune", {{}}, []):
             print("held", flush=True)
             time.sleep(60)
@@ -274,7 +274,7 @@ def _stale(out: Path, run: Callable[..., Any]) -> list[Any]:
     code = textwrap.dedent(f"""
         import os, time
         from pathlib import Path
-        from freezeasguard.io import atomic_directory
+        from freezeasguard.utils.files import atomic_directory
         out = Path({str(out)!r})
         with atomic_directory(out / "checkpoints" / "step-00000009"), atomic_directory(out / "model", overwrite=True) as tmp:
             (tmp / "half.safetensors").write_bytes(b"partial")

@@ -1,4 +1,4 @@
-"""Lever 5: immunised frozen values (freezeasguard.immunise and the "+immunise" methods)."""
+"""Immunised frozen values (freezeasguard.protections.immunise and the "+immunise" composites)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import json
 import pytest
 import torch
 
-from freezeasguard.baselines import METHODS, MethodContext, MethodOptions, _batches, _encoded, _objective, release
+from freezeasguard.protections import ReleaseContext, protect
+from freezeasguard.protections.common import encoded as _encoded
+from freezeasguard.protections.common import objective_of as _objective
+from freezeasguard.protections.common import seeded_batches as _batches
 from freezeasguard.guard import Guard, record_match
-from freezeasguard.immunise import ImmuniseConfig, illegal_text_subspace, immunise_frozen, pull_into_trust_region_
+from freezeasguard.protections.immunise import (ImmuniseConfig, illegal_text_subspace, immunise_frozen, pull_into_trust_region_)
 from freezeasguard.tiny import TinySpec, build_tiny_model
 
 
@@ -80,17 +83,16 @@ def test_immunised_values_make_the_attacked_model_worse_on_the_illegal_data(toy_
 @pytest.mark.parametrize("base", ["random", "freeze-cross-attention"])
 def test_immunised_methods_release_a_guard_recording_the_new_values(base, toy_data):
     model = build_tiny_model(TinySpec(), seed=0)
-    opts = MethodOptions(immunise=ImmuniseConfig(steps=2, reset_every=1, batch_size=2, lr=1e-2, text_subspace=2))
-    out = release(f"{base}+immunise", MethodContext(model, toy_data(4), toy_data(4, random_flip=False), 0.3,
-                                                    seed=0, options=opts))
-    plain = release(base, MethodContext(build_tiny_model(TinySpec(), seed=0), None, None, 0.3, seed=0))
+    opts = {"immunise": ImmuniseConfig(steps=2, reset_every=1, batch_size=2, lr=1e-2, text_subspace=2)}
+    out = protect(f"{base}+immunise", ReleaseContext(model, toy_data(4), toy_data(4, random_flip=False), 0.3,
+                                                     seed=0), opts)
+    plain = protect(base, ReleaseContext(build_tiny_model(TinySpec(), seed=0), None, None, 0.3, seed=0))
     assert out.guard.frozen == plain.guard.frozen  # the same frozen set, other values
     tensors = dict(out.model.unet.named_parameters())
     assert all(record_match(tensors[n], out.guard.tensors[n]) == "ok" for n in out.guard.frozen)
     assert any(record_match(tensors[n], plain.guard.tensors[n]) is None for n in out.guard.frozen)
     out.guard.check_fingerprint(out.model.unet)
-    assert out.guard.method.endswith("+immunise") and out.info["immunised_tensors"] == len(out.guard.frozen)
-    assert METHODS[f"{base}+immunise"].uses[-1] == "immunise"
+    assert out.guard.method == f"{base}+immunise" and out.info["immunised_tensors"] == len(out.guard.frozen)
 
 
 def test_immunise_config_refuses_nonsense():
@@ -179,27 +181,26 @@ def test_token_selective_immunising_moves_only_key_value_rows_inside_the_illegal
     assert "nothing immunised" in info["text_subspace"]["note"]
 
 
-@pytest.mark.parametrize("extra", ["kv", "xattn"])
+@pytest.mark.parametrize("extra", ["freeze-kv", "freeze-cross-attention"])
 def test_guard_plus_extra_freezes_the_added_tensors_and_immunises_only_key_values(extra, toy_data, tmp_path):
-    from freezeasguard.baselines import component_names
+    from freezeasguard.protections.components import component_names
     from freezeasguard.learn import LearnConfig
     from freezeasguard.training import TrainConfig
 
     user = TrainConfig(batch_size=2, learning_rate=1e-3, progress=False)
     warm = TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-3, progress=False)
     learn = LearnConfig(ratio=0.1, mask_every=2, mask_steps=2, mask_batch=2, mask_lr=0.05, user=user, warm_start=warm)
-    opts = MethodOptions(learn=learn, immunise=ImmuniseConfig(steps=2, reset_every=2, batch_size=2, text_subspace=2))
+    opts = {"guard": learn, "immunise": ImmuniseConfig(steps=2, reset_every=2, batch_size=2, text_subspace=2)}
     illegal, legal = toy_data(4), toy_data(4, random_flip=False)
-    plain = release("guard", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.1, seed=0,
-                                           options=opts, output_dir=tmp_path / "plain"))
-    out = release(f"guard+{extra}+immunise", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.1,
-                                                           seed=0, options=opts, output_dir=tmp_path / extra))
+    plain = protect("guard", ReleaseContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.1, seed=0,
+                                            output_dir=tmp_path / "plain"), opts)
+    out = protect(f"guard+{extra}+immunise", ReleaseContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.1,
+                                                            seed=0, output_dir=tmp_path / extra), opts)
     kv = {n for n, _ in out.model.unet.named_parameters() if n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))}
-    added = kv if extra == "kv" else set(component_names(out.model.unet, "freeze-cross-attention"))
+    added = set(component_names(out.model.unet, extra))
     assert kv <= added
     assert set(out.guard.frozen) == set(plain.guard.frozen) | added  # the learned set (same seed) plus the extra
-    key = "added_cross_attention_kv" if extra == "kv" else "added_xattn"
-    assert out.guard.provenance[key] == len(added - set(plain.guard.frozen)) > 0
+    assert added - set(plain.guard.frozen) and out.guard.method == f"guard+{extra}+immunise"
     tensors = dict(out.model.unet.named_parameters())
     base = dict(build_tiny_model(TinySpec(), seed=0).unet.named_parameters())
     moved = {n for n in out.guard.frozen if not torch.equal(tensors[n], base[n])}
@@ -262,19 +263,20 @@ def test_the_immunise_command_releases_a_model_and_its_guard_together(tmp_path):
 
 
 def test_a_guard_learned_on_the_immunised_cross_attention_keeps_it_frozen_and_spends_only_the_rest(toy_data, tmp_path):
-    from freezeasguard.baselines import component_names
+    from freezeasguard.protections.components import component_names
     from freezeasguard.learn import LearnConfig
     from freezeasguard.training import TrainConfig
 
     user = TrainConfig(batch_size=2, learning_rate=1e-3, progress=False)
     warm = TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-3, progress=False)
     learn = LearnConfig(ratio=0.3, mask_every=2, mask_steps=2, mask_batch=2, mask_lr=0.05, user=user, warm_start=warm)
-    opts = MethodOptions(learn=learn, immunise=ImmuniseConfig(steps=2, reset_every=2, batch_size=2, text_subspace=2))
+    opts = {"guard": learn, "immunise": ImmuniseConfig(steps=2, reset_every=2, batch_size=2, text_subspace=2)}
     illegal, legal = toy_data(4), toy_data(4, random_flip=False)
-    first = release("freeze-cross-attention+immunise", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal,
-                                                                     legal, None, options=opts, seed=0))
-    out = release("immunised-xattn+guard", MethodContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.3,
-                                                         seed=0, options=opts, output_dir=tmp_path, by="params"))
+    first = protect("freeze-cross-attention+immunise", ReleaseContext(build_tiny_model(TinySpec(), seed=0), illegal,
+                                                                      legal, 0.0, seed=0), opts)
+    out = protect("freeze-cross-attention+immunise+guard",
+                  ReleaseContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.3, seed=0,
+                                 output_dir=tmp_path, by="params"), opts)
     xattn = set(component_names(out.model.unet, "freeze-cross-attention"))
     tensors = dict(out.model.unet.named_parameters())
     # The release is the immunised one (same seed, same values), and its guard fingerprints those values.
@@ -289,7 +291,7 @@ def test_a_guard_learned_on_the_immunised_cross_attention_keeps_it_frozen_and_sp
 
 
 def test_always_frozen_must_leave_the_mask_a_budget(toy_data):
-    from freezeasguard.baselines import component_names
+    from freezeasguard.protections.components import component_names
     from freezeasguard.learn import LearnConfig, learn_guard
 
     model = build_tiny_model(TinySpec(), seed=0)

@@ -9,19 +9,7 @@ import pytest
 import torch
 
 from freezeasguard.data import collate_examples
-from freezeasguard.learn import (
-    STREAM_RANKING,
-    LearnConfig,
-    MaskLearner,
-    MixedData,
-    learn_guard,
-    learn_mask,
-    mask_logit_gradient,
-    project_to_ratio,
-    ranking_check,
-    soft_mask,
-    temperature_at,
-)
+from freezeasguard.learn import (STREAM_RANKING, LearnConfig, MaskLearner, MixedData, learn_guard, learn_mask, mask_logit_gradient, project_to_ratio, ranking_check, soft_mask, temperature_at)
 from freezeasguard.training import TrainCallback, TrainConfig, TrainContext
 
 
@@ -316,7 +304,7 @@ def test_mixed_data_draws_are_a_function_of_seed_and_sample():
 
 
 def test_the_mask_step_allocates_no_model_size_buffer_beyond_the_gradient():
-    from freezeasguard.allocations import AllocationPeak
+    from freezeasguard.training.allocations import AllocationPeak
 
     # wide layers and a small batch: the parameters dominate, activations are negligible
     model = Toy(dtype=torch.float32, width=128)

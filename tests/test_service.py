@@ -63,7 +63,7 @@ def test_lora_job_round_trip_publishes_a_verified_adapter_and_survives_a_restart
 
 
 def test_models_lists_the_release_and_guard_digest(api, guarded_model):
-    from freezeasguard.service.worker import file_sha256
+    from freezeasguard.utils.files import file_sha256
 
     data = api.client.get("/v1/models", headers=api.key()).json()["data"]
     assert len(data) == 1

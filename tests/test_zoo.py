@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from freezeasguard import emoji, zoo
-from freezeasguard.recogniser import Recogniser, RecogniserConfig, augment
+from freezeasguard.bench import emoji
+from freezeasguard import zoo
+from freezeasguard.bench.recogniser import Recogniser, RecogniserConfig, augment
 from freezeasguard.zoo.recipe import ZooRecipe, build_untrained, corpus, run
 from freezeasguard.zoo.ship import ship
 
@@ -94,7 +95,7 @@ RECOGNISER_GOAL = 0.90
 
 
 def _heldout(stride: int):  # type: ignore[no-untyped-def]
-    from freezeasguard.recogniser import accuracy
+    from freezeasguard.bench.recogniser import accuracy
     from freezeasguard.zoo.recipe import _labelled, recogniser_items
 
     recipe = ZooRecipe.from_dict(zoo.manifest()["record"]["recipe"])

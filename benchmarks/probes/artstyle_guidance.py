@@ -5,8 +5,9 @@ Samples the quick grid's taught artstyle base and its release on the user's Open
 (100 samples each) and prints the recogniser's OpenMoji rate. Session 7, seed 0: taught base 34 / 30 / 35 / 35 /
 36% at guidance 1 / 3 / 5 / 7.5 / 12; release 21 / 19 / 13 / 8 / 12%."""
 import sys, json, torch
-from freezeasguard import emoji, zoo
-from freezeasguard.evaluate import evaluate, scenario_domains, base_families_domain, SamplingConfig
+from freezeasguard.bench import emoji
+from freezeasguard import zoo
+from freezeasguard.bench.evaluate import evaluate, scenario_domains, base_families_domain, SamplingConfig
 from freezeasguard.model import DiffusionModel
 seed=int(sys.argv[1])
 sc=emoji.scenario("artstyle", seed); rec=zoo.load_recogniser()

@@ -6,8 +6,9 @@ are prompted with), past the profile's budget, evaluated on those prompts at 400
 (each stretch a fresh AdamW: a probe, not the bench's user). Session 7, seed 0, lr 1e-4: OpenMoji 61 / 60 / 55%
 at 400 / 800 / 1,600 steps while the training loss fell 0.091 / 0.059 / 0.045; lr 1e-3: 53% at 400."""
 import sys, json, time, torch, dataclasses
-from freezeasguard import emoji, zoo
-from freezeasguard.evaluate import evaluate, scenario_domains
+from freezeasguard.bench import emoji
+from freezeasguard import zoo
+from freezeasguard.bench.evaluate import evaluate, scenario_domains
 from freezeasguard.finetuning import FinetuneConfig, finetune, attacker_train_config
 from freezeasguard.model import DiffusionModel
 seed, lr, steps = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])

@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from freezeasguard import emoji
-from freezeasguard.evaluate import SamplingConfig
+from freezeasguard.bench import emoji
+from freezeasguard.bench.evaluate import SamplingConfig
 from freezeasguard.model import load_model
 from freezeasguard.zoo import load_recogniser
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from freezeasguard import emoji
-from freezeasguard.evaluate import SamplingConfig
+from freezeasguard.bench import emoji
+from freezeasguard.bench.evaluate import SamplingConfig
 from freezeasguard.model import load_model
 from freezeasguard.zoo import load_recogniser
 

@@ -11,8 +11,9 @@ import time
 import torch
 
 import freezeasguard.training as training
-from freezeasguard import emoji, relearn, zoo
-from freezeasguard.evaluate import base_families_domain, evaluate, scenario_domains
+from freezeasguard.bench import emoji, relearn
+from freezeasguard import zoo
+from freezeasguard.bench.evaluate import base_families_domain, evaluate, scenario_domains
 from freezeasguard.model import DiffusionModel
 
 seed, steps, share, lr, ema, out = (int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]),

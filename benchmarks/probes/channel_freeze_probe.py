@@ -5,9 +5,10 @@ import copy, json, sys, time
 from pathlib import Path
 import torch
 from freezeasguard import zoo
-from freezeasguard.bench import PROFILES, prepare_setting, USER_DOMAINS
+from freezeasguard.bench.profiles import PROFILES
+from freezeasguard.bench.cells import prepare_setting, USER_DOMAINS
 from freezeasguard.baselines import _objective, _encoded, _batches
-from freezeasguard.evaluate import evaluate
+from freezeasguard.bench.evaluate import evaluate
 from freezeasguard.finetuning import FinetuneConfig, finetune
 from freezeasguard.training import TrainCallback, TrainConfig
 

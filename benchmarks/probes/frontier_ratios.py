@@ -10,7 +10,9 @@ The cells share every setting with the quick grid's (checked by the bench's cach
 settings is refused), so a report over both is one grid."""
 import dataclasses, json, shutil, sys
 from pathlib import Path
-from freezeasguard.bench import BENCH_PRODUCTS, PROFILES, cell_key, cell_settings, run_bench
+from freezeasguard.bench.runner import BENCH_PRODUCTS, run_bench
+from freezeasguard.bench.profiles import PROFILES, cell_key
+from freezeasguard.bench.cells import cell_settings
 
 METHODS = ["random", "importance-ratio", "guard"]
 quick = PROFILES["quick"]

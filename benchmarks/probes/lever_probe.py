@@ -13,7 +13,9 @@ when "none" is the METHOD of another probe with the same "profile" overrides. Ex
   lever_probe.py lr5e-4-none none 0.3 0 '{"profile": {"lr": 5e-4}}'"""
 import dataclasses, json, shutil, sys
 from pathlib import Path
-from freezeasguard.bench import PROFILES, run_bench, cell_settings, BENCH_PRODUCTS, cell_key
+from freezeasguard.bench.profiles import PROFILES, cell_key
+from freezeasguard.bench.runner import run_bench, BENCH_PRODUCTS
+from freezeasguard.bench.cells import cell_settings
 name, method, ratio, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 over = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
 p = PROFILES["quick"]
@@ -37,7 +39,7 @@ if not out.exists():
         "identity": json.loads(json.dumps({"cell_settings": cell_settings(p)}, sort_keys=True)), "products": sorted(BENCH_PRODUCTS)}))
 if over.get("legal_far_repeat", 1) != 1:
     import freezeasguard.bench as bench
-    from freezeasguard import emoji
+    from freezeasguard.bench import emoji
 
     k, prepare = int(over["legal_far_repeat"]), bench.prepare_setting
 

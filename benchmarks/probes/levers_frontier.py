@@ -17,7 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from freezeasguard.bench import COMMON_SETTINGS, PROFILES, cell_settings
+from freezeasguard.bench.cells import COMMON_SETTINGS, cell_settings
+from freezeasguard.bench.profiles import PROFILES
 
 prefix = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/levers-frontier")
 common = {k: v for k, v in cell_settings(PROFILES["quick"]).items() if k in COMMON_SETTINGS}

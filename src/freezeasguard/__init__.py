@@ -43,7 +43,7 @@ _EXPORTS = {
     "TrainCallback": "training",
     "TrainResult": "training",
     "train": "training",
-    "save_grid": "images",
+    "save_grid": "utils.images",
     "Guard": "guard",
     "GuardError": "guard",
     "FinetuneConfig": "finetuning",
@@ -51,10 +51,13 @@ _EXPORTS = {
     "verify": "audit",
     "AuditReport": "audit",
     "LearnConfig": "learn",
+    "protect": "protections",
+    "PROTECTIONS": "protections",
+    "ReleaseContext": "protections",
     "learn_guard": "learn",
-    "ImmuniseConfig": "immunise",
-    "immunised_release": "immunise",
-    "Recogniser": "recogniser",
+    "ImmuniseConfig": "protections.immunise",
+    "immunised_release": "protections.immunise",
+    "Recogniser": "bench.recogniser",
     "FreezeAsGuardError": "errors",
     "DataError": "errors",
     "ModelError": "errors",
@@ -84,10 +87,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditReport, verify
     from .finetuning import FinetuneConfig, finetune
     from .guard import Guard, GuardError
-    from .images import save_grid
-    from .immunise import ImmuniseConfig, immunised_release
+    from .utils.images import save_grid
+    from .protections import PROTECTIONS, ReleaseContext, protect
+    from .protections.immunise import ImmuniseConfig, immunised_release
     from .learn import LearnConfig, learn_guard
-    from .recogniser import Recogniser
+    from .bench.recogniser import Recogniser
     from .model import DiffusionModel, load_model
     from .objective import DenoisingObjective, EncodedDataset
     from .tiny import TinySpec, build_tiny_model, write_tiny_model

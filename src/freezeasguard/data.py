@@ -27,8 +27,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from freezeasguard.errors import DataError
-from freezeasguard.seeding import STREAM_AUGMENT, derive_seed
+from .errors import DataError
+from .seeding import STREAM_AUGMENT, derive_seed
+from .utils.files import file_sha256, swap_directory
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -153,14 +154,6 @@ def _check_header(path: Path) -> None:
         raise DataError(f"{path} is not a readable image: {type(e).__name__}: {e}") from e
     if w <= 0 or h <= 0:
         raise DataError(f"{path} has an empty size {w}x{h}")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _preview(items: Sequence[str]) -> str:
@@ -293,7 +286,7 @@ class ImageCaptionDataset(Dataset):
         entries = []
         for label, src, cap in zip(self._labels, self._sources, self._captions):
             if isinstance(src, Path):
-                digest = _sha256_file(src)
+                digest = file_sha256(src)
             else:
                 digest = hashlib.sha256(src.convert("RGBA").tobytes()).hexdigest()
             entries.append({"file": label, "caption": cap, "sha256": digest})
@@ -553,17 +546,7 @@ def write_imagefolder(
         with open(tmp / "metadata.jsonl", "w", encoding="utf-8") as f:
             for name, cap in zip(files, captions):
                 f.write(json.dumps({"file_name": name, "text": cap}, ensure_ascii=False) + "\n")
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
-            os.replace(dest, old / "data")
-            try:
-                os.replace(tmp, dest)
-            except BaseException:
-                os.replace(old / "data", dest)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        swap_directory(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .errors import FreezeAsGuardError
-from .io import atomic_write_text
+from .utils.files import atomic_write_text
 
 GUARD_FORMAT = "freezeasguard-guard"
 GUARD_VERSION = 1
@@ -377,7 +377,7 @@ class Guard:
 
     @classmethod
     def load(cls, path: str | Path) -> Guard:
-        from .io import read_json
+        from .utils.files import read_json
 
         return cls.from_dict(read_json(path, "guard file", GuardError), source=str(Path(path)))
 

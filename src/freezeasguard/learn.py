@@ -56,14 +56,12 @@ import torch
 
 from .data import collate_examples
 from .guard import Guard, fingerprint_of, select_top, tensor_record
-from .io import atomic_write_json, canonical_digest, claim_output_dir
+from .utils.files import atomic_write_json, canonical_digest, claim_output_dir
 from .objective import DenoisingObjective, EncodedDataset
-from .seeding import derive_seed
+from .seeding import STREAM_LEARN_SAMPLE, STREAM_MASK, STREAM_RANKING, derive_seed
 from .training import TrainCallback, TrainConfig, TrainContext, TrainResult, train
-from .training.config import strict_from_dict
+from .configs import strict_from_dict
 
-STREAM_MASK = 5
-STREAM_RANKING = 6
 MASK_OPTIMIZERS = ("adam", "sgd", "sgd-normalised")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "geometric")
 POLARISED = 0.05  # a soft mask value within this of 0 or 1 counts as polarised
@@ -354,7 +352,7 @@ class MaskLearner(TrainCallback):
         examples = []
         for r in positions:
             seed = derive_seed(self.cfg.seed, *keys, side, r)
-            ex = dict(data.example(derive_seed(seed, 1) % len(data), seed))
+            ex = dict(data.example(derive_seed(seed, STREAM_LEARN_SAMPLE) % len(data), seed))
             ex["seeds"] = seed
             examples.append(ex)
         return examples
@@ -593,7 +591,7 @@ def _run_identity(model: Any, illegal: Any, legal: Any, cfg: LearnConfig, warm_s
                   provenance: dict[str, Any] | None) -> dict[str, Any]:
     """What must be equal for a rerun into the same output directory to continue the earlier run."""
     from .guard import unet_tensors
-    from .training.config import RESUMABLE_CHANGES
+    from .configs import RESUMABLE_CHANGES
 
     config = cfg.to_dict()
     for key in ("user", "warm_start"):
@@ -609,7 +607,7 @@ def _learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | Non
                  provenance: dict[str, Any] | None = None, always_frozen: Sequence[str] = (),
                  mask_ratio: float | None = None) -> Guard:
     from .guard import unet_tensors
-    from .plots import plot_guard, plot_learning
+    from .utils.plots import plot_guard, plot_learning
 
     cfg = config or LearnConfig()
     fixed = set(always_frozen)

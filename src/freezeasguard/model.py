@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ModelError
-from .io import atomic_directory
+from .utils.files import atomic_directory
 from .seeding import derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -29,12 +29,23 @@ def derive_seed(seed: int, *keys: int) -> int:
     return x & ((1 << 63) - 1)
 
 
-# Stream identifiers, so the same per-sample seed feeds independent streams.
-STREAM_ORDER = 1
-STREAM_AUGMENT = 2
-STREAM_NOISE = 3
-STREAM_GLOBAL = 4
-STREAM_ADAPTER = 5
+# Stream identifiers, so the same per-sample seed feeds independent streams. Every stream of the project is
+# named here, and tests/test_training.py checks that no two share a value.
+STREAM_ORDER = 1  # the training core's data order
+STREAM_AUGMENT = 2  # augmentation
+STREAM_NOISE = 3  # diffusion noise and timesteps
+STREAM_GLOBAL = 4  # torch's global RNG inside a step (dropout)
+STREAM_ADAPTER = 5  # LoRA initialisation
+STREAM_RANKING = 6  # the guard learner's ranking check
+STREAM_MASK = 8  # the guard learner's mask batches
+STREAM_LEARN_SAMPLE = 9  # the guard learner's fixed probe example
+STREAM_PROTECTION_BATCHES = 77  # batches a protection draws from the publisher's data
+STREAM_ATTACK_RATE = 91  # immunisation's simulated attacker's learning rate per restart
+
+
+def streams() -> dict[str, int]:
+    """Every named stream: name -> value."""
+    return {k: v for k, v in globals().items() if k.startswith("STREAM_") and isinstance(v, int)}
 
 
 @contextlib.contextmanager

@@ -69,9 +69,23 @@ app = typer.Typer(
 
 def _offline() -> None:
     # Never reach for a hub: every model comes from local disk.
+    _show_progress()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def _show_progress() -> None:
+    """The library reports its stages through `logging` (logger 'freezeasguard'); a command shows them."""
+    import logging
+
+    logger = logging.getLogger("freezeasguard")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -146,7 +160,7 @@ def sample(
 ) -> None:
     """Sample images and write them as a PNG grid; image i depends only on (seed, i, prompt)."""
     from ..errors import FreezeAsGuardError
-    from ..images import save_grid
+    from ..utils.images import save_grid
 
     m = load_model_arg(model)
     try:

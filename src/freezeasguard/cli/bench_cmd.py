@@ -1,4 +1,4 @@
-"""`freezeasguard bench`: the benchmark grid."""
+"""`freezeasguard bench`: the benchmark grid, and `freezeasguard bench-report`: a report over several runs."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from .options import DebugOpt, OutOpt, OverwriteOpt
 @app.command()
 def bench(
     out: OutOpt = Path("runs/bench"),
-    profile: Annotated[str, typer.Option(help="quick or full.")] = "quick",
+    profile: Annotated[str, typer.Option(help="quick or full (the starting point that --config and the options below change).")] = "quick",
+    config: Annotated[Path | None, typer.Option("--config", help="A profile as JSON (every field of BenchProfile; see --print-config), checked in full before any work; replaces --profile.", exists=True, dir_okay=False)] = None,
     scenario: Annotated[list[str] | None, typer.Option(help="Replace the profile's scenarios (repeat): figures, artstyle, figures-scratch, artstyle-scratch.")] = None,
-    method: Annotated[list[str] | None, typer.Option(help="Replace the profile's methods (repeat).")] = None,
+    method: Annotated[list[str] | None, typer.Option(help="Replace the profile's protections (repeat): NAME, A+B (composed left to right) or NAME@RATIO.")] = None,
     seed: Annotated[list[int] | None, typer.Option(help="Replace the profile's seeds (repeat).")] = None,
     ratio: Annotated[list[float] | None, typer.Option(help="Replace the profile's freeze ratios (repeat).")] = None,
     steps: Annotated[int | None, typer.Option(help="The illegal user's fine-tuning steps (attack budget) instead of the profile's.", min=1)] = None,
@@ -25,25 +26,62 @@ def bench(
     batch_size: Annotated[int | None, typer.Option(help="The users' batch size instead of the profile's.", min=1)] = None,
     n_samples: Annotated[int | None, typer.Option(help="Samples per domain at the budgets instead of the profile's.", min=1)] = None,
     curve: Annotated[list[str] | None, typer.Option(help="Replace the profile's curve cells (repeat): METHOD or METHOD@RATIO.")] = None,
-    skip_void: Annotated[bool, typer.Option("--skip-void/--no-skip-void", help="Skip the method cells of a setting whose validity checks failed (known after its base cell and full fine-tuning).")] = True,
+    skip_void: Annotated[bool | None, typer.Option("--skip-void/--no-skip-void", help="Skip the method cells of a setting whose validity checks failed (known after its base cell and full fine-tuning). Default: the profile's (on).")] = None,
+    reuse: Annotated[list[Path] | None, typer.Option("--reuse", help="Another bench output directory whose cells this run copies where it lacks them and their settings are this profile's (repeat).", exists=True, file_okay=False)] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Compute nothing: report the cached cells and list the missing ones.")] = False,
+    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved profile as JSON (a --config file) and exit.")] = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Scenarios x methods x ratios x seeds; resumable; writes results.md, results.json, frontier.png, curves.png."""
+    """Scenarios x protections x ratios x seeds; resumable; writes results.md, results.json, frontier.png, curves.png."""
     _offline()
     import sys
 
-    from ..bench import PROFILES, replace_profile, run_bench
+    from ..bench.profiles import PROFILES, BenchProfile, profile_json, replace_profile
+    from ..bench.runner import run_bench
 
-    if profile not in PROFILES:
-        raise _fail(ValueError(f"--profile must be one of {sorted(PROFILES)}"))
-    p = replace_profile(PROFILES[profile], scenarios=scenario, methods=method, seeds=seed, ratios=ratio, steps=steps,
-                        legal_steps=legal_steps, lr=lr, batch_size=batch_size, n_samples=n_samples, curve_cells=curve,
-                        skip_void=skip_void)
+    try:
+        if config is not None:
+            start = BenchProfile.load(config)
+        elif profile in PROFILES:
+            start = PROFILES[profile]
+        else:
+            raise ValueError(f"--profile must be one of {sorted(PROFILES)}")
+        p = replace_profile(start, scenarios=scenario, methods=method, seeds=seed, ratios=ratio, steps=steps,
+                            legal_steps=legal_steps, lr=lr, batch_size=batch_size, n_samples=n_samples,
+                            curve_cells=curve, skip_void=skip_void)
+        p.validate()
+    except (ValueError, TypeError, OSError) as exc:
+        raise _fail(exc) from exc
+    if print_config:
+        typer.echo(profile_json(p))
+        return
     try:
         run_bench(out, p, command="freezeasguard " + " ".join(sys.argv[1:]), report_only=report_only,
-                  overwrite=overwrite)
+                  overwrite=overwrite, reuse_from=reuse or ())
     except (ValueError, OSError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"wrote {out / 'results.md'}")
+
+
+@app.command("bench-report")
+def bench_report(
+    sources: Annotated[list[Path], typer.Argument(help="Bench output directories or results.json files.", exists=True)],
+    out: OutOpt = Path("runs/report"),
+    config: Annotated[Path | None, typer.Option("--config", help="The profile whose names and budgets the report states (default: the first source's).", exists=True, dir_okay=False)] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """One report (results.md, results.json, frontier.png, curves.png) over the cells of several bench runs,
+    computing nothing. A cell found in two sources with different settings is refused."""
+    _offline()
+    import sys
+
+    from ..bench.profiles import BenchProfile
+    from ..bench.runner import report_runs
+
+    try:
+        report_runs(list(sources), out, profile=BenchProfile.load(config) if config else None,
+                    command="freezeasguard " + " ".join(sys.argv[1:]))
+    except (ValueError, OSError, KeyError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"wrote {out / 'results.md'}")

@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 
 from . import _fail, _offline, app
-from .options import (BatchSizeOpt, DebugOpt, LrOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt,
-                      StepsOpt)
+from .options import BatchSizeOpt, DebugOpt, LrOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt, StepsOpt
 
 
 @app.command()
@@ -35,7 +34,7 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from ..demo import DemoConfig, run_demo, table_rows
+    from ..bench.demo import DemoConfig, run_demo, table_rows
 
     t0 = time.perf_counter()
     try:

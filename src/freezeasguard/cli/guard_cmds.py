@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 
 from . import _offline, app, frozen_shares, load_model_arg
-from .options import (choice, DebugOpt, JsonOpt, GuardOpt, ModelOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt,
-                      ToleranceOpt)
+from .options import (choice, DebugOpt, JsonOpt, GuardOpt, ModelOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt, ToleranceOpt)
 
 guard_app = typer.Typer(help="Make, combine and compare guard files. Each writes OUT/guard.json.",
                         no_args_is_help=True)
@@ -156,7 +155,7 @@ def inspect(
     debug: DebugOpt = False,
 ) -> None:
     """Print the freeze per UNet block and write it as a PNG."""
-    from ..plots import plot_guard
+    from ..utils.plots import plot_guard
 
     g = _load_guard(guard)
     rows = g.per_block(depth)

@@ -10,8 +10,7 @@ import typer
 
 from . import _offline, app, frozen_shares, load_model_arg
 from .learn_cmd import PositiveFloat, check_data_options, publisher_data
-from .options import (ConfigOpt, DebugOpt, GuardOpt, ModelOpt, OutOpt, OverwriteOpt, PrintConfigOpt, SeedOpt, choice,
-                      config_from, print_config)
+from .options import (ConfigOpt, DebugOpt, GuardOpt, ModelOpt, OutOpt, OverwriteOpt, PrintConfigOpt, SeedOpt, choice, config_from, print_config)
 
 # option parameter -> ImmuniseConfig field. Defaults are ImmuniseConfig()'s (a test checks), written out so that
 # --help does not import torch.
@@ -57,8 +56,8 @@ def immunise(
     fingerprint is of the new values, so release the two together) and OUT/immunise.json (the run's history)."""
     _offline()
     from ..guard import Guard
-    from ..immunise import ImmuniseConfig, immunised_release
-    from ..io import atomic_write_json, claim_output_dir
+    from ..protections.immunise import ImmuniseConfig, immunised_release
+    from ..utils.files import atomic_write_json, claim_output_dir
 
     cfg = config_from(ctx, config, IMMUNISE_FIELDS, ImmuniseConfig)
     if show_config:

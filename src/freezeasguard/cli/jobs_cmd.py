@@ -24,7 +24,7 @@ JobArg = Annotated[str, typer.Argument(help="Job id (ftjob-...).")]
 
 def _client(url: str | None, api_key: str | None):  # type: ignore[no-untyped-def]
     try:
-        from ..client import Client
+        from ..service.client import Client
 
         return Client(url, api_key or os.environ.get("FREEZEASGUARD_API_KEY"))
     except ImportError as exc:

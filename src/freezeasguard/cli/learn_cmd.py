@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 
 from . import _offline, app, frozen_shares, load_model_arg
-from .options import (BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, ModelOpt, OutOpt, OverwriteOpt, PrintConfigOpt,
-                      RatioByOpt, RatioOpt, SeedOpt, choice, config_from, finite_positive, print_config)
+from .options import (BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, ModelOpt, OutOpt, OverwriteOpt, PrintConfigOpt, RatioByOpt, RatioOpt, SeedOpt, choice, config_from, finite_positive, print_config)
 
 # option parameter -> LearnConfig field it sets. The options' defaults are LearnConfig()'s (a test checks),
 # written out here because importing the config would import torch and slow down --help.
@@ -28,7 +27,7 @@ PositiveFloat = dict(callback=finite_positive)
 
 def scenario_data(name: str, resolution: int, seed: int = 0):  # type: ignore[no-untyped-def]
     """The publisher's illegal and legal datasets of an embedded scenario (legal = legal-near + legal-far)."""
-    from .. import emoji
+    from ..bench import emoji
 
     sc = emoji.scenario(name, seed)
     illegal = emoji.dataset(sc.items("illegal", "publisher"), resolution, preload=True)

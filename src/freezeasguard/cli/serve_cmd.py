@@ -68,7 +68,7 @@ def serve(
     _require_extra()
     import uvicorn
 
-    from ..io import atomic_write_json
+    from ..utils.files import atomic_write_json
     from ..service.api import create_app
     from ..service.config import CONFIG_NAME
 

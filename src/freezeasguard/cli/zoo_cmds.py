@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 
 from . import _offline, app
-from .options import (ConfigOpt, DebugOpt, OutOpt, OverwriteOpt, PrintConfigOpt, SeedOpt, config_from,
-                      print_config)
+from .options import ConfigOpt, DebugOpt, OutOpt, OverwriteOpt, PrintConfigOpt, SeedOpt, config_from, print_config
 
 zoo_app = typer.Typer(help="The embedded default: rerun its recipe, ship it, check it.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")

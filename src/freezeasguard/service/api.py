@@ -26,11 +26,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .config import ServiceConfig
-from .db import (TERMINAL, ApiKey, Job, JobEvent, active_jobs, add_event, authenticate, lock_key, make_engine,
-                 session_factory, steps_used_today)
+from .db import (TERMINAL, ApiKey, Job, JobEvent, active_jobs, add_event, authenticate, lock_key, make_engine, session_factory, steps_used_today)
 from .retention import expiry_time, sweep_expired
 from .uploads import UploadError, extract_upload
-from .worker import MANIFEST, file_sha256, job_dir
+from ..utils.files import file_sha256
+from .config import job_dir
+from .worker import MANIFEST
 
 HYPERPARAMETERS = ("method", "steps", "batch_size", "learning_rate", "lora_rank", "seed")
 PUBLISHER_FIXED = ("model", "guard", "lora_targets", "lora_target", "target_modules", "base_model")

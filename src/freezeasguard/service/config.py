@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..training.config import strict_from_dict
+from ..configs import strict_from_dict
 
 METHODS = ("full", "lora")
 CONFIG_NAME = "service.json"
@@ -102,7 +102,7 @@ class ServiceConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ServiceConfig:
-        from ..io import read_json
+        from ..utils.files import read_json
 
         p = Path(path)
         data = read_json(p, "service config")
@@ -127,3 +127,8 @@ def resolve_config(config: str | Path | None = None, **overrides: Any) -> Servic
     if not cfg.guard:
         raise ValueError("the service needs the publisher's guard: pass --guard (or set 'guard' in the config)")
     return cfg
+
+
+def job_dir(cfg: ServiceConfig, job_id: str) -> Path:
+    """Where a job's files live (its uploads, run and artefacts)."""
+    return cfg.root / "jobs" / job_id

@@ -86,7 +86,7 @@ def train_job(cfg: ServiceConfig, folder: Path, hp: dict[str, Any], processes: i
     from ..data import ImageCaptionFolder, ImageTransform
     from ..finetuning import FinetuneConfig, finetune
     from ..guard import Guard
-    from ..images import save_grid
+    from ..utils.images import save_grid
     from ..training import TrainConfig, make_accelerator
 
     guard = Guard.load(cfg.guard)
@@ -123,7 +123,7 @@ class _FileProgress(TrainCallback):
         self._stopping = False
 
     def _write(self, ctx: Any, force: bool = False) -> None:
-        from ..io import atomic_write_json
+        from ..utils.files import atomic_write_json
 
         now = time.monotonic()
         if ctx.accelerator.is_main_process and (force or now - self._written >= PROGRESS_EVERY_S):
@@ -174,7 +174,7 @@ def _die_with_worker() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..io import atomic_write_json, read_json
+    from ..utils.files import atomic_write_json, read_json
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:

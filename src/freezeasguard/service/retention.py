@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from .config import ServiceConfig
+from .config import ServiceConfig, job_dir
 from .db import TERMINAL, Job
 
 SWEEP_EVERY_S = 600.0
@@ -29,8 +29,6 @@ def expiry_time(cfg: ServiceConfig, finished_at: float | None) -> float | None:
 
 def sweep_expired(cfg: ServiceConfig, sessions: Any, now: float | None = None) -> list[str]:
     """Delete the files of finished jobs past retention; returns the ids of the jobs it expired."""
-    from .worker import job_dir
-
     if not cfg.retention_days:
         return []
     now = time.time() if now is None else now

@@ -32,27 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from ..training import TrainCallback
-from .config import ServiceConfig
+from ..utils.files import file_sha256
+from .config import ServiceConfig, job_dir
 from .db import Job, add_event, claim, finish, heartbeat, make_engine, session_factory
-from .jobrun import (LAUNCH, OUTCOME, PROGRESS, SAMPLES, STOP, WORKER_PID_ENV, error_code, error_message,
-                     processes_for, train_job)
+from .jobrun import (LAUNCH, OUTCOME, PROGRESS, SAMPLES, STOP, WORKER_PID_ENV, error_code, error_message, processes_for, train_job)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST = "artifacts.json"  # name -> bytes and SHA-256 of every published file
 STOP_GRACE_S = 60.0  # a launched job asked to stop gets this long to finish its step and checkpoint
 TRAIN_LOG = "train.log"  # the launched processes' output, for the publisher (never served to users)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def job_dir(cfg: ServiceConfig, job_id: str) -> Path:
-    return cfg.root / "jobs" / job_id
 
 
 @contextlib.contextmanager
@@ -246,7 +234,7 @@ class Worker:
     def _processes(self, folder: Path, hp: dict[str, Any]) -> int:
         """How many processes train this job. A job that has a checkpoint keeps the count it started with
         (its per-process batch is part of what a resumed run must match), whatever this worker's setting."""
-        from ..io import read_json
+        from ..utils.files import read_json
         from ..training import latest_checkpoint
 
         if latest_checkpoint(folder / "run") is not None and (folder / LAUNCH).is_file():
@@ -257,7 +245,7 @@ class Worker:
     def _run_locked(self, job: Job, folder: Path, lock_fd: int) -> str:
         from ..audit import verify
         from ..guard import Guard
-        from ..io import atomic_write_json, read_json
+        from ..utils.files import atomic_write_json, read_json
         from ..training import latest_checkpoint
 
         hp = job.hyperparameters
@@ -303,7 +291,7 @@ class Worker:
                                  "step_time_s": metrics.get("step_time_s"), "device": metrics.get("device")})
 
     def _publish(self, folder: Path, run_dir: Path, derivative: Path, report: Any) -> None:
-        from ..io import atomic_directory, atomic_write_json
+        from ..utils.files import atomic_directory, atomic_write_json
 
         with atomic_directory(folder / "artifacts", overwrite=True) as tmp:
             if derivative.is_file():
@@ -321,7 +309,7 @@ class Worker:
     # ------------------------------------------------------------------ the launched path
     def _launch(self, job: Job, folder: Path, processes: int, lock_fd: int) -> None:
         """Train the job as `processes` torchrun ranks of `service.jobrun`; returns when they are done."""
-        from ..io import read_json
+        from ..utils.files import read_json
 
         for stale in (folder / STOP, folder / PROGRESS, *folder.glob(OUTCOME.format(rank="*"))):
             stale.unlink(missing_ok=True)

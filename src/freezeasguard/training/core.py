@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from ..data import collate_examples
 from ..errors import CheckpointError, DivergedError
-from ..io import atomic_directory, atomic_write_json
+from ..utils.files import atomic_directory, atomic_write_json
 from ..seeding import STREAM_GLOBAL, STREAM_ORDER, derive_seed
 from . import memory
-from .config import RESUMABLE_CHANGES, TrainConfig
+from ..configs import RESUMABLE_CHANGES, TrainConfig
 from .state import flatten, unflatten
 
 CHECKPOINT_FORMAT = "freezeasguard-checkpoint"

@@ -18,9 +18,9 @@ EMBEDDED_DIR = Path(__file__).with_name("embedded")
 
 
 def _sha256(path: Path) -> str:
-    from ..data import _sha256_file
+    from ..utils.files import file_sha256
 
-    return _sha256_file(path)
+    return file_sha256(path)
 
 
 def manifest(root: Path = EMBEDDED_DIR) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def load_base(**kwargs: Any):  # type: ignore[no-untyped-def]
 
 
 def load_recogniser():  # type: ignore[no-untyped-def]
-    from ..recogniser import Recogniser
+    from ..bench.recogniser import Recogniser
 
     manifest()
     return Recogniser.load(EMBEDDED_DIR / "recogniser")

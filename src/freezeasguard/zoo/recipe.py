@@ -27,16 +27,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import emoji
-from ..evaluate import SamplingConfig, sample_and_recognise
-from ..io import atomic_write_json
+from ..bench import emoji
+from ..bench.evaluate import SamplingConfig, sample_and_recognise
+from ..utils.files import atomic_write_json
 from ..model import DiffusionModel
 from ..objective import DenoisingObjective, EncodedDataset
-from ..recogniser import IGNORE, LabelledImages, Recogniser, RecogniserConfig, RecogniserObjective, accuracy
+from ..bench.recogniser import IGNORE, LabelledImages, Recogniser, RecogniserConfig, RecogniserObjective, accuracy
 from ..seeding import STREAM_NOISE, derive_seed
 from ..tiny import TinySpec, build_tiny_model
 from ..training import TrainConfig, train
-from ..training.config import strict_from_dict
+from ..configs import strict_from_dict
 
 
 @dataclass
@@ -283,7 +283,7 @@ def run(work: str | Path, recipe: ZooRecipe | None = None, *, overwrite: bool = 
     """Run (or resume) every stage into `work`; returns the record written to work/record.json. The run owns
     `work` (io.claim_output_dir): a concurrent run fails at once, a directory of another recipe is refused
     unless `overwrite`."""
-    from ..io import claim_output_dir
+    from ..utils.files import claim_output_dir
 
     recipe = recipe or ZooRecipe()
     identity = {k: v for k, v in json.loads(json.dumps(recipe.to_dict())).items() if k != "progress"}

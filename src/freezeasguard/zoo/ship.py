@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_directory
+from ..utils.files import atomic_directory
 from . import EMBEDDED_DIR, _sha256
 
 

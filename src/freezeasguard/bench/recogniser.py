@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import ModelError
-from .io import atomic_directory
-from .seeding import STREAM_NOISE, derive_seed
+from ..errors import ModelError
+from ..utils.files import atomic_directory
+from ..seeding import STREAM_NOISE, derive_seed
 
 IGNORE = -100  # label of an image that has no identity class (it still trains the style head)
 

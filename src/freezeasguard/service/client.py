@@ -1,6 +1,6 @@
 """A small Python client for the fine-tuning service (`freezeasguard serve`).
 
-    from freezeasguard.client import Client
+    from .client import Client
     c = Client("http://127.0.0.1:8000", api_key="fag_...")
     job = c.submit("data/my-images", method="lora", steps=200)
     job = c.wait(job["id"])
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import FreezeAsGuardError
+from ..errors import FreezeAsGuardError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_bytes
+from .files import atomic_write_bytes
 
 
 def plot_blocks(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> Path:

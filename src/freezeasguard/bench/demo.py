@@ -19,11 +19,13 @@ from typing import Any
 
 import torch
 
-from .bench import BenchProfile, cell_key, plot_curves, run_bench
+from .profiles import BenchProfile, cell_key
+from .report import plot_curves
+from .runner import run_bench
 from .evaluate import SamplingConfig
-from .images import save_grid
-from .io import atomic_write_json, atomic_write_text
-from .learn import LearnConfig
+from ..utils.images import save_grid
+from ..utils.files import atomic_write_json, atomic_write_text
+from ..learn import LearnConfig
 from .relearn import RelearnConfig
 
 
@@ -53,15 +55,15 @@ class DemoConfig:
                             legal_steps=self.legal_steps, batch_size=self.batch_size, lr=self.lr,
                             n_samples=self.n_samples, curve_cells=["none", f"guard@{self.ratio:g}"],
                             curve_steps=list(self.curve_steps), legal_curve_steps=[], curve_samples=self.n_samples,
-                            sampling=self.sampling, learn=self.learn, relearn=self.relearn, ratio_by=self.ratio_by,
-                            skip_void=False)  # the demo shows the guarded user even where a check fails
+                            sampling=self.sampling, relearn=self.relearn, ratio_by=self.ratio_by,
+                            options={"guard": self.learn}, skip_void=False)  # the demo shows the guarded user even where a check fails
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, *, model_loader: Any = None,
              recogniser: Any = None, overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) the demo into `out`; returns the metrics written to out/report/metrics.json."""
-    from .guard import Guard
-    from .plots import plot_guard
+    from ..guard import Guard
+    from ..utils.plots import plot_guard
 
     cfg = config or DemoConfig()
     out = Path(out)
@@ -78,11 +80,12 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, model_loader:
     plot_guard(guard, report / "mask.png")
     shutil.copy(out / "work" / key("guard", cfg.ratio) / "guard.json", report / "guard.json")
     plot_curves(summary, report / "curves.png")
+    # The derived figures and the verdict are the bench summary's own row: one implementation of both.
     row = next((r for r in summary["table"] if r["method"] == "guard"), None)
     validity = summary["validity"][0] if summary["validity"] else {"checks": [], "valid": False}
     result = {
         "scenario": cfg.scenario, "seed": cfg.seed, "config": json.loads(json.dumps(cfg.to_dict())),
-        "guard": guard.summary(), "derived": _derived(full, guarded), "derived_in_summary": row,
+        "guard": guard.summary(), "derived": _derived(row), "verdict": (row or {}).get("verdict"),
         "validity": validity["checks"], "valid": validity["valid"],
         "models": {"base": base["models"], "full": full["domains"], "guarded": guarded["domains"]},
         "curves": {"full": full["curves"], "guarded": guarded["curves"]},
@@ -97,17 +100,10 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, model_loader:
     return result
 
 
-def _derived(full: dict[str, Any], guarded: dict[str, Any]) -> dict[str, float | None]:
-    def one_minus(d: str, what: str) -> float | None:
-        a, b = guarded["domains"].get(d, {}).get(what), full["domains"].get(d, {}).get(what)
-        return None if a is None or not b else 1 - a / b
-
-    out = {}
-    for what, suffix in (("rate", ""), ("mean_prob", "_prob")):
-        out[f"mitigation{suffix}"] = one_minus("illegal", what)
-        out[f"legal_impact_near{suffix}"] = one_minus("legal_near", what)
-        out[f"legal_impact_far{suffix}"] = one_minus("legal_far", what)
-    return out
+def _derived(row: dict[str, Any] | None) -> dict[str, float | None]:
+    """The summary row's mitigation and legal impacts (None where the setting was void: no row)."""
+    keys = [f"{k}{suffix}" for suffix in ("", "_prob") for k in ("mitigation", "legal_impact_near", "legal_impact_far")]
+    return {k: (row or {}).get(k) for k in keys}
 
 
 def _grids(out: Path, cfg: DemoConfig, key: Any) -> dict[str, Any]:
@@ -126,7 +122,8 @@ def _grids(out: Path, cfg: DemoConfig, key: Any) -> dict[str, Any]:
         if rows:
             width = min(len(r) for r in rows)
             name = f"grid-{domain}.png"
-            save_grid(torch.cat([r[:width] for r in rows]), out / "report" / name, nrow=width, scale=3)
+            save_grid(torch.cat([r[:width] for r in rows]), out / "report" / name, nrow=width, scale=3,
+                      row_labels=[f"{n} fine-tune" for n in names])
             grids[domain] = {"file": name, "rows": names}
     return grids
 
@@ -166,7 +163,9 @@ def _markdown(result: dict[str, Any], cfg: DemoConfig) -> str:
         f"{_pct(d['mitigation_prob'])} by mean probability",
         f"- legal impact, legal-near: **{_pct(d['legal_impact_near'])}** (prob {_pct(d['legal_impact_near_prob'])}); "
         f"legal-far: **{_pct(d['legal_impact_far'])}** (prob {_pct(d['legal_impact_far_prob'])})",
-        f"- benchmark valid: **{'yes' if result['valid'] else 'NO (see the checks; the numbers above are void)'}**",
+        f"- benchmark valid: **{'yes' if result['valid'] else 'NO (see the checks; no derived figure is reported)'}**",
+        "- goals: " + ("n/a" if not result.get("verdict") else "met" if result["verdict"]["met"]
+                       else "not met (" + "; ".join(result["verdict"]["reasons"]) + ")"),
         "", "| model | domain | recognition [95% CI] | mean prob. | FD (recogniser features) |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {e} | {f} |" for a, b, c, e, f in table_rows(result)]
     lines += ["", "## Learning curves (illegal user)", "", "| steps | full | guarded |", "|---|---|---|"]

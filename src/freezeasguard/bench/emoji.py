@@ -80,15 +80,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from freezeasguard.data import (
-    ImageCaptionDataset,
-    ImageCaptionFolder,
-    ImageCaptionList,
-    ImageTransform,
-    write_imagefolder,
-)
-from freezeasguard.errors import DataError
-from freezeasguard.io import atomic_write_json
+from ..data import ImageCaptionDataset, ImageCaptionFolder, ImageCaptionList, ImageTransform, write_imagefolder
+from ..errors import DataError
+from ..utils.files import atomic_write_json
 
 __all__ = [
     "STYLES",

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .model import DiffusionModel
+from ..model import DiffusionModel
 from .recogniser import Recogniser
 
 

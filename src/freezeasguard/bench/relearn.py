@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import collate_examples
-from .io import atomic_write_json
+from ..data import collate_examples
+from ..utils.files import atomic_write_json
 
 
 RECIPE_VERSION = 2  # bump when what the recipe does changes beyond its config (2: artstyle teaches the style broadly)
@@ -110,11 +110,11 @@ def prepare(sc: Any, base_loader: Any, cache_dir: str | Path, config: RelearnCon
     import torch
 
     from . import emoji
-    from .baselines import uce_edit
-    from .finetuning import FinetuneConfig, finetune
-    from .model import DiffusionModel
-    from .objective import EncodedDataset
-    from .training import TrainConfig
+    from ..protections.uce import uce_edit
+    from ..finetuning import FinetuneConfig, finetune
+    from ..model import DiffusionModel
+    from ..objective import EncodedDataset
+    from ..training import TrainConfig
 
     cfg = config or RelearnConfig()
     out = Path(cache_dir)

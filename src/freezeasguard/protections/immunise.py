@@ -1,7 +1,7 @@
 """Immunised frozen values: the publisher chooses what the frozen tensors hold, not only which tensors freeze.
 
 A guard fixes a set F of UNet tensors at their released values. FreezeAsGuard releases them as they are; here
-(issue 11, lever 5) the released values of F are optimised so that a user who fine-tunes the trainable rest
+the released values of F are optimised so that a user who fine-tunes the trainable rest
 on the illegal domain learns it badly, while the legal domain stays learnable. It is IMMA's game (a simulated
 attacker re-learns, the defender ascends the attacked model's loss) restricted to F, where IMMA's weakness
 goes away: the user's fine-tuning cannot move F back.
@@ -32,8 +32,14 @@ from typing import Any
 
 import torch
 
-from .seeding import derive_seed
-from .training.config import strict_from_dict
+from ..configs import strict_from_dict
+from ..seeding import STREAM_ATTACK_RATE, derive_seed
+from .components import component_names, reads_text
+from .registry import Release, ReleaseContext, register
+
+
+# The three batch streams of one immunisation (seeded_batches' `stream`).
+STREAM_ATTACK, STREAM_DEFEND, STREAM_LEGAL = 0, 1, 2
 
 
 @dataclass
@@ -105,11 +111,6 @@ def pull_into_trust_region_(values: list[torch.Tensor], origins: list[torch.Tens
                 v.copy_(o + delta * (cap / norm))
 
 
-def reads_text(name: str) -> bool:
-    """A UNet weight that reads the text embeddings: a cross-attention key or value projection."""
-    return name.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))
-
-
 def illegal_text_subspace(illegal_embeddings: torch.Tensor, legal_embeddings: torch.Tensor, rank: int,
                           keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Orthogonal projector [D, D] onto the `rank` directions of text-embedding space with the largest ratio of
@@ -158,9 +159,9 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     """Optimise the values of the UNet tensors `frozen` in place (see the module doc); returns what it did."""
     from tqdm.auto import tqdm
 
-    from .baselines import _batches, _encoded, _objective
-    from .guard import unet_tensors
-    from .io import atomic_write_json
+    from ..guard import unet_tensors
+    from ..utils.files import atomic_write_json
+    from .common import encoded, objective_of, seeded_batches
 
     cfg = config or ImmuniseConfig()
     tensors = unet_tensors(model.unet)
@@ -174,10 +175,10 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     params = dict(model.unet.named_parameters())
     rest = [p for n, p in params.items() if n not in fset]
     release_rest = [p.detach().clone() for p in rest]
-    objective = _objective(model)
+    objective = objective_of(model)
     for p in objective.parameters():
         p.requires_grad_(False)
-    ill, leg = _encoded(model, illegal), _encoded(model, legal)
+    ill, leg = encoded(model, illegal), encoded(model, legal)
     subspace_info: dict[str, Any] | None = None
     proj: torch.Tensor | None = None
     moving = names  # the frozen tensors whose values are optimised; the others keep their released values
@@ -198,9 +199,9 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     values = [params[n] for n in moving]
     origins = [v.detach().clone() for v in values]
     n = cfg.steps if values else 0
-    attack_batches = _batches(ill, n, cfg.batch_size, seed)
-    defend_batches = _batches(ill, n, cfg.batch_size, seed + 1)
-    legal_batches = _batches(leg, n, cfg.batch_size, seed + 2)
+    attack_batches = seeded_batches(ill, n, cfg.batch_size, seed, STREAM_ATTACK)
+    defend_batches = seeded_batches(ill, n, cfg.batch_size, seed, STREAM_DEFEND)
+    legal_batches = seeded_batches(leg, n, cfg.batch_size, seed, STREAM_LEGAL)
     defender = torch.optim.Adam(values, lr=cfg.lr) if values else None
     attacker: torch.optim.Optimizer | None = None
     legal_user: torch.optim.Optimizer | None = None
@@ -222,7 +223,7 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
                     t.copy_(r)
             rate = cfg.attack_lr
             if cfg.attack_lr_spread > 1.0:
-                u = torch.rand((), generator=torch.Generator().manual_seed(derive_seed(seed, 91, step)))
+                u = torch.rand((), generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_ATTACK_RATE, step)))
                 rate = cfg.attack_lr * cfg.attack_lr_spread ** float(u)
             attacker = torch.optim.AdamW(rest, lr=rate)
             legal_user = torch.optim.AdamW(rest, lr=rate) if by_user else None
@@ -295,8 +296,7 @@ IMMUNISE_ADDS: tuple[str, ...] = ("none", "kv", "xattn")
 
 def added_tensors(unet: Any, add: str) -> set[str]:
     """The UNet tensors `add` puts in the frozen set (see IMMUNISE_ADDS)."""
-    from .baselines import component_names
-    from .guard import unet_tensors
+    from ..guard import unet_tensors
 
     if add not in IMMUNISE_ADDS:
         raise ValueError(f"add must be one of {IMMUNISE_ADDS}, got {add!r}")
@@ -317,7 +317,7 @@ def immunised_release(model: Any, guard: Any, illegal: Any, legal: Any, config: 
 
     `guard` must belong to `model` (its fingerprint and frozen values are checked first), so a guard is never
     re-fingerprinted onto a model it was not made for."""
-    from .guard import Guard
+    from ..guard import Guard
 
     guard.check_values(model.unet)
     extra = added_tensors(model.unet, add)
@@ -333,3 +333,14 @@ def immunised_release(model: Any, guard: Any, illegal: Any, legal: Any, config: 
                                                provenance=provenance),
                               allow_text_encoder=guard.allow_text_encoder)
     return new, info
+
+
+@register("immunise", ImmuniseConfig)
+def immunise(ctx: ReleaseContext, config: ImmuniseConfig, prior: Release | None) -> Release:
+    """The frozen set of the stages before it, released with immunised values (hostile to relearning the
+    illegal domain through the trainable rest)."""
+    if prior is None or prior.guard is None:
+        raise ValueError("immunise: the stages before it released no guard (use e.g. guard+immunise)")
+    guard, info = immunised_release(prior.model, prior.guard, ctx.illegal, ctx.legal, config, add="none",
+                                    seed=ctx.seed, output_dir=ctx.output_dir)
+    return Release(prior.model, guard, {**prior.info, **info})

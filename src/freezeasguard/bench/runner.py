@@ -1,0 +1,232 @@
+"""`freezeasguard bench`: a profile's settings x cells, resumable, then the report.
+
+The run owns its output directory (`utils.files.claim_output_dir`). Cells are computed seed-major (an
+interrupted bench has covered every scenario for the first seeds), the validity cells of a setting first, and
+each finished cell is written at once, so a rerun continues where the last one stopped. Cells of other runs
+can be reused (`reuse_from`) under the same settings check as the run's own cache, and a report can be made
+over the cells of several runs (`report_runs`) without computing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..utils.files import atomic_write_json, atomic_write_text
+from .cells import cell_settings, describe_cell, load_cell, prepare_setting, run_base_cell, run_cell
+from .profiles import FORMER_NAMES, BenchProfile, cell_key, planned_cells
+from .report import markdown, plot_curves, plot_frontier
+from .summary import VALIDITY_METHODS, setting_is_void, summarise
+
+log = logging.getLogger(__name__)
+
+BENCH_PRODUCTS = ("cells", "work", "relearn", "results.json", "results.md", "frontier.png", "curves.png")
+
+
+def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = None, recogniser: Any = None,
+              command: str | None = None, report_only: bool = False, overwrite: bool = False,
+              claim_as: str = "bench", extra_products: tuple[str, ...] = (),
+              reuse_from: list[str | Path] | tuple[str | Path, ...] = ()) -> dict[str, Any]:
+    """Run (or resume) the grid into `out` and write the report. With `report_only`, nothing is computed: the
+    report covers the cells cached so far and lists the missing ones. `reuse_from`: other bench output
+    directories whose cells (and their work folders) are copied in where this run lacks them and their
+    settings are this profile's.
+
+    The run owns `out`: another run on it at the same time fails at once, and a directory of a run with other
+    cell settings is refused unless `overwrite`. A report-only run takes no claim: it computes nothing and
+    rewrites only the report files."""
+    from ..utils.files import claim_output_dir
+
+    profile.validate()
+    out = Path(out)
+    identity = {"cell_settings": cell_settings(profile)}
+    with claim_output_dir(None if report_only else out, claim_as, identity, BENCH_PRODUCTS + extra_products,
+                          overwrite=overwrite):
+        if reuse_from and not report_only:
+            reuse_cells(out, profile, reuse_from)
+        return _run_bench(out, profile, model_loader=model_loader, recogniser=recogniser, command=command,
+                          report_only=report_only)
+
+
+def _planned_keys(profile: BenchProfile, name: str, seed: int) -> dict[str, tuple[str, float | None, bool]]:
+    plan = [("base", None, False)] + planned_cells(profile)
+    return {cell_key(name, seed, m, r): (m, r, c) for m, r, c in plan}
+
+
+def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tuple[str | Path, ...]) -> list[str]:
+    """Copy into `out` the cells of `sources` (bench output directories) that this profile plans, that `out`
+    lacks, and whose recorded settings are this profile's; returns their keys. A cell with other settings is
+    not copied (and said so), as the run's own cache would refuse it."""
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in sources:
+        src = Path(src)
+        if not (src / "cells").is_dir():
+            raise ValueError(f"--reuse {src}: not a bench output directory (no cells/ folder)")
+        for seed in profile.seeds:
+            for name in profile.scenarios:
+                for key, (method, _, _) in _planned_keys(profile, name, seed).items():
+                    theirs, mine = src / "cells" / f"{key}.json", cells_dir / f"{key}.json"
+                    if mine.exists() or not theirs.exists():
+                        continue
+                    try:
+                        cell = load_cell(theirs, cell_settings(profile, method))
+                    except ValueError as e:
+                        log.info("bench: not reusing %s: %s", key, e)
+                        continue
+                    if (src / "work" / key).is_dir() and not (out / "work" / key).exists():
+                        shutil.copytree(src / "work" / key, out / "work" / key)
+                    atomic_write_json(mine, cell)
+                    copied.append(key)
+                    log.info("bench: reused %s from %s", key, src)
+    return copied
+
+
+def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recogniser: Any, command: str | None,
+               report_only: bool) -> dict[str, Any]:
+    from .. import zoo
+
+    cells_dir = out / "cells"
+    if not report_only:
+        cells_dir.mkdir(parents=True, exist_ok=True)
+    load = model_loader or zoo.load_base
+    rec = recogniser or zoo.load_recogniser()
+    cells: dict[str, Any] = {}
+    missing_cells: list[str] = []
+    skipped_void: list[str] = []
+    total = len(profile.seeds) * len(profile.scenarios) * (1 + len(planned_cells(profile)))
+    done = 0
+    for seed in profile.seeds:
+        for name in profile.scenarios:
+            keys = _planned_keys(profile, name, seed)
+            cached = {k: load_cell(cells_dir / f"{k}.json", cell_settings(profile, keys[k][0]))
+                      for k in keys if (cells_dir / f"{k}.json").exists()}
+            cells.update(cached)
+            done += len(cached)
+            todo = [k for k in keys if k not in cached]
+            if report_only:
+                void = profile.skip_void and setting_is_void(cells, name, seed)
+                for k in todo:
+                    (skipped_void if void and keys[k][0] not in VALIDITY_METHODS else missing_cells).append(k)
+                continue
+            if not todo:
+                continue
+            log.info("bench: preparing setting %s seed %d (the taught base and its release, cached under %s)",
+                     name, seed, out / "relearn")
+            setting = prepare_setting(name, seed, profile, out, load)
+            # the validity cells first (base, full fine-tuning), so a void setting is known before the rest
+            todo.sort(key=lambda k: keys[k][0] not in VALIDITY_METHODS)
+            for key in todo:
+                method, ratio, curve = keys[key]
+                done += 1
+                if profile.skip_void and method not in VALIDITY_METHODS and setting_is_void(cells, name, seed):
+                    skipped_void.append(key)
+                    continue
+                log.info("bench: cell %d/%d: %s ...", done, total, key)
+                if method == "base":
+                    cell = run_base_cell(setting, profile, rec, None)
+                else:
+                    cell = run_cell(setting, profile, method, ratio, rec, out / "work" / key, curve=curve,
+                                    keep_images=profile.keep_images)
+                cell["settings"] = cell_settings(profile, method)
+                atomic_write_json(cells_dir / f"{key}.json", cell)
+                cells[key] = cell
+                log.info("bench: %s done: %s", key, describe_cell(cell))
+    summary = summarise(cells, profile)
+    summary["missing_cells"] = missing_cells
+    summary["skipped_void"] = skipped_void
+    write_report(out, profile, cells, summary, command)
+    return summary
+
+
+def write_report(out: Path, profile: BenchProfile, cells: dict[str, Any], summary: dict[str, Any],
+                 command: str | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", {"profile": profile.to_dict(), "cells": cells, "summary": summary})
+    plot_frontier(summary, out / "frontier.png")
+    plot_curves(summary, out / "curves.png")
+    atomic_write_text(out / "results.md", markdown(summary, cells, profile, command))
+
+
+def read_cells(source: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The cells of a bench output directory or of a results.json, and the profile it recorded (if any).
+    Cells named by a former protection name are renamed (`FORMER_NAMES`)."""
+    from ..utils.files import read_json
+
+    source = Path(source)
+    profile = None
+    if source.is_dir():
+        if (source / "results.json").exists():
+            profile = read_json(source / "results.json", "bench results").get("profile")
+        cells = {p.stem: read_json(p, "bench cell") for p in sorted((source / "cells").glob("*.json"))}
+        if not cells and (source / "results.json").exists():
+            cells = read_json(source / "results.json", "bench results")["cells"]
+    else:
+        data = read_json(source, "bench results")
+        if not isinstance(data, dict) or "cells" not in data:
+            raise ValueError(f"{source}: not a bench results.json (no 'cells')")
+        cells, profile = data["cells"], data.get("profile")
+    renamed = {}
+    for key, cell in cells.items():
+        old = cell.get("method")
+        if old in FORMER_NAMES:
+            cell = {**cell, "method": FORMER_NAMES[old]}
+            key = cell_key(cell["scenario"], cell["seed"], cell["method"], cell.get("ratio"))
+        renamed[key] = cell
+    return renamed, profile
+
+
+def report_runs(sources: list[str | Path], out: str | Path, *, profile: BenchProfile | None = None,
+                command: str | None = None) -> dict[str, Any]:
+    """One report over the cells of several runs (output directories or results.json files), computing
+    nothing. A cell present in two sources must be the same cell (the later one is refused otherwise). The
+    profile of the report (its methods' order and text) is `profile`, else the first source's recorded one."""
+    cells: dict[str, Any] = {}
+    first_profile = None
+    for src in sources:
+        theirs, recorded = read_cells(src)
+        first_profile = first_profile or recorded
+        for key, cell in theirs.items():
+            if key in cells and json.dumps(cells[key], sort_keys=True) != json.dumps(cell, sort_keys=True):
+                if cells[key].get("settings") != cell.get("settings"):
+                    raise ValueError(f"{src}: cell {key} differs from the one already read, with other settings; "
+                                     "report these runs separately")
+            cells.setdefault(key, cell)
+    if profile is None:
+        if first_profile is None:
+            raise ValueError("no source recorded its profile: pass one (--profile or --config)")
+        profile = _profile_from_record(first_profile)
+    methods = list(dict.fromkeys(c["method"] for c in cells.values() if c["method"] != "base"))
+    summary = summarise(cells, profile_with_methods(profile, methods))
+    summary["missing_cells"], summary["skipped_void"] = [], []
+    write_report(Path(out), profile, cells, summary, command)
+    return summary
+
+
+def _profile_from_record(data: dict[str, Any]) -> BenchProfile:
+    """A profile as a results.json recorded it; fields of an older layout that this one lacks are dropped and
+    former protection names renamed (the report only reads the profile's names and budgets)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(BenchProfile)}
+    kept = {k: v for k, v in data.items() if k in known}
+    kept["methods"] = [FORMER_NAMES.get(m.split("@")[0], m.split("@")[0]) + ("@" + m.split("@")[1] if "@" in m else "")
+                       for m in kept.get("methods", [])]
+    kept["curve_cells"] = [FORMER_NAMES.get(m.split("@")[0], m.split("@")[0]) + ("@" + m.split("@")[1] if "@" in m else "")
+                           for m in kept.get("curve_cells", [])]
+    kept["options"] = {}
+    return BenchProfile.from_dict(kept)
+
+
+def profile_with_methods(profile: BenchProfile, methods: list[str]) -> BenchProfile:
+    """`profile` listing every method of `methods` (its own first, in its order): the summary's row order."""
+    from dataclasses import replace
+
+    from .profiles import parse_cell
+
+    own = [parse_cell(m)[0] for m in profile.methods]
+    return replace(profile, methods=list(dict.fromkeys(own + methods)))

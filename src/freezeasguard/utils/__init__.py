@@ -1,0 +1,1 @@
+"""Infrastructure every layer uses: atomic files and run directories, image grids, figures."""
