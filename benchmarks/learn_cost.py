@@ -7,7 +7,7 @@ mask learning). Absolute times on a shared machine are noise; the ratio is the f
 
     python benchmarks/learn_cost.py                         # figures, seed 0, LearnConfig defaults
     python benchmarks/learn_cost.py --mask-steps 120 --steps 400
-    python benchmarks/learn_cost.py --method guard+kv+immunise   # the whole release: learning + immunising
+    python benchmarks/learn_cost.py --method guard+freeze-kv+immunise   # the whole release: learning + immunising
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from freezeasguard.bench import emoji
     from freezeasguard import zoo
+    from freezeasguard.bench import emoji
     from freezeasguard.finetuning import FinetuneConfig, attacker_train_config, finetune
     from freezeasguard.learn import LearnConfig, learn_guard
 
@@ -56,11 +56,10 @@ def main() -> None:
         if args.method == "guard":
             guard = learn_guard(zoo.load_base(), ill, leg, cfg, output_dir=tmp)
         else:
-            from freezeasguard.baselines import MethodContext, MethodOptions, release
+            from freezeasguard.protections import ReleaseContext, protect
 
-            guard = release(args.method, MethodContext(zoo.load_base(), ill, leg, args.ratio, seed=args.seed,
-                                                       options=MethodOptions(learn=cfg), output_dir=tmp,
-                                                       by="params")).guard
+            guard = protect(args.method, ReleaseContext(zoo.load_base(), ill, leg, args.ratio, seed=args.seed,
+                                                        output_dir=tmp, ratio_by="params"), {"guard": cfg}).guard
         t_learn = time.perf_counter() - t0
     stages = guard.provenance.get("timing_seconds", {})
     report = {"method": args.method, "user_finetune_s": t_user, "release_s": t_learn, "ratio": t_learn / t_user,

@@ -1,12 +1,13 @@
 """Time a guard-learning mask step and a guard-learning user step against a plain fine-tuning step, and
-measure the bytes each step allocates, before and after issue 14 (item 7) side by side.
+measure the bytes each step allocates, with the mask step's former implementation (which kept d and the
+gradients in separate full-size buffers) and today's side by side.
 
 Same model, same batch size, one process, measurements interleaved (plain, user, mask, plain, ...), medians
 reported with their ratios. Goal (docs/benchmark.md): a mask step <= 1.25x a plain fine-tuning step.
 
-Memory: the peak of the bytes allocated by torch operators during one step (freezeasguard.allocations: exact
+Memory: the peak of the bytes allocated by torch operators during one step (freezeasguard.training.allocations: exact
 on CPU and GPU; the parameters, d and the optimizer state that exist before the step are not counted). "before"
-runs the learner with the pre-issue-14 implementation patched in (gradients concatenated into one flat copy,
+runs the learner with the former implementation patched in (gradients concatenated into one flat copy,
 multiplied by d into a second, and theta(m) updated through a temporary of d times the mask); "after" is the
 library as it is: per-tensor dot products and in-place updates.
 
@@ -26,8 +27,8 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def before_issue_14(learner) -> Iterator[None]:  # type: ignore[no-untyped-def]
-    """Patch the learner's module with the implementation before issue 14 item 7 (kept here to measure it)."""
+def former_mask_step(learner) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """Patch the learner's module with the mask step's former implementation (kept here to measure it)."""
     import torch
 
     from freezeasguard import learn
@@ -59,17 +60,17 @@ def main() -> None:
 
     import torch
 
-    from freezeasguard.training.allocations import AllocationPeak
     from freezeasguard.learn import LearnConfig, MaskLearner, MixedData
     from freezeasguard.model import DiffusionModel
     from freezeasguard.objective import DenoisingObjective, EncodedDataset
     from freezeasguard.training import TrainConfig, TrainContext
+    from freezeasguard.training.allocations import AllocationPeak
     from freezeasguard.training.core import make_accelerator
 
     torch.set_num_threads(args.threads)
     if args.model == "embedded":
-        from freezeasguard.bench import emoji
         from freezeasguard import zoo
+        from freezeasguard.bench import emoji
 
         model = zoo.load_base()
         sc = emoji.scenario("figures")
@@ -150,11 +151,11 @@ def main() -> None:
         return time.perf_counter() - t0
 
     def mask_before(step: int) -> float:
-        with before_issue_14(learner):
+        with former_mask_step(learner):
             return mask(step)
 
     def user_before(step: int) -> float:
-        with before_issue_14(learner):
+        with former_mask_step(learner):
             return user(step)
 
     steps = {"plain fine-tuning step": plain, "guard-learning user step": user, "mask step": mask,
@@ -185,7 +186,7 @@ def main() -> None:
               f"{after[name] / 2**20:12.2f}MiB = {after[name] / model_bytes:5.2f}x UNet size")
     for kind, now, old in (("mask step", "mask step", "mask step, before #14"),
                            ("user step", "guard-learning user step", "user step, before #14")):
-        print(f"{kind}: allocated after the backward, beyond the gradients, before -> after issue 14: "
+        print(f"{kind}: allocated after the backward, beyond the gradients, former -> today's: "
               f"{after[old] / model_bytes:.2f}x -> {after[now] / model_bytes:.2f}x the UNet "
               f"({after[old] / 2**20:.2f} -> {after[now] / 2**20:.2f} MiB); step peak "
               f"{peaks[old] / 2**20:.1f} -> {peaks[now] / 2**20:.1f} MiB")

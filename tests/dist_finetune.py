@@ -13,9 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import CAPTIONS, toy_images  # noqa: E402
-
 import freezeasguard.finetuning as ft  # noqa: E402
+from conftest import CAPTIONS, toy_images  # noqa: E402
 from freezeasguard.data import ImageCaptionList, ImageTransform  # noqa: E402
 from freezeasguard.tiny import TinySpec, build_tiny_model  # noqa: E402
 from freezeasguard.training import TrainConfig  # noqa: E402

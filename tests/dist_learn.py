@@ -12,7 +12,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import CAPTIONS, toy_images  # noqa: E402
-
 from freezeasguard.data import ImageCaptionList, ImageTransform  # noqa: E402
 from freezeasguard.learn import LearnConfig, learn_guard  # noqa: E402
 from freezeasguard.tiny import TinySpec, build_tiny_model  # noqa: E402

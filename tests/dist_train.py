@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import CAPTIONS, toy_images  # noqa: E402
-
 from freezeasguard.data import ImageCaptionList, ImageTransform  # noqa: E402
 from freezeasguard.objective import DenoisingObjective  # noqa: E402
 from freezeasguard.tiny import TinySpec, build_tiny_model  # noqa: E402

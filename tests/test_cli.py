@@ -95,33 +95,12 @@ def _options(cmd):
     return {opt: p for p in cmd.params for opt in (*p.opts, *getattr(p, "secondary_opts", ())) if opt.startswith("--")}
 
 
-ALL = "*"
-# option -> the commands that must take it (ALL: every command, minus the listed exceptions). Each must have the
-# same type, arity and help everywhere: one option module (freezeasguard.cli.options) defines them.
-SHARED = {
-    "--model": {"info", "sample", "finetune", "learn", "immunise", "guard random", "guard top", "guard names"},
-    "--guard": {"finetune", "verify", "immunise"},
-    "--out": {"finetune", "learn", "immunise", "guard random", "guard top", "guard names", "guard combine", "zoo pretrain",
-              "demo", "bench"},
-    "--seed": {"sample", "tiny", "finetune", "learn", "immunise", "guard random", "zoo pretrain", "demo"},
-    "--steps": {"finetune", "demo"},
-    "--lr": {"finetune", "learn", "demo"},
-    "--batch-size": {"finetune", "learn", "demo"},
-    "--ratio": {"learn", "guard random", "guard top", "demo"},
-    "--ratio-by": {"learn", "guard random", "guard top", "demo"},
-    "--config": {"finetune", "learn", "immunise", "zoo pretrain"},
-    "--print-config": {"finetune", "learn", "immunise", "zoo pretrain"},
-    "--overwrite": {"tiny", "guard random", "guard top", "guard names", "guard combine", "finetune", "learn", "immunise",
-                    "demo", "bench", "zoo pretrain"},
-    "--json": {"info", "inspect", "verify", "guard diff"},
-    "--debug": ALL,
-}
-# Commands exempt from an ALL row (none today).
-NOT_YET: dict[str, set[str]] = {}
-# Option names two commands use for values of different kinds, to be renamed or aligned (bench --method lists
-# protection methods, finetune --method is full/LoRA; bench --scenario takes a list, demo and learn one).
-# bench's --seed, --ratio, --steps, --lr and --batch-size replace the profile's values (lists for the first two,
-# None = the profile's for the others), so bench is absent from those SHARED rows.
+from freezeasguard.cli.options import ALL_COMMANDS as ALL  # noqa: E402
+from freezeasguard.cli.options import SHARED_EXCEPTIONS  # noqa: E402
+from freezeasguard.cli.options import SHARED_OPTIONS as SHARED  # noqa: E402
+
+# Option names two commands use for values of different kinds (bench --method lists protections, finetune
+# --method is full/LoRA; bench --scenario takes a list, demo and learn one).
 DIFFERENT_THINGS = {"--method", "--scenario"}
 
 
@@ -139,9 +118,13 @@ def test_shared_options_have_one_name_type_and_help_everywhere():
     assert {"info", "sample", "tiny", "finetune", "learn", "inspect", "verify", "demo", "bench", "guard random",
             "guard top", "guard names", "guard combine", "guard diff", "zoo pretrain", "zoo ship", "zoo check"} <= set(commands)
     for opt, wanted in SHARED.items():
-        names = set(commands) - NOT_YET.get(opt, set()) if wanted == ALL else wanted
+        names = set(commands) if wanted == ALL else wanted
         missing = sorted(n for n in names if opt not in _options(commands[n]))
         assert not missing, f"{opt} missing from: {missing}"
+        # no hole: every other command with this option name is a listed exception
+        unlisted = sorted(n for n, cmd in commands.items() if opt in _options(cmd) and n not in names
+                          and opt not in SHARED_EXCEPTIONS.get(n, {}))
+        assert not unlisted, f"{opt} is taken by {unlisted} without being one of its commands or an exception"
         described = {n: _describe(_options(commands[n])[opt]) for n in sorted(names)}
         assert len(set(described.values())) == 1, f"{opt} differs across commands: {described}"
     # any other option name two commands share takes the same kind of value (its help may say what is in it)
@@ -162,8 +145,8 @@ def test_option_defaults_are_the_configs_defaults():
     from freezeasguard.cli.immunise_cmd import IMMUNISE_FIELDS
     from freezeasguard.cli.learn_cmd import LEARN_FIELDS
     from freezeasguard.finetuning import FinetuneConfig
-    from freezeasguard.protections.immunise import ImmuniseConfig
     from freezeasguard.learn import LearnConfig
+    from freezeasguard.protections.immunise import ImmuniseConfig
 
     commands = _commands()
     for command, fields, cfg in (("finetune", FINETUNE_FIELDS, FinetuneConfig()), ("learn", LEARN_FIELDS, LearnConfig()),
@@ -361,3 +344,20 @@ def test_guard_top_freezes_the_highest_scores_within_the_budget(tmp_path, tiny_d
             want.add(n)
             taken += sizes[n]
     assert set(g.frozen) == want and g.ratio_by_params <= 0.25
+
+
+def test_the_api_and_the_cli_freeze_the_same_tensors_for_the_same_ratio(tiny_dir, tmp_path):
+    """One unit and one default for the ratio everywhere: Guard.random(unet, 0.3) and `guard random --ratio
+    0.3` freeze the same tensors (both count parameters unless told otherwise)."""
+    from freezeasguard.configs import RATIO_BY_DEFAULT
+    from freezeasguard.guard import Guard
+    from freezeasguard.model import DiffusionModel
+
+    result = runner.invoke(app, ["guard", "random", "--ratio", "0.3", "--model", str(tiny_dir), "--out",
+                                 str(tmp_path / "g")])
+    assert result.exit_code == 0, result.output
+    cli = Guard.load(tmp_path / "g" / "guard.json")
+    api = Guard.random(DiffusionModel.from_pretrained(tiny_dir).unet, 0.3)
+    assert cli.frozen == api.frozen and RATIO_BY_DEFAULT == "params"
+    by_count = Guard.random(DiffusionModel.from_pretrained(tiny_dir).unet, 0.3, ratio_by="count")
+    assert by_count.frozen != api.frozen  # the unit matters, so a single default matters

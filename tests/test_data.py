@@ -10,7 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from freezeasguard.data import (Augment, ImageCaptionDataset, ImageCaptionFolder, ImageCaptionList, ImageTransform, collate_examples, write_imagefolder)
+from freezeasguard.data import (
+    Augment,
+    ImageCaptionDataset,
+    ImageCaptionFolder,
+    ImageCaptionList,
+    ImageTransform,
+    collate_examples,
+    write_imagefolder,
+)
 from freezeasguard.errors import DataError
 
 TF = ImageTransform(4)

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from freezeasguard.bench import emoji
-from freezeasguard.bench.profiles import BenchProfile, cell_key, parse_cell, planned_cells, scenario_form
 from freezeasguard.bench.cells import cell_settings, user_budgets
-from freezeasguard.bench.summary import curve_rows, frontier_verdicts, steps_to_reach, summarise
-from freezeasguard.bench.report import markdown
-from freezeasguard.bench.runner import run_bench
 from freezeasguard.bench.demo import DemoConfig, run_demo
 from freezeasguard.bench.evaluate import SamplingConfig, validity_checks
-from freezeasguard.learn import LearnConfig
+from freezeasguard.bench.profiles import BenchProfile, cell_key, parse_cell, planned_cells, scenario_form
 from freezeasguard.bench.recogniser import Recogniser, RecogniserConfig
 from freezeasguard.bench.relearn import Mixture, RelearnConfig, uce_prompts
+from freezeasguard.bench.report import markdown
+from freezeasguard.bench.runner import run_bench
+from freezeasguard.bench.summary import curve_rows, frontier_verdicts, steps_to_reach, summarise
+from freezeasguard.learn import LearnConfig
 from freezeasguard.tiny import TinySpec, build_tiny_model
 from freezeasguard.training import TrainConfig
 
@@ -228,9 +228,8 @@ def test_uce_makes_a_tiny_model_denoise_an_unlearned_caption_like_its_guide():
     """A case built to show unlearning: before the edit the UNet's prediction for a protected figure's caption
     differs from its prediction for the guide caption ('a person'); after UCE it nearly equals it, while a
     preserved caption's prediction does not move."""
-    from freezeasguard.protections.uce import uce_edit
-
     from freezeasguard import zoo
+    from freezeasguard.protections.uce import uce_edit
 
     model = zoo.load_base()  # its tokenizer spells the benchmark's captions in whole words (the tiny one truncates)
     sc = emoji.scenario("figures", 0)
@@ -431,3 +430,72 @@ def test_component_baselines_freeze_whole_components():
         assert names == set(component_names(model.unet, kind)) and all(must in n for n in names), kind
         others = [n for n in rel.guard.names if must in n and n not in names]
         assert not others, kind
+
+
+# ---------------------------------------------------------------------------- profiles as data, reuse, reports
+def test_a_profile_file_is_checked_in_full_before_any_work(tmp_path):
+    good = json.loads(json.dumps(_profile().to_dict()))
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(good))
+    loaded = BenchProfile.load(path)
+    assert loaded.to_dict() == _profile().to_dict()  # round-trips, the protections' configs typed
+    bad_cases = {
+        "unknown field": ({**good, "stepz": 3}, "stepz"),
+        "nan rate": ({**good, "lr": float("nan")}, "lr"),
+        "negative rate": ({**good, "lr": -1e-4}, "lr"),
+        "unknown protection": ({**good, "methods": ["none", "gaurd"]}, "gaurd"),
+        "unknown option stage": ({**good, "options": {"gaurd": {}}}, "gaurd"),
+        "bad option field": ({**good, "options": {"guard": {"mask_lrr": 1}}}, "mask_lrr"),
+        "bad ratio unit": ({**good, "ratio_by": "tensors"}, "ratio_by"),
+        "ratio out of range": ({**good, "ratios": [1.5]}, "ratios"),
+    }
+    for name, (data, word) in bad_cases.items():
+        path.write_text(json.dumps(data).replace("NaN", "NaN"))
+        with pytest.raises(ValueError, match=word) as err:
+            BenchProfile.load(path)
+        assert str(path) in str(err.value), name
+
+
+def test_cells_of_another_run_are_reused_only_under_the_same_settings(tmp_path):
+    from freezeasguard.bench.runner import reuse_cells
+
+    profile = _profile(methods=["none", "freeze-time-embedding"], curve_cells=["none"])
+    run_bench(tmp_path / "a", profile, model_loader=_loader(), recogniser=_recogniser())
+    copied = reuse_cells(tmp_path / "b", profile, [tmp_path / "a"])
+    assert sorted(copied) == ["figures-seed0-base", "figures-seed0-freeze-time-embedding", "figures-seed0-none"]
+    assert (tmp_path / "b" / "relearn" / "figures-seed0" / "release" / "model_index.json").is_file()
+    for key in copied:
+        assert (json.loads((tmp_path / "a" / "cells" / f"{key}.json").read_text())
+                == json.loads((tmp_path / "b" / "cells" / f"{key}.json").read_text()))
+    # another attack budget: nothing of run a is valid for it
+    assert reuse_cells(tmp_path / "c", _profile(methods=["none"], curve_cells=["none"], steps=3),
+                       [tmp_path / "a"]) == []
+    with pytest.raises(ValueError, match="not a bench output directory"):
+        reuse_cells(tmp_path / "d", profile, [tmp_path])
+
+
+def test_a_report_over_several_runs_reads_former_names_and_computes_nothing(tmp_path):
+    from freezeasguard.bench.runner import report_runs
+
+    profile = _profile(methods=["none", "freeze-time-embedding"], curve_cells=["none"])
+    run_bench(tmp_path / "a", profile, model_loader=_loader(), recogniser=_recogniser())
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    # a results file written before the composite grammar, holding one cell under a former name
+    old = dict(results["cells"]["figures-seed0-freeze-time-embedding"], method="guard+xattn+immunise", ratio=0.3)
+    legacy = {"profile": results["profile"], "cells": {"figures-seed0-guard+xattn+immunise-r0.3": old}}
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    summary = report_runs([tmp_path / "a", tmp_path / "old.json"], tmp_path / "report")
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "figures-seed0-guard+freeze-cross-attention+immunise-r0.3" in text and "guard+xattn" not in text
+    assert not (tmp_path / "report" / "cells").exists()  # nothing computed
+    assert summary["void"] == ["figures seed 0"]
+    # the same cell with other settings in two sources is refused
+    clash = dict(results["cells"]["figures-seed0-none"], settings={"steps": 999})
+    (tmp_path / "clash.json").write_text(json.dumps({"profile": results["profile"],
+                                                     "cells": {"figures-seed0-none": clash}}))
+    with pytest.raises(ValueError, match="other settings"):
+        report_runs([tmp_path / "a", tmp_path / "clash.json"], tmp_path / "r2")
+    # a labelled source puts a run's protections beside another's under its label
+    report_runs([tmp_path / "a", f"{tmp_path / 'a'}=variant"], tmp_path / "r3")
+    cells = json.loads((tmp_path / "r3" / "results.json").read_text())["cells"]
+    assert {"figures-seed0-variant", "figures-seed0-freeze-time-embedding", "figures-seed0-none"} <= set(cells)

@@ -81,8 +81,8 @@ def test_commands_shown_in_the_docs_exist_with_their_options():
 
 def test_cli_doc_lists_every_config_field():
     from freezeasguard.finetuning import FinetuneConfig
-    from freezeasguard.protections.immunise import ImmuniseConfig
     from freezeasguard.learn import LearnConfig
+    from freezeasguard.protections.immunise import ImmuniseConfig
     from freezeasguard.service.config import ServiceConfig
     from freezeasguard.training import TrainConfig
 
@@ -90,3 +90,45 @@ def test_cli_doc_lists_every_config_field():
     missing = [f"{cls.__name__}.{f.name}" for cls in (LearnConfig, ImmuniseConfig, FinetuneConfig, TrainConfig, ServiceConfig)
                for f in dataclasses.fields(cls) if f"`{f.name}`" not in text]
     assert not missing, missing
+
+
+def _cli_table(heading_text: str) -> list[list[str]]:
+    """The rows (cells stripped) of the first Markdown table after the line containing `heading_text` in
+    docs/cli.md."""
+    lines = (ROOT / "docs" / "cli.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if heading_text in line)
+    rows = []
+    for line in lines[start + 1:]:
+        stripped = line.strip()
+        if not stripped.startswith("|"):
+            if rows:
+                break
+            continue
+        cells = [c.strip() for c in stripped.strip("|").split("|")]
+        if set("".join(cells)) <= set("-: "):
+            continue
+        rows.append(cells)
+    return rows[1:]  # without the header
+
+
+def test_cli_doc_shared_options_table_is_the_code_s():
+    """docs/cli.md's table of shared options lists exactly the rows of `cli.options.SHARED_OPTIONS`, each with
+    exactly its commands (a command group's members may be written 'guard random/top')."""
+    from freezeasguard.cli.options import ALL_COMMANDS, SHARED_OPTIONS
+
+    documented: dict[str, set[str] | str] = {}
+    for option_cell, _meaning, commands_cell in _cli_table("One option, one meaning"):
+        options = re.findall(r"`(--[\w-]+)`", option_cell)
+        if "every command" in commands_cell:
+            names: set[str] | str = ALL_COMMANDS
+        else:
+            names = set()
+            for part in (p.strip() for p in commands_cell.split(",")):
+                head, _, rest = part.partition(" ")
+                if rest and "/" in rest:  # "guard random/top/names"
+                    names |= {f"{head} {sub}" for sub in rest.split("/")}
+                else:
+                    names.add(part)
+        for opt in options:
+            documented[opt] = names
+    assert documented == SHARED_OPTIONS

@@ -79,7 +79,7 @@ def test_scenario_split_is_a_function_of_the_seed_alone(name):
     # Same seed in another process with another string-hash seed: the same split, so nothing in it depends on
     # process state (set order, hash randomisation, a library's global RNG). Two calls in one process could
     # not show that: they share all of it.
-    code = (f"import json\nfrom freezeasguard import emoji as E\n"
+    code = (f"import json\nfrom freezeasguard.bench import emoji as E\n"
             f"print(json.dumps(E.scenario({name!r}, 3).manifest()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONHASHSEED": "12345"})

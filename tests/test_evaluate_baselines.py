@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from freezeasguard.bench.evaluate import bootstrap_ci, frechet_distance, recognise
+from freezeasguard.bench.recogniser import Recogniser, RecogniserConfig
+from freezeasguard.learn import LearnConfig
 from freezeasguard.protections import PROTECTIONS, ReleaseContext, protect
 from freezeasguard.protections.uce import uce_closed_form
-from freezeasguard.bench.evaluate import bootstrap_ci, frechet_distance, recognise
-from freezeasguard.learn import LearnConfig
-from freezeasguard.bench.recogniser import Recogniser, RecogniserConfig
 from freezeasguard.tiny import TinySpec, build_tiny_model
 from freezeasguard.training import TrainConfig
 
@@ -80,7 +80,7 @@ def ctx_factory(toy_data):
                             warm_start=TrainConfig(max_steps=2, batch_size=2, progress=False))
         prompts = {"uce_edit": ["a red cat", "a green dog"], "uce_guide": ["a red house", "a green tree"],
                    "uce_preserve": ["a blue tree", "a yellow house"]}
-        ctx = ReleaseContext(model, toy_data(4), toy_data(4, random_flip=False), ratio, seed=0, by="count",
+        ctx = ReleaseContext(model, toy_data(4), toy_data(4, random_flip=False), ratio, seed=0, ratio_by="count",
                              prompts=prompts)
         ctx.options = {"guard": learn, "importance-change": {"warm_start": learn.warm_start}, "imma": {"steps": 2}}
         return ctx
@@ -142,8 +142,8 @@ def test_registry_lists_every_protection_and_refuses_unknown_ones(ctx_factory):
         stages("immunise")
     with pytest.raises(ValueError, match="unknown IMMAConfig field"):
         protect("imma", ctx_factory(), {"imma": {"step": 2}})
-    with pytest.raises(ValueError, match="ReleaseContext.by"):
-        ReleaseContext(None, None, None, 0.3, by="tensors")
+    with pytest.raises(ValueError, match="ReleaseContext.ratio_by"):
+        ReleaseContext(None, None, None, 0.3, ratio_by="tensors")
 
 
 def test_imma_adapter_follows_the_seed_not_the_global_rng(toy_data):
@@ -232,7 +232,7 @@ def test_importance_methods_rank_the_illegal_path_first(name, monkeypatch):
     # the warm start of importance-change: plain Adam (no weight decay), so zero gradients move nothing
     learn = LearnConfig(warm_start=TrainConfig(max_steps=10, batch_size=4, learning_rate=1e-2, weight_decay=0.0,
                                                progress=False), cache_encodings=False)
-    ctx = ReleaseContext(model, _Domain(0), _Domain(1), 0.5, seed=0, by="count")
+    ctx = ReleaseContext(model, _Domain(0), _Domain(1), 0.5, seed=0, ratio_by="count")
     guard = protect(name, ctx, {"importance-change": {"warm_start": learn.warm_start}}).guard
     scores = guard.scores
     ill = [n for n in scores if n.startswith("ill")]

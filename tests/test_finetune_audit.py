@@ -192,8 +192,8 @@ def test_cli_verify_exit_codes(base_and_guard, tmp_path):
 def test_cli_finetune_lora_then_verify_and_inspect(base_and_guard, tmp_path):
     from PIL import Image
 
-    from freezeasguard.data import write_imagefolder
     from conftest import CAPTIONS, toy_images
+    from freezeasguard.data import write_imagefolder
 
     base, guard = base_and_guard
     data = write_imagefolder(tmp_path / "data", toy_images(6, 16), [CAPTIONS[i % 4] for i in range(6)])
@@ -273,8 +273,8 @@ def test_finetune_defaults_are_the_attacker_the_guard_is_evaluated_against():
     """A default `finetune` (API or CLI) is the user fine-tune of the quick benchmark and of the demo."""
     import typer.main
 
-    from freezeasguard.bench.profiles import PROFILES
     from freezeasguard.bench.demo import DemoConfig
+    from freezeasguard.bench.profiles import PROFILES
 
     t = FinetuneConfig().train
     default = (t.max_steps, t.batch_size * t.gradient_accumulation, t.learning_rate, t.optimizer)

@@ -30,7 +30,7 @@ def test_round_trip(unet, tmp_path):
 
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.3, 0.5, 0.7, 1.0])
 def test_ratio_by_count_is_exact(unet, ratio):
-    g = Guard.random(unet, ratio, seed=1)
+    g = Guard.random(unet, ratio, seed=1, ratio_by="count")
     n = len(list(unet.parameters()))
     assert len(g.frozen) == round(ratio * n)
     assert g.ratio_by_count == round(ratio * n) / n
@@ -41,7 +41,7 @@ def test_ratio_by_count_is_exact(unet, ratio):
 def test_ratio_by_parameter_budget(unet):
     sizes = {n: p.numel() for n, p in unet.named_parameters()}
     total = sum(sizes.values())
-    g = Guard.random(unet, 0.3, seed=2, by="params")
+    g = Guard.random(unet, 0.3, seed=2, ratio_by="params")
     frozen = sum(sizes[n] for n in g.frozen)
     assert frozen <= 0.3 * total
     # greedy in score order: the best-scored tensor left out does not fit in what remains of the budget

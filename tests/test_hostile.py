@@ -2,7 +2,8 @@
 
 Each table holds rows of (id, build, expectation). To add a case, add a row: `build` makes the input from the
 shared fixtures, and the expectation says what must happen (a verdict naming what is wrong, or an error
-naming the input). Numbers in ids refer to the cases of issue 13.
+naming the input). Ids number the cases in the order
+they were first tried.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from conftest import without_sketches
 from freezeasguard.audit import AuditError, verify
 from freezeasguard.finetuning import FinetuneConfig, finetune
 from freezeasguard.guard import Guard
-from freezeasguard.utils.files import OutputDirError, atomic_write_json, claim_output_dir
 from freezeasguard.model import DiffusionModel
 from freezeasguard.tiny import TinySpec, build_tiny_model
 from freezeasguard.training import TrainConfig
+from freezeasguard.utils.files import OutputDirError, atomic_write_json, claim_output_dir
 
 
 # ---------------------------------------------------------------------------- shared fixtures
@@ -85,7 +86,8 @@ def shared(tmp_path_factory):
     chosen = {n for n in names if ".to_q." in n} | set(Guard.random(model.unet, 0.2, seed=0).frozen)
     guard = Guard.from_names(model.unet, chosen, method="test")
     weights = load_file(str(base / "unet" / "diffusion_pytorch_model.safetensors"))
-    victim = next(n for n in guard.frozen if n.endswith(".weight") and weights[n].numel() > 16)
+    # a tensor whose values differ (a norm weight of ones is its own permutation)
+    victim = next(n for n in guard.frozen if n.endswith(".weight") and weights[n].numel() > 16 and weights[n].std() > 0)
     owners = {n.rpartition(".")[0] for n in guard.frozen}
     free = next(n.rpartition(".")[0] for n in names if ".to_v." in n and n.rpartition(".")[0] not in owners)
     frozen_module = next(n.rpartition(".")[0] for n in guard.frozen if ".to_q." in n)
@@ -438,9 +440,8 @@ def test_outputs_follow_the_umask(tmp_path):
 def test_cli_finetune_and_learn_refuse_a_foreign_out_with_exit_2(tmp_path, shared):
     from typer.testing import CliRunner
 
-    from freezeasguard.cli import app
-
     from conftest import CAPTIONS, toy_images
+    from freezeasguard.cli import app
     from freezeasguard.data import write_imagefolder
 
     data = write_imagefolder(tmp_path / "data", toy_images(2, 16), CAPTIONS[:2])

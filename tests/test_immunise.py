@@ -8,12 +8,17 @@ import json
 import pytest
 import torch
 
+from freezeasguard.guard import Guard, record_match
 from freezeasguard.protections import ReleaseContext, protect
 from freezeasguard.protections.common import encoded as _encoded
 from freezeasguard.protections.common import objective_of as _objective
 from freezeasguard.protections.common import seeded_batches as _batches
-from freezeasguard.guard import Guard, record_match
-from freezeasguard.protections.immunise import (ImmuniseConfig, illegal_text_subspace, immunise_frozen, pull_into_trust_region_)
+from freezeasguard.protections.immunise import (
+    ImmuniseConfig,
+    illegal_text_subspace,
+    immunise_frozen,
+    pull_into_trust_region_,
+)
 from freezeasguard.tiny import TinySpec, build_tiny_model
 
 
@@ -183,8 +188,8 @@ def test_token_selective_immunising_moves_only_key_value_rows_inside_the_illegal
 
 @pytest.mark.parametrize("extra", ["freeze-kv", "freeze-cross-attention"])
 def test_guard_plus_extra_freezes_the_added_tensors_and_immunises_only_key_values(extra, toy_data, tmp_path):
-    from freezeasguard.protections.components import component_names
     from freezeasguard.learn import LearnConfig
+    from freezeasguard.protections.components import component_names
     from freezeasguard.training import TrainConfig
 
     user = TrainConfig(batch_size=2, learning_rate=1e-3, progress=False)
@@ -241,14 +246,14 @@ def test_the_immunise_command_releases_a_model_and_its_guard_together(tmp_path):
     cfg = tmp_path / "imm.json"
     cfg.write_text(json.dumps({"reset_every": 2, "batch_size": 2}))
     args = ["immunise", "--model", str(base_dir), "--guard", str(tmp_path / "g.json"), "--illegal", str(ill),
-            "--legal", str(leg), "--add", "kv", "--steps", "2", "--text-subspace", "2", "--config", str(cfg)]
+            "--legal", str(leg), "--add", "kv", "--immunise-steps", "2", "--text-subspace", "2", "--config", str(cfg)]
     result = CliRunner().invoke(app, args + ["--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     released = DiffusionModel.from_pretrained(tmp_path / "out" / "model")
     guard = Guard.load(tmp_path / "out" / "guard.json")
     guard.check_values(released.unet)  # the guard describes the released values ...
     kv = {n for n, _ in released.unet.named_parameters() if n.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))}
-    assert kv <= set(guard.frozen) and guard.provenance["immunised"] and guard.method == "random+kv+immunise"
+    assert kv <= set(guard.frozen) and guard.provenance["immunised"] and guard.method == "random+freeze-kv+immunise"
     with pytest.raises(GuardError, match="differ from the guard's record"):  # ... not the base's: release both
         guard.check_values(base.unet)
     record = json.loads((tmp_path / "out" / "immunise.json").read_text())
@@ -263,8 +268,8 @@ def test_the_immunise_command_releases_a_model_and_its_guard_together(tmp_path):
 
 
 def test_a_guard_learned_on_the_immunised_cross_attention_keeps_it_frozen_and_spends_only_the_rest(toy_data, tmp_path):
-    from freezeasguard.protections.components import component_names
     from freezeasguard.learn import LearnConfig
+    from freezeasguard.protections.components import component_names
     from freezeasguard.training import TrainConfig
 
     user = TrainConfig(batch_size=2, learning_rate=1e-3, progress=False)
@@ -276,7 +281,7 @@ def test_a_guard_learned_on_the_immunised_cross_attention_keeps_it_frozen_and_sp
                                                                       legal, 0.0, seed=0), opts)
     out = protect("freeze-cross-attention+immunise+guard",
                   ReleaseContext(build_tiny_model(TinySpec(), seed=0), illegal, legal, 0.3, seed=0,
-                                 output_dir=tmp_path, by="params"), opts)
+                                 output_dir=tmp_path, ratio_by="params"), opts)
     xattn = set(component_names(out.model.unet, "freeze-cross-attention"))
     tensors = dict(out.model.unet.named_parameters())
     # The release is the immunised one (same seed, same values), and its guard fingerprints those values.
@@ -291,8 +296,8 @@ def test_a_guard_learned_on_the_immunised_cross_attention_keeps_it_frozen_and_sp
 
 
 def test_always_frozen_must_leave_the_mask_a_budget(toy_data):
-    from freezeasguard.protections.components import component_names
     from freezeasguard.learn import LearnConfig, learn_guard
+    from freezeasguard.protections.components import component_names
 
     model = build_tiny_model(TinySpec(), seed=0)
     xattn = component_names(model.unet, "freeze-cross-attention")

@@ -9,7 +9,19 @@ import pytest
 import torch
 
 from freezeasguard.data import collate_examples
-from freezeasguard.learn import (STREAM_RANKING, LearnConfig, MaskLearner, MixedData, learn_guard, learn_mask, mask_logit_gradient, project_to_ratio, ranking_check, soft_mask, temperature_at)
+from freezeasguard.learn import (
+    STREAM_RANKING,
+    LearnConfig,
+    MaskLearner,
+    MixedData,
+    learn_guard,
+    learn_mask,
+    mask_logit_gradient,
+    project_to_ratio,
+    ranking_check,
+    soft_mask,
+    temperature_at,
+)
 from freezeasguard.training import TrainCallback, TrainConfig, TrainContext
 
 
@@ -363,7 +375,7 @@ def _explicit_upper_loss(model, learner, batch, x):
 @pytest.mark.parametrize("ratio_by", ["count", "params"])
 def test_penalty_mode_takes_the_authors_sgd_step(ratio_by):
     """The authors' update: SGD on the logits of data term + c (rho - mean m)^2, checked against autograd."""
-    lr, c, rho, T = 0.3, 40.0, 0.3, 0.2
+    lr, c, rho = 0.3, 40.0, 0.3
     cfg = _toy_cfg(ratio_control="penalty", mask_optimizer="sgd", mask_lr=lr, penalty=c, ratio=rho,
                    ratio_by=ratio_by)
     start = torch.tensor([0.3, -0.1, 0.25, 0.0, -0.2, 0.1, 0.05, -0.3])  # mean m far from rho: the penalty acts
@@ -402,7 +414,7 @@ def test_logged_ratios_give_both_shares_and_follow_the_parameter_weighting():
     assert abs(last["soft_ratio_tensors"] - 0.4) > 1e-3
 
 
-# ---------------------------------------------------------------------------- issue 11: learner levers
+# ---------------------------------------------------------------------------- learner options beyond the paper
 def test_sgd_normalised_steps_are_the_autograd_gradient_over_one_fixed_scale():
     lr = 0.05
     model, params, learner, ctx = _bare(_toy_cfg(mask_optimizer="sgd-normalised", mask_lr=lr))
@@ -513,7 +525,7 @@ def test_restore_effect_is_the_first_order_change_of_restoring_tensors():
     for side, domain in ((0, "illegal"), (1, "legal")):
         batch = collate_examples(learner._draw(side, range(6), STREAM_RANKING))
 
-        def loss(t, subset):
+        def loss(t, subset, batch=batch):
             moved = {n: ft[n] + t * d[n] if n in subset else ft[n] for n in names}
             return float(torch.func.functional_call(model, moved, (batch,)))
 

@@ -95,8 +95,9 @@ def test_publisher_fixed_and_out_of_range_options_are_refused(api):
 def test_a_derivative_that_fails_verify_is_never_released(api, monkeypatch):
     """The gate after training: if the written model does not pass `verify`, the job fails and nothing is
     published, even when `finetune` itself reported success."""
-    import freezeasguard.finetuning as ft
     from safetensors.torch import load_file, save_file
+
+    import freezeasguard.finetuning as ft
 
     real = ft.finetune
 

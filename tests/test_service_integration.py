@@ -67,9 +67,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_killed_worker_job_resumes_on_another_and_passes_verify(guarded_model, tmp_path):
     from freezeasguard.audit import verify
-    from freezeasguard.service.client import Client
     from freezeasguard.guard import Guard, unet_tensors
     from freezeasguard.model import DiffusionModel
+    from freezeasguard.service.client import Client
     from freezeasguard.service.config import ServiceConfig
     from freezeasguard.service.db import create_key, make_engine, session_factory
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from freezeasguard.bench import emoji
 from freezeasguard import zoo
+from freezeasguard.bench import emoji
 from freezeasguard.bench.recogniser import Recogniser, RecogniserConfig, augment
 from freezeasguard.zoo.recipe import ZooRecipe, build_untrained, corpus, run
 from freezeasguard.zoo.ship import ship

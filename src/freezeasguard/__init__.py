@@ -82,17 +82,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .audit import AuditReport, verify
+    from .bench.recogniser import Recogniser
     from .data import ImageCaptionFolder, ImageCaptionList, ImageTransform, write_imagefolder
     from .errors import CheckpointError, DataError, DivergedError, FreezeAsGuardError, ModelError
-    from .audit import AuditReport, verify
     from .finetuning import FinetuneConfig, finetune
     from .guard import Guard, GuardError
-    from .utils.images import save_grid
-    from .protections import PROTECTIONS, ReleaseContext, protect
-    from .protections.immunise import ImmuniseConfig, immunised_release
     from .learn import LearnConfig, learn_guard
-    from .bench.recogniser import Recogniser
     from .model import DiffusionModel, load_model
     from .objective import DenoisingObjective, EncodedDataset
+    from .protections import PROTECTIONS, ReleaseContext, protect
+    from .protections.immunise import ImmuniseConfig, immunised_release
     from .tiny import TinySpec, build_tiny_model, write_tiny_model
     from .training import TrainCallback, TrainConfig, TrainResult, train
+    from .utils.images import save_grid

@@ -6,6 +6,18 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+# What a freeze ratio counts, everywhere (API, CLI, configs, bench): "params", a share of the UNet's
+# parameters (what freezing saves in compute and what a frozen share means to a user), or "count", a share of
+# its tensors (the paper's unit).
+RATIO_UNITS = ("params", "count")
+RATIO_BY_DEFAULT = "params"
+
+
+def check_ratio_by(value: str, what: str = "ratio_by") -> None:
+    if value not in RATIO_UNITS:
+        raise ValueError(f"{what} must be one of {RATIO_UNITS}, got {value!r}")
+
+
 OPTIMIZERS = ("adamw", "adam", "sgd")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # Schedules of diffusers.optimization.get_scheduler that need no extra arguments.
@@ -90,6 +102,31 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return strict_from_dict(cls, data)
+
+
+def merge_nested(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, section by section: a nested dict in `over` changes only the fields it names."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge_nested(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def from_partial(cls: Any, data: dict[str, Any]) -> Any:
+    """`cls` from a dict that may name only some fields, nested sections included: the rest keep `cls`'s own
+    defaults (`{"warm_start": {"max_steps": 9}}` keeps the warm start's other defaults, not TrainConfig's)."""
+    return cls.from_dict(merge_nested(cls().to_dict(), data))
+
+
+class JsonConfig:
+    """to_dict / from_dict for a config dataclass: JSON-like data in and out, unknown fields refused."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
         return strict_from_dict(cls, data)
 
 

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 
 from .audit import AuditReport, check_lora, check_tensors
+from .configs import strict_from_dict
 from .errors import FreezeAsGuardError
 from .guard import Guard, unet_tensors
-from .utils.files import atomic_directory, atomic_write_json, canonical_digest, claim_output_dir
 from .model import DiffusionModel
 from .objective import DenoisingObjective, EncodedDataset
 from .seeding import STREAM_ADAPTER, derive_seed, seeded_global_rng
 from .training import TrainCallback, TrainConfig, TrainResult, make_accelerator, train
-from .configs import strict_from_dict
+from .utils.files import atomic_directory, atomic_write_json, canonical_digest, claim_output_dir
 
 METHODS = ("full", "lora")
 # diffusers' own LoRA recipe for SD (train_text_to_image_lora.py) adapts the attention projections.
@@ -275,8 +275,8 @@ def _save(model: DiffusionModel, cfg: FinetuneConfig, guard: Guard | None, out: 
 
 def _run_identity(model: DiffusionModel, data: Any, guard: Guard | None, cfg: FinetuneConfig) -> dict[str, Any]:
     """What must be equal for a rerun into the same output directory to continue the earlier run."""
-    from .guard import fingerprint_of
     from .configs import RESUMABLE_CHANGES
+    from .guard import fingerprint_of
 
     config = cfg.to_dict()
     config["train"] = {k: v for k, v in config["train"].items() if k not in RESUMABLE_CHANGES}

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from .configs import RATIO_BY_DEFAULT, check_ratio_by
 from .errors import FreezeAsGuardError
 from .utils.files import atomic_write_text
 
@@ -191,17 +192,17 @@ class Guard:
         )
 
     @classmethod
-    def from_scores(cls, unet: Any, scores: Mapping[str, float], ratio: float, *, by: str = "count",
+    def from_scores(cls, unet: Any, scores: Mapping[str, float], ratio: float, *, ratio_by: str = RATIO_BY_DEFAULT,
                     method: str = "scores", provenance: Mapping[str, Any] | None = None) -> Guard:
         """Freeze the highest-scoring tensors: exactly round(ratio x N) by count, or the most that fit in
         ratio x total parameters by parameter budget (greedy in score order)."""
         tensors = _tensors(unet)
-        names = select_top(scores, {n: t.numel() for n, t in tensors.items()}, ratio, by=by)
-        prov = {"ratio_requested": ratio, "ratio_by": by, **dict(provenance or {})}
+        names = select_top(scores, {n: t.numel() for n, t in tensors.items()}, ratio, ratio_by=ratio_by)
+        prov = {"ratio_requested": ratio, "ratio_by": ratio_by, **dict(provenance or {})}
         return cls.from_names(tensors, names, method=method, scores=scores, provenance=prov)
 
     @classmethod
-    def random(cls, unet: Any, ratio: float, *, seed: int = 0, by: str = "count",
+    def random(cls, unet: Any, ratio: float, *, seed: int = 0, ratio_by: str = RATIO_BY_DEFAULT,
                provenance: Mapping[str, Any] | None = None) -> Guard:
         """Random freezing at a ratio: the random baseline, seeded."""
         tensors = _tensors(unet)
@@ -209,7 +210,7 @@ class Guard:
         order = sorted(tensors)
         noise = torch.rand(len(order), generator=g, dtype=torch.float64).tolist()
         scores = dict(zip(order, noise))
-        return cls.from_scores(tensors, scores, ratio, by=by, method="random",
+        return cls.from_scores(tensors, scores, ratio, ratio_by=ratio_by, method="random",
                                provenance={"seed": seed, **dict(provenance or {})})
 
     # -------------------------------------------------------------- ratios and views
@@ -459,9 +460,9 @@ def _checksum(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def select_top(scores: Mapping[str, float], sizes: Mapping[str, int], ratio: float, *, by: str = "count") -> list[str]:
-    """Names of the highest scores: round(ratio x N) of them (by='count'), or greedily in score order all that
-    fit within ratio x total parameters (by='params'). Ties break by name, so the result is deterministic."""
+def select_top(scores: Mapping[str, float], sizes: Mapping[str, int], ratio: float, *, ratio_by: str = RATIO_BY_DEFAULT) -> list[str]:
+    """Names of the highest scores: round(ratio x N) of them (ratio_by='count'), or greedily in score order all that
+    fit within ratio x total parameters (ratio_by='params'). Ties break by name, so the result is deterministic."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"freeze ratio must be in [0, 1], got {ratio}")
     missing = [n for n in sizes if n not in scores]
@@ -471,9 +472,10 @@ def select_top(scores: Mapping[str, float], sizes: Mapping[str, int], ratio: flo
     if bad:
         raise ValueError(f"non-finite score for {bad[:5]}")
     order = sorted(sizes, key=lambda n: (-float(scores[n]), n))
-    if by == "count":
+    check_ratio_by(ratio_by)
+    if ratio_by == "count":
         return sorted(order[: round(ratio * len(order))])
-    if by == "params":
+    if ratio_by == "params":
         budget = ratio * sum(sizes.values())
         chosen, used = [], 0
         for n in order:
@@ -481,4 +483,4 @@ def select_top(scores: Mapping[str, float], sizes: Mapping[str, int], ratio: flo
                 chosen.append(n)
                 used += sizes[n]
         return sorted(chosen)
-    raise ValueError(f"ratio must be counted by 'count' or 'params', got {by!r}")
+    raise AssertionError(ratio_by)

@@ -12,7 +12,7 @@ training core:
   mean mask equals the target ratio exactly (a projection instead of the authors' quadratic penalty, which we
   measured to dwarf the data term by four orders of magnitude); theta(m) moves with the mask.
 
-Options (issue 11's levers; the defaults are unchanged): `mask_optimizer="sgd-normalised"` takes plain SGD
+Options beyond the paper (measured in docs/results.md; the defaults are unchanged): `mask_optimizer="sgd-normalised"` takes plain SGD
 steps divided by one scale fixed at the first mask step (the RMS of that step's logit gradient), so a tensor
 whose gradient is 10x larger moves 10x further, where Adam moves every logit by about `mask_lr` and so ranks
 by how consistently a gradient kept its sign; `"sgd"` with `ratio_control="penalty"` is the authors' update.
@@ -54,13 +54,13 @@ from typing import Any
 
 import torch
 
+from .configs import RATIO_BY_DEFAULT, check_ratio_by, strict_from_dict
 from .data import collate_examples
 from .guard import Guard, fingerprint_of, select_top, tensor_record
-from .utils.files import atomic_write_json, canonical_digest, claim_output_dir
 from .objective import DenoisingObjective, EncodedDataset
 from .seeding import STREAM_LEARN_SAMPLE, STREAM_MASK, STREAM_RANKING, derive_seed
 from .training import TrainCallback, TrainConfig, TrainContext, TrainResult, train
-from .configs import strict_from_dict
+from .utils.files import atomic_write_json, canonical_digest, claim_output_dir
 
 MASK_OPTIMIZERS = ("adam", "sgd", "sgd-normalised")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "geometric")
@@ -82,7 +82,7 @@ class LearnConfig:
     """Every option does something; sources: [paper] arXiv 2405.17472, [ours] measured on the embedded default."""
 
     ratio: float = 0.3  # [paper] 0.3 best for faces
-    ratio_by: str = "params"  # a parameter budget (what freezing saves); "count": a fraction of tensors, as [paper]
+    ratio_by: str = RATIO_BY_DEFAULT  # a parameter budget (what freezing saves); "count": a fraction of tensors, as [paper]
     temperature: float = 0.2  # [paper] T
     mask_every: int = 5  # [paper] k: user steps between mask steps
     mask_steps: int = 60  # [ours] the paper runs ~400 on SD 1.5
@@ -111,8 +111,7 @@ class LearnConfig:
             self.warm_start = TrainConfig.from_dict(self.warm_start)
         if not 0.0 < self.ratio < 1.0:
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
-        if self.ratio_by not in ("count", "params"):
-            raise ValueError("ratio_by must be 'count' or 'params'")
+        check_ratio_by(self.ratio_by)
         if self.mask_optimizer not in MASK_OPTIMIZERS:
             raise ValueError(f"mask_optimizer must be one of {MASK_OPTIMIZERS}, got {self.mask_optimizer!r}")
         if self.temperature_schedule not in TEMPERATURE_SCHEDULES:
@@ -590,8 +589,8 @@ def budget_left(unet: Any, fixed: Sequence[str], config: LearnConfig) -> float:
 def _run_identity(model: Any, illegal: Any, legal: Any, cfg: LearnConfig, warm_start_model: Any,
                   provenance: dict[str, Any] | None) -> dict[str, Any]:
     """What must be equal for a rerun into the same output directory to continue the earlier run."""
-    from .guard import unet_tensors
     from .configs import RESUMABLE_CHANGES
+    from .guard import unet_tensors
 
     config = cfg.to_dict()
     for key in ("user", "warm_start"):
@@ -633,7 +632,7 @@ def _learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | Non
                                   warm_start_params=warm, accelerator=accelerator)
     scores = {n.removeprefix("unet."): s for n, s in learner.scores().items()}
     candidates = {n: k for n, k in sizes.items() if n not in fixed}
-    frozen = select_top(scores, candidates, mask_cfg.ratio, by=cfg.ratio_by) + sorted(fixed)
+    frozen = select_top(scores, candidates, mask_cfg.ratio, ratio_by=cfg.ratio_by) + sorted(fixed)
     if fixed:  # ranked above every candidate, as they were chosen first
         top = max(scores.values()) + 1.0
         scores.update({n: top for n in fixed})
@@ -662,7 +661,7 @@ def _learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | Non
                                                "timing_seconds": prov["timing_seconds"],
                                                "user_step_time_s": metrics["learning"]["step_time_s"]})
         plot_guard(guard, out / "mask.png")
-        plot_learning(learner.history, out / "learn.png", by=cfg.ratio_by)
+        plot_learning(learner.history, out / "learn.png", ratio_by=cfg.ratio_by)
     return guard
 
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ModelError
-from .utils.files import atomic_directory
 from .seeding import derive_seed
+from .utils.files import atomic_directory
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import StableDiffusionPipeline

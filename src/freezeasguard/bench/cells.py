@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from ..training import TrainCallback, TrainConfig
 from .evaluate import base_families_domain, evaluate, scenario_domains
 from .profiles import BenchProfile, scenario_form
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,6 +146,7 @@ def run_base_cell(setting: Setting, profile: BenchProfile, recogniser: Any, cach
         if missing:
             model = load()
             for d in missing:
+                log.info("  evaluating the %s model on %s (%d samples)", which, d, profile.n_samples)
                 done[d] = evaluate(model, setting.domains[d], recogniser, n_samples=profile.n_samples,
                                    seed=setting.seed, sampling=profile.sampling)[0]
     return cell
@@ -156,6 +160,7 @@ def run_cell(setting: Setting, profile: BenchProfile, method: str, ratio: float 
     from ..protections import ReleaseContext, protect
 
     t0 = time.perf_counter()
+    log.info("  releasing with %s%s", method, "" if ratio is None else f" at ratio {ratio:g}")
     ctx = ReleaseContext(setting.load_release(), setting.publisher_illegal, setting.publisher_legal, ratio or 0.0,
                          setting.seed, work, profile.ratio_by, prompts=setting.uce)
     rel = protect(method, ctx, profile.typed_options())
@@ -174,12 +179,14 @@ def run_cell(setting: Setting, profile: BenchProfile, method: str, ratio: float 
         points: list[dict[str, Any]] = []
 
         def score(step: int, n: int, tuned: Any = tuned, user: str = user, budget: int = budget,
-                  points: list[dict[str, Any]] = points) -> None:
+                  points: list[dict[str, Any]] = points, last: int = max(budgets)) -> None:
             for d in USER_DOMAINS[user]:
                 if d not in setting.domains:
                     continue
                 metrics, images = evaluate(tuned, setting.domains[d], recogniser, n_samples=n, seed=setting.seed,
                                            sampling=profile.sampling)
+                log.info("  %s user, step %d/%d: %s %.1f%% (%d samples)", user, step, last, d,
+                         100 * metrics["rate"], n)
                 points.append({"step": step, "domain": d, "rate": metrics["rate"], "mean_prob": metrics["mean_prob"],
                                "n": metrics["n"]})
                 if step == budget:
@@ -192,8 +199,9 @@ def run_cell(setting: Setting, profile: BenchProfile, method: str, ratio: float 
 
         cfg = FinetuneConfig(method="full", train=TrainConfig(max_steps=max(budgets), batch_size=profile.batch_size,
                                                               learning_rate=profile.lr, seed=setting.seed,
-                                                              progress=False))
+                                                              progress=True))
         t1 = time.perf_counter()
+        log.info("  %s user: %d fine-tuning steps, evaluated at %s", user, max(budgets), sorted(budgets))
         finetune(tuned, data, guard=rel.guard, config=cfg, callbacks=[_Checkpoints(budgets, score)])
         result["finetune_seconds"][user] = time.perf_counter() - t1
         result["curves"][user] = points

@@ -13,27 +13,28 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..configs import RATIO_BY_DEFAULT
+from ..learn import LearnConfig
+from ..utils.files import atomic_write_json, atomic_write_text
+from ..utils.images import save_grid
+from .evaluate import SamplingConfig
 from .profiles import BenchProfile, cell_key
+from .relearn import RelearnConfig
 from .report import plot_curves
 from .runner import run_bench
-from .evaluate import SamplingConfig
-from ..utils.images import save_grid
-from ..utils.files import atomic_write_json, atomic_write_text
-from ..learn import LearnConfig
-from .relearn import RelearnConfig
 
 
 @dataclass
 class DemoConfig:
     scenario: str = "figures"  # relearn form; "figures-scratch" for the from-scratch variant
     ratio: float = 0.3
-    ratio_by: str = "params"  # the guard's ratio counts parameters (a budget), as everywhere
+    ratio_by: str = RATIO_BY_DEFAULT  # the guard's ratio counts parameters (a budget), as everywhere
     seed: int = 0
     steps: int = 400  # the illegal user's attack budget
     legal_steps: int = 400  # the legal user's budget (the bench's quick profile runs legal users to their plateau)

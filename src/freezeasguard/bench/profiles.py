@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..configs import strict_from_dict
+from ..configs import RATIO_BY_DEFAULT, check_ratio_by, strict_from_dict
 from .evaluate import SamplingConfig
 from .relearn import RelearnConfig
 
@@ -41,7 +41,7 @@ class BenchProfile:
     # a change reruns exactly the cells that use that stage.
     options: dict[str, Any] = field(default_factory=dict)
     keep_images: int = 8  # first samples per domain kept beside each cell (sample grids)
-    ratio_by: str = "params"  # every method freezes the same share of parameters, so the comparison is fair
+    ratio_by: str = RATIO_BY_DEFAULT  # every method freezes the same share of parameters, so the comparison is fair
     # A setting whose validity checks fail (known after its base cell and full fine-tuning) is void: its other
     # cells would be left out of every figure, so they are not computed; the report lists them as skipped.
     skip_void: bool = True
@@ -105,8 +105,7 @@ class BenchProfile:
         planned_cells(self)  # refuses "NAME@RATIO" for a protection that takes no ratio
         for sc in self.scenarios:
             scenario_form(sc)
-        if self.ratio_by not in ("count", "params"):
-            raise ValueError(f"ratio_by must be 'count' or 'params', got {self.ratio_by!r}")
+        check_ratio_by(self.ratio_by)
         for name in ("steps", "legal_steps", "batch_size", "n_samples", "curve_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from ..utils.files import atomic_directory
 from ..seeding import STREAM_NOISE, derive_seed
+from ..utils.files import atomic_directory
 
 IGNORE = -100  # label of an image that has no identity class (it still trains the style head)
 

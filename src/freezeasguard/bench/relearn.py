@@ -27,7 +27,6 @@ from typing import Any
 from ..data import collate_examples
 from ..utils.files import atomic_write_json
 
-
 RECIPE_VERSION = 2  # bump when what the recipe does changes beyond its config (2: artstyle teaches the style broadly)
 
 
@@ -103,23 +102,28 @@ def uce_prompts(sc: Any, *, preserve_base_people: bool = True) -> dict[str, list
     return {"uce_edit": edit, "uce_guide": guide, "uce_preserve": preserve}
 
 
+def recipe_of(scenario: str, seed: int, config: RelearnConfig) -> dict[str, Any]:
+    """What a relearn cache was built from (its info.json's "recipe"): a cache is reused only for this."""
+    return {"scenario": scenario, "seed": seed, "config": config.to_dict(), "version": RECIPE_VERSION}
+
+
 def prepare(sc: Any, base_loader: Any, cache_dir: str | Path, config: RelearnConfig | None = None,
             *, progress: bool = True) -> dict[str, Path]:
     """The taught and released models of scenario `sc` (its seed included), built once into `cache_dir`.
     Returns {"taught": dir, "release": dir}. A cache built with another recipe is refused."""
     import torch
 
-    from . import emoji
-    from ..protections.uce import uce_edit
     from ..finetuning import FinetuneConfig, finetune
     from ..model import DiffusionModel
     from ..objective import EncodedDataset
+    from ..protections.uce import uce_edit
     from ..training import TrainConfig
+    from . import emoji
 
     cfg = config or RelearnConfig()
     out = Path(cache_dir)
     info_path = out / "info.json"
-    recipe = {"scenario": sc.name, "seed": sc.seed, "config": cfg.to_dict(), "version": RECIPE_VERSION}
+    recipe = recipe_of(sc.name, sc.seed, cfg)
     dirs = {"taught": out / "teach" / "model", "release": out / "release"}
     if info_path.exists():
         recorded = json.loads(info_path.read_text()).get("recipe")

@@ -59,7 +59,11 @@ def _planned_keys(profile: BenchProfile, name: str, seed: int) -> dict[str, tupl
 def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tuple[str | Path, ...]) -> list[str]:
     """Copy into `out` the cells of `sources` (bench output directories) that this profile plans, that `out`
     lacks, and whose recorded settings are this profile's; returns their keys. A cell with other settings is
-    not copied (and said so), as the run's own cache would refuse it."""
+    not copied (and said so), as the run's own cache would refuse it. A source's relearn models (the taught
+    base and its release) are copied too where their recipe is this profile's, so they are not rebuilt."""
+    from .profiles import scenario_form
+    from .relearn import recipe_of
+
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -69,6 +73,13 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
             raise ValueError(f"--reuse {src}: not a bench output directory (no cells/ folder)")
         for seed in profile.seeds:
             for name in profile.scenarios:
+                base_name, form = scenario_form(name)
+                cache = Path("relearn") / f"{base_name}-seed{seed}"
+                if form == "relearn" and (src / cache / "info.json").is_file() and not (out / cache).exists():
+                    recorded = json.loads((src / cache / "info.json").read_text()).get("recipe")
+                    if recorded == json.loads(json.dumps(recipe_of(base_name, seed, profile.relearn))):
+                        shutil.copytree(src / cache, out / cache)
+                        log.info("bench: reused the relearn models of %s seed %d from %s", base_name, seed, src)
                 for key, (method, _, _) in _planned_keys(profile, name, seed).items():
                     theirs, mine = src / "cells" / f"{key}.json", cells_dir / f"{key}.json"
                     if mine.exists() or not theirs.exists():
@@ -183,28 +194,45 @@ def read_cells(source: str | Path) -> tuple[dict[str, Any], dict[str, Any] | Non
 def report_runs(sources: list[str | Path], out: str | Path, *, profile: BenchProfile | None = None,
                 command: str | None = None) -> dict[str, Any]:
     """One report over the cells of several runs (output directories or results.json files), computing
-    nothing. A cell present in two sources must be the same cell (the later one is refused otherwise). The
-    profile of the report (its methods' order and text) is `profile`, else the first source's recorded one."""
+    nothing. A source written `PATH=LABEL` reports its protections' cells under LABEL, so variants of one
+    protection measured in separate runs (another immunise config, say) stand side by side; its base and full
+    fine-tuning cells stay as they are. A cell present in two sources must be the same cell (refused
+    otherwise). The profile of the report (its methods' order and text) is `profile`, else the first source's
+    recorded one."""
     cells: dict[str, Any] = {}
     first_profile = None
-    for src in sources:
+    for spec in sources:
+        src, label = _source_and_label(spec)
         theirs, recorded = read_cells(src)
         first_profile = first_profile or recorded
         for key, cell in theirs.items():
-            if key in cells and json.dumps(cells[key], sort_keys=True) != json.dumps(cell, sort_keys=True):
-                if cells[key].get("settings") != cell.get("settings"):
-                    raise ValueError(f"{src}: cell {key} differs from the one already read, with other settings; "
-                                     "report these runs separately")
+            if label and cell["method"] not in VALIDITY_METHODS:
+                cell = {**cell, "method": label, "ratio": cell.get("ratio")}
+                key = cell_key(cell["scenario"], cell["seed"], label, cell["ratio"])
+            if key in cells and cells[key].get("settings") != cell.get("settings"):
+                raise ValueError(f"{src}: cell {key} differs from the one already read, with other settings; "
+                                 "report these runs separately, or label the source (PATH=LABEL)")
             cells.setdefault(key, cell)
     if profile is None:
         if first_profile is None:
-            raise ValueError("no source recorded its profile: pass one (--profile or --config)")
+            raise ValueError("no source recorded its profile: pass one (--config)")
         profile = _profile_from_record(first_profile)
     methods = list(dict.fromkeys(c["method"] for c in cells.values() if c["method"] != "base"))
-    summary = summarise(cells, profile_with_methods(profile, methods))
+    profile = profile_with_methods(profile, methods)
+    summary = summarise(cells, profile)
     summary["missing_cells"], summary["skipped_void"] = [], []
     write_report(Path(out), profile, cells, summary, command)
     return summary
+
+
+def _source_and_label(spec: str | Path) -> tuple[Path, str | None]:
+    text = str(spec)
+    path, sep, label = text.rpartition("=")
+    if sep and label and not Path(text).exists():
+        if "+" in label or "@" in label:
+            raise ValueError(f"{text}: a label may not hold '+' or '@'")
+        return Path(path), label
+    return Path(text), None
 
 
 def _profile_from_record(data: dict[str, Any]) -> BenchProfile:

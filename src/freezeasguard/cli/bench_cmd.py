@@ -66,7 +66,7 @@ def bench(
 
 @app.command("bench-report")
 def bench_report(
-    sources: Annotated[list[Path], typer.Argument(help="Bench output directories or results.json files.", exists=True)],
+    sources: Annotated[list[str], typer.Argument(help="Bench output directories or results.json files; PATH=LABEL reports that run's protections under LABEL (variants side by side).")],
     out: OutOpt = Path("runs/report"),
     config: Annotated[Path | None, typer.Option("--config", help="The profile whose names and budgets the report states (default: the first source's).", exists=True, dir_okay=False)] = None,
     debug: DebugOpt = False,
@@ -80,6 +80,10 @@ def bench_report(
     from ..bench.runner import report_runs
 
     try:
+        for spec in sources:
+            path = spec if Path(spec).exists() else spec.rpartition("=")[0]
+            if not Path(path).exists():
+                raise ValueError(f"{spec}: no such file or directory")
         report_runs(list(sources), out, profile=BenchProfile.load(config) if config else None,
                     command="freezeasguard " + " ".join(sys.argv[1:]))
     except (ValueError, OSError, KeyError) as exc:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..configs import RATIO_BY_DEFAULT
 from . import _fail, _offline, app
 from .options import BatchSizeOpt, DebugOpt, LrOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt, StepsOpt
 
@@ -17,7 +18,7 @@ def demo(
     out: OutOpt = Path("runs/demo"),
     scenario: Annotated[str, typer.Option(help="figures or artstyle (relearn form), or figures-scratch / artstyle-scratch.")] = "figures",
     ratio: RatioOpt = 0.3,
-    ratio_by: RatioByOpt = "params",
+    ratio_by: RatioByOpt = RATIO_BY_DEFAULT,
     seed: SeedOpt = 0,
     steps: StepsOpt = 400,
     legal_steps: Annotated[int, typer.Option(help="Optimizer steps of the legal user's fine-tuning (--steps is the "

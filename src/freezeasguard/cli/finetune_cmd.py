@@ -8,7 +8,22 @@ from typing import Annotated
 import typer
 
 from . import _offline, app, frozen_shares, load_model_arg
-from .options import (BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, MaybeGuardOpt, ModelOpt, OutOpt, OverwriteOpt, PrintConfigOpt, SeedOpt, StepsOpt, choice, config_from, print_config)
+from .options import (
+    BatchSizeOpt,
+    ConfigOpt,
+    DebugOpt,
+    LrOpt,
+    MaybeGuardOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    PrintConfigOpt,
+    SeedOpt,
+    StepsOpt,
+    choice,
+    config_from,
+    print_config,
+)
 
 # option parameter -> FinetuneConfig field it sets. The options' defaults are FinetuneConfig()'s (a test checks),
 # written out here because importing the config would import torch and slow down --help.

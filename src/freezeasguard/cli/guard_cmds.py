@@ -8,8 +8,21 @@ from typing import Annotated
 
 import typer
 
+from ..configs import RATIO_BY_DEFAULT
 from . import _offline, app, frozen_shares, load_model_arg
-from .options import (choice, DebugOpt, JsonOpt, GuardOpt, ModelOpt, OutOpt, OverwriteOpt, RatioByOpt, RatioOpt, SeedOpt, ToleranceOpt)
+from .options import (
+    DebugOpt,
+    GuardOpt,
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    RatioByOpt,
+    RatioOpt,
+    SeedOpt,
+    ToleranceOpt,
+    choice,
+)
 
 guard_app = typer.Typer(help="Make, combine and compare guard files. Each writes OUT/guard.json.",
                         no_args_is_help=True)
@@ -56,7 +69,7 @@ def _save(guard, out: Path, overwrite: bool) -> None:  # type: ignore[no-untyped
 @guard_app.command("random")
 def guard_random(
     ratio: RatioOpt = 0.3,
-    ratio_by: RatioByOpt = "params",
+    ratio_by: RatioByOpt = RATIO_BY_DEFAULT,
     out: OutOpt = Path("runs/guard"),
     model: ModelOpt = "embedded",
     seed: SeedOpt = 0,
@@ -65,7 +78,7 @@ def guard_random(
 ) -> None:
     """Freeze a random set of UNet tensors (the random-freezing baseline)."""
     Guard = _begin(out, overwrite)
-    guard = Guard.random(_unet(model), ratio, seed=seed, by=ratio_by, provenance={"model": model})
+    guard = Guard.random(_unet(model), ratio, seed=seed, ratio_by=ratio_by, provenance={"model": model})
     _save(guard, out, overwrite)
 
 
@@ -74,7 +87,7 @@ def guard_top(
     scores: Annotated[Path, typer.Argument(help="JSON object: UNet tensor name -> score (higher: frozen first).",
                                            dir_okay=False)],
     ratio: RatioOpt = 0.3,
-    ratio_by: RatioByOpt = "params",
+    ratio_by: RatioByOpt = RATIO_BY_DEFAULT,
     out: OutOpt = Path("runs/guard"),
     model: ModelOpt = "embedded",
     overwrite: OverwriteOpt = False,
@@ -85,7 +98,7 @@ def guard_top(
     data = json.loads(scores.read_text())
     if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
         raise ValueError(f"{scores}: expected a JSON object of tensor name -> number")
-    guard = Guard.from_scores(_unet(model), data, ratio, by=ratio_by,
+    guard = Guard.from_scores(_unet(model), data, ratio, ratio_by=ratio_by,
                               provenance={"model": model, "scores_file": str(scores)})
     _save(guard, out, overwrite)
 

@@ -10,11 +10,23 @@ import typer
 
 from . import _offline, app, frozen_shares, load_model_arg
 from .learn_cmd import PositiveFloat, check_data_options, publisher_data
-from .options import (ConfigOpt, DebugOpt, GuardOpt, ModelOpt, OutOpt, OverwriteOpt, PrintConfigOpt, SeedOpt, choice, config_from, print_config)
+from .options import (
+    ConfigOpt,
+    DebugOpt,
+    GuardOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    PrintConfigOpt,
+    SeedOpt,
+    choice,
+    config_from,
+    print_config,
+)
 
 # option parameter -> ImmuniseConfig field. Defaults are ImmuniseConfig()'s (a test checks), written out so that
 # --help does not import torch.
-IMMUNISE_FIELDS = (("steps", "steps"), ("lr", "lr"), ("text_subspace", "text_subspace"),
+IMMUNISE_FIELDS = (("immunise_steps", "steps"), ("immunise_lr", "lr"), ("text_subspace", "text_subspace"),
                    ("legal_weight", "legal_weight"), ("max_change", "max_change"), ("attack_lr", "attack_lr"))
 PRODUCTS = ("model", "guard.json", "immunise.json")
 
@@ -33,8 +45,12 @@ def immunise(
         help="Tensors frozen beside the guard's: 'xattn' (every cross-attention projection), 'kv' (every "
              "cross-attention key/value weight) or 'none' (the guard's set as it is).",
         callback=choice("none", "kv", "xattn"))] = "xattn",
-    steps: Annotated[int, typer.Option(help="Defender steps (the simulated attacker takes one per step).", min=1)] = 200,
-    lr: Annotated[float, typer.Option(help="Adam step size of the frozen values.", **PositiveFloat)] = 0.05,
+    immunise_steps: Annotated[int, typer.Option(
+        help="The publisher's immunising steps (ImmuniseConfig.steps; the simulated attacker takes one per step). "
+             "Not a user's --steps.", min=1)] = 200,
+    immunise_lr: Annotated[float, typer.Option(
+        help="Adam step size of the frozen values (ImmuniseConfig.lr). Not a user's --lr; the simulated "
+             "attacker's rate is --attack-lr.", **PositiveFloat)] = 0.05,
     text_subspace: Annotated[int, typer.Option(
         help="Text-embedding directions the K/V values may change along (0: every frozen tensor moves freely).",
         min=0)] = 8,

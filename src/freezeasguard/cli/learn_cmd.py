@@ -7,8 +7,25 @@ from typing import Annotated
 
 import typer
 
+from ..configs import RATIO_BY_DEFAULT
 from . import _offline, app, frozen_shares, load_model_arg
-from .options import (BatchSizeOpt, ConfigOpt, DebugOpt, LrOpt, ModelOpt, OutOpt, OverwriteOpt, PrintConfigOpt, RatioByOpt, RatioOpt, SeedOpt, choice, config_from, finite_positive, print_config)
+from .options import (
+    BatchSizeOpt,
+    ConfigOpt,
+    DebugOpt,
+    LrOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    PrintConfigOpt,
+    RatioByOpt,
+    RatioOpt,
+    SeedOpt,
+    choice,
+    config_from,
+    finite_positive,
+    print_config,
+)
 
 # option parameter -> LearnConfig field it sets. The options' defaults are LearnConfig()'s (a test checks),
 # written out here because importing the config would import torch and slow down --help.
@@ -67,7 +84,7 @@ def learn(
     legal: Annotated[Path | None, typer.Option(help="Image folder of the legal domain (publisher's samples).")] = None,
     caption_column: Annotated[str, typer.Option(help="Caption column of the folders' metadata.")] = "text",
     ratio: RatioOpt = 0.3,
-    ratio_by: RatioByOpt = "params",
+    ratio_by: RatioByOpt = RATIO_BY_DEFAULT,
     seed: SeedOpt = 0,
     mask_steps: Annotated[int, typer.Option(help="Mask steps (the simulated user takes --mask-every steps "
                                                  "between two).", min=1)] = 60,

@@ -24,6 +24,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ..configs import RATIO_UNITS, merge_nested
+
 
 # ----------------------------------------------------------------------------------------------- checks
 def finite_positive(value: float | None) -> float | None:
@@ -76,7 +78,45 @@ def reset_debug() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- options
-RATIO_BY = ("params", "count")
+ALL_COMMANDS = "*"
+# The shared options: option -> the commands that take it (ALL_COMMANDS: every command). Each has one name,
+# type, check and help wherever it appears (tests/test_cli.py walks the app), and docs/cli.md's table of
+# shared options lists exactly these rows (tests/test_docs.py).
+SHARED_OPTIONS: dict[str, set[str] | str] = {
+    "--model": {"info", "sample", "finetune", "learn", "immunise", "guard random", "guard top", "guard names"},
+    "--guard": {"finetune", "verify", "immunise"},
+    "--out": {"finetune", "learn", "immunise", "guard random", "guard top", "guard names", "guard combine",
+              "zoo pretrain", "demo", "bench", "bench-report"},
+    "--seed": {"sample", "tiny", "finetune", "learn", "immunise", "guard random", "zoo pretrain", "demo"},
+    "--steps": {"finetune", "demo"},
+    "--lr": {"finetune", "learn", "demo"},
+    "--batch-size": {"finetune", "learn", "demo"},
+    "--ratio": {"learn", "guard random", "guard top", "demo"},
+    "--ratio-by": {"learn", "guard random", "guard top", "demo"},
+    "--config": {"finetune", "learn", "immunise", "zoo pretrain"},
+    "--print-config": {"finetune", "learn", "immunise", "zoo pretrain"},
+    "--overwrite": {"tiny", "guard random", "guard top", "guard names", "guard combine", "finetune", "learn",
+                    "immunise", "demo", "bench", "zoo pretrain"},
+    "--json": {"info", "inspect", "verify", "guard diff", "jobs submit", "jobs status", "keys list"},
+    "--debug": ALL_COMMANDS,
+}
+# Commands that take a shared option's name for something of another kind, and why. bench's --seed, --ratio,
+# --steps, --lr and --batch-size replace the profile's values (lists for the first two; unset = the profile's),
+# and bench's --config is a whole BenchProfile, which it also prints (--print-config) and runs from.
+SHARED_EXCEPTIONS: dict[str, dict[str, str]] = {
+    "bench": {opt: "replaces the profile's value (unset: the profile's)"
+              for opt in ("--seed", "--ratio", "--steps", "--lr", "--batch-size", "--config", "--print-config")},
+    "bench-report": {"--config": "the profile the report states"},
+    # the service's commands: one model and guard for every job, and the service's own configuration file
+    **{cmd: {"--model": "the model every job of the service fine-tunes", "--guard": "the guard every job runs under",
+             "--config": "a ServiceConfig file"} for cmd in ("serve", "worker")},
+    **{cmd: {"--config": "a ServiceConfig file"} for cmd in ("keys create", "keys revoke", "keys list")},
+    # a job's hyperparameters on the client: unset means the publisher's defaults, checked by the server
+    "jobs submit": {opt: "the job's value; unset: the publisher's default"
+                    for opt in ("--seed", "--steps", "--lr", "--batch-size")},
+    "jobs download": {"--out": "the folder the job's artefacts are written to"},
+}
+RATIO_BY = RATIO_UNITS
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m",
@@ -133,13 +173,6 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
-    return out
-
-
 def config_from(ctx: typer.Context, path: Path | None, fields: Iterable[tuple[str, str]], cls: Any) -> Any:
     """The configuration a command runs with: `cls`'s defaults, then the --config file's fields, then the
     options given on the command line.
@@ -149,7 +182,7 @@ def config_from(ctx: typer.Context, path: Path | None, fields: Iterable[tuple[st
     the nested class's own. `fields` pairs an option's parameter name with the field it sets
     ("user.learning_rate" when nested). An option left at its default does not override the file; its default
     equals `cls`'s (a test checks). An unknown field is an error naming the field and the file."""
-    data = _merge(cls().to_dict(), read_config_file(path))
+    data = merge_nested(cls().to_dict(), read_config_file(path))
     for param, dotted in fields:
         source = ctx.get_parameter_source(param)
         if source is None or source.name == "DEFAULT":

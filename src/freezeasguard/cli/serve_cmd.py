@@ -68,9 +68,9 @@ def serve(
     _require_extra()
     import uvicorn
 
-    from ..utils.files import atomic_write_json
     from ..service.api import create_app
     from ..service.config import CONFIG_NAME
+    from ..utils.files import atomic_write_json
 
     cfg = _config(config, data_dir, guard=str(guard) if guard else None, model=model, database=db,
                   max_job_seconds=max_job_seconds, retention_days=retention_days)

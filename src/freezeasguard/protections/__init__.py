@@ -8,7 +8,20 @@ One module per family: `basic` (none, random), `importance`, `components`, `uce`
 from __future__ import annotations
 
 from . import basic, components, imma, immunise, importance, learned, uce  # noqa: F401  (registration)
-from .registry import (PROTECTIONS, NoConfig, Protection, Release, ReleaseContext, config_dict, configs_for, describe, needs_ratio, protect, register, stages)
+from .registry import (
+           PROTECTIONS,
+           NoConfig,
+           Protection,
+           Release,
+           ReleaseContext,
+           config_dict,
+           configs_for,
+           describe,
+           needs_ratio,
+           protect,
+           register,
+           stages,
+)
 
 __all__ = ["PROTECTIONS", "NoConfig", "Protection", "Release", "ReleaseContext", "config_dict", "configs_for",
            "describe", "needs_ratio", "protect", "register", "stages"]

@@ -16,5 +16,5 @@ def none(ctx: ReleaseContext, config: NoConfig, prior: Release | None) -> Releas
 @register("random", needs_ratio=True)
 def random(ctx: ReleaseContext, config: NoConfig, prior: Release | None) -> Release:
     """Random freezing at the same ratio (seeded)."""
-    guard = Guard.random(ctx.model.unet, ctx.ratio, seed=ctx.seed, by=ctx.by)
+    guard = Guard.random(ctx.model.unet, ctx.ratio, seed=ctx.seed, ratio_by=ctx.ratio_by)
     return Release(ctx.model, joined(prior, ctx.model, guard, method="random"), dict(prior.info) if prior else {})

@@ -3,19 +3,19 @@ illegal data; the adapter is then removed and the immunised weights released."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..configs import strict_from_dict
+from ..configs import JsonConfig
 from ..guard import unet_tensors
 from .common import encoded, objective_of, seeded_batches
 from .registry import Release, ReleaseContext, register
 
 
 @dataclass
-class IMMAConfig:
+class IMMAConfig(JsonConfig):
     steps: int = 100
     lr: float = 1e-4  # the weights' ascent
     lora_lr: float = 1e-3  # the re-learning adapter
@@ -29,13 +29,6 @@ class IMMAConfig:
         for name in ("lr", "lora_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"IMMAConfig.{name} must be > 0, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IMMAConfig:
-        return strict_from_dict(cls, data)
 
 
 @register("imma", IMMAConfig, accepts_prior=False)

@@ -37,7 +37,6 @@ from ..seeding import STREAM_ATTACK_RATE, derive_seed
 from .components import component_names, reads_text
 from .registry import Release, ReleaseContext, register
 
-
 # The three batch streams of one immunisation (seeded_batches' `stream`).
 STREAM_ATTACK, STREAM_DEFEND, STREAM_LEGAL = 0, 1, 2
 
@@ -292,19 +291,14 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
 #: queries and outputs, the paths a relearning user could re-route around immunised keys and values (measured on
 #: the embedded figures scenario: docs/results.md); "none" immunises the guard's own set as it is.
 IMMUNISE_ADDS: tuple[str, ...] = ("none", "kv", "xattn")
+ADD_COMPONENT = {"kv": "freeze-kv", "xattn": "freeze-cross-attention"}  # the protection each adds
 
 
 def added_tensors(unet: Any, add: str) -> set[str]:
     """The UNet tensors `add` puts in the frozen set (see IMMUNISE_ADDS)."""
-    from ..guard import unet_tensors
-
     if add not in IMMUNISE_ADDS:
         raise ValueError(f"add must be one of {IMMUNISE_ADDS}, got {add!r}")
-    if add == "kv":
-        return {n for n in unet_tensors(unet) if reads_text(n)}
-    if add == "xattn":  # the same set as the freeze-cross-attention component baseline
-        return set(component_names(unet, "freeze-cross-attention"))
-    return set()
+    return set(component_names(unet, ADD_COMPONENT[add])) if add != "none" else set()
 
 
 def immunised_release(model: Any, guard: Any, illegal: Any, legal: Any, config: ImmuniseConfig | None = None,
@@ -328,7 +322,8 @@ def immunised_release(model: Any, guard: Any, illegal: Any, legal: Any, config: 
         provenance["added_cross_attention_kv"] = len(set(frozen) - set(guard.frozen))
     elif add != "none":
         provenance[f"added_{add}"] = len(set(frozen) - set(guard.frozen))
-    method = f"{guard.method}+{add + '+' if add != 'none' else ''}immunise"
+    # the release's name in the composite grammar: the guard's method, the component added, then immunise
+    method = "+".join([guard.method] + ([ADD_COMPONENT[add]] if add != "none" else []) + ["immunise"])
     new = dataclasses.replace(Guard.from_names(model.unet, frozen, method=method, scores=guard.scores,
                                                provenance=provenance),
                               allow_text_encoder=guard.allow_text_encoder)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..configs import TrainConfig, strict_from_dict
+from ..configs import JsonConfig, TrainConfig
 from ..guard import Guard, unet_tensors
 from .common import encoded, joined, objective_of, seeded_batches
 from .registry import Release, ReleaseContext, register
@@ -18,7 +18,7 @@ STREAM_ILLEGAL, STREAM_LEGAL = 0, 1  # importance-ratio's two gradient samples
 
 
 @dataclass
-class GradientConfig:
+class GradientConfig(JsonConfig):
     """The sample the gradient norms are taken on."""
 
     n_batches: int = 4
@@ -29,20 +29,13 @@ class GradientConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"GradientConfig.{name} must be >= 1, got {getattr(self, name)}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GradientConfig:
-        return strict_from_dict(cls, data)
-
 
 def _default_warm() -> TrainConfig:
     return TrainConfig(max_steps=200, batch_size=32, learning_rate=1e-4, optimizer="adamw", checkpoint_every=100)
 
 
 @dataclass
-class WarmStartConfig:
+class WarmStartConfig(JsonConfig):
     """The mixed (half illegal, half legal) fine-tune whose weight changes score the tensors."""
 
     warm_start: TrainConfig = field(default_factory=_default_warm)
@@ -52,13 +45,6 @@ class WarmStartConfig:
             self.warm_start = TrainConfig.from_dict(self.warm_start)
         if self.warm_start.batch_size % 2:
             raise ValueError("WarmStartConfig.warm_start.batch_size must be even (half illegal, half legal)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WarmStartConfig:
-        return strict_from_dict(cls, data)
 
 
 def gradient_sq_norms(model: Any, data: Any, *, n_batches: int = 4, batch_size: int = 16, seed: int = 0,
@@ -94,7 +80,7 @@ def warm_start(model: Any, ctx: ReleaseContext, warm: TrainConfig) -> dict[str, 
 
 
 def _release(ctx: ReleaseContext, prior: Release | None, scores: dict[str, float], method: str) -> Release:
-    guard = Guard.from_scores(ctx.model.unet, scores, ctx.ratio, by=ctx.by, method=method)
+    guard = Guard.from_scores(ctx.model.unet, scores, ctx.ratio, ratio_by=ctx.ratio_by, method=method)
     return Release(ctx.model, joined(prior, ctx.model, guard, method=method), dict(prior.info) if prior else {})
 
 

@@ -14,7 +14,7 @@ from .registry import Release, ReleaseContext, register
 def guard(ctx: ReleaseContext, config: LearnConfig, prior: Release | None) -> Release:
     """FreezeAsGuard: the learned guard (bilevel mask learning). After another stage, the mask learns among
     the tensors that stage left trainable, for the rest of the ratio (its frozen set counts toward it)."""
-    cfg = dataclasses.replace(config, ratio=ctx.ratio, ratio_by=ctx.by, seed=ctx.seed)
+    cfg = dataclasses.replace(config, ratio=ctx.ratio, ratio_by=ctx.ratio_by, seed=ctx.seed)
     always = list(prior.guard.frozen) if prior is not None and prior.guard is not None else []
     out = ctx.output_dir if ctx.output_dir is None or not always else Path(ctx.output_dir) / "learn"
     learned = learn_guard(copy.deepcopy(ctx.model), ctx.illegal, ctx.legal, cfg, output_dir=out,

@@ -23,19 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..configs import strict_from_dict
+from ..configs import RATIO_BY_DEFAULT, JsonConfig, check_ratio_by, from_partial
 
 
 @dataclass
-class NoConfig:
+class NoConfig(JsonConfig):
     """A protection without settings of its own."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NoConfig:
-        return strict_from_dict(cls, data)
 
 
 @dataclass
@@ -48,13 +41,12 @@ class ReleaseContext:
     ratio: float = 0.0
     seed: int = 0
     output_dir: Any = None
-    by: str = "params"  # what the ratio counts: "params" (a parameter budget) or "count" (tensors)
+    ratio_by: str = RATIO_BY_DEFAULT  # what the ratio counts: "params" (a parameter budget) or "count" (tensors)
     # What UCE edits, from the scenario: prompts whose tokens are re-mapped, their guides, prompts kept.
     prompts: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.by not in ("count", "params"):
-            raise ValueError(f"ReleaseContext.by must be 'count' or 'params', got {self.by!r}")
+        check_ratio_by(self.ratio_by, "ReleaseContext.ratio_by")
 
 
 @dataclass
@@ -80,7 +72,7 @@ class Protection:
         if isinstance(data, self.config_cls):
             return data
         if isinstance(data, dict):
-            return self.config_cls.from_dict(data)
+            return from_partial(self.config_cls, data)
         raise TypeError(f"protection {self.name!r}: config must be a {self.config_cls.__name__} or a dict, "
                         f"got {type(data).__name__}")
 

@@ -5,29 +5,22 @@ unlearns with it before releasing."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..configs import strict_from_dict
+from ..configs import JsonConfig
 from .registry import Release, ReleaseContext, register
 
 
 @dataclass
-class UCEConfig:
+class UCEConfig(JsonConfig):
     lam: float = 1.0  # weight of the preserved prompts' projections
 
     def __post_init__(self) -> None:
         if not self.lam >= 0:
             raise ValueError(f"UCEConfig.lam must be >= 0, got {self.lam}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UCEConfig:
-        return strict_from_dict(cls, data)
 
 
 @register("uce", UCEConfig, accepts_prior=False)

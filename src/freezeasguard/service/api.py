@@ -25,12 +25,23 @@ from sqlalchemy import delete, select, update
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from .config import ServiceConfig
-from .db import (TERMINAL, ApiKey, Job, JobEvent, active_jobs, add_event, authenticate, lock_key, make_engine, session_factory, steps_used_today)
+from ..utils.files import file_sha256
+from .config import ServiceConfig, job_dir
+from .db import (
+    TERMINAL,
+    ApiKey,
+    Job,
+    JobEvent,
+    active_jobs,
+    add_event,
+    authenticate,
+    lock_key,
+    make_engine,
+    session_factory,
+    steps_used_today,
+)
 from .retention import expiry_time, sweep_expired
 from .uploads import UploadError, extract_upload
-from ..utils.files import file_sha256
-from .config import job_dir
 from .worker import MANIFEST
 
 HYPERPARAMETERS = ("method", "steps", "batch_size", "learning_rate", "lora_rank", "seed")

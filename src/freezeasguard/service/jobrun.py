@@ -86,8 +86,8 @@ def train_job(cfg: ServiceConfig, folder: Path, hp: dict[str, Any], processes: i
     from ..data import ImageCaptionFolder, ImageTransform
     from ..finetuning import FinetuneConfig, finetune
     from ..guard import Guard
-    from ..utils.images import save_grid
     from ..training import TrainConfig, make_accelerator
+    from ..utils.images import save_grid
 
     guard = Guard.load(cfg.guard)
     model = load_base_model(cfg.model)

@@ -17,7 +17,7 @@ overlapping with its successor on the same folder.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import logging
 import os
 import shutil
 import signal
@@ -35,12 +35,25 @@ from ..training import TrainCallback
 from ..utils.files import file_sha256
 from .config import ServiceConfig, job_dir
 from .db import Job, add_event, claim, finish, heartbeat, make_engine, session_factory
-from .jobrun import (LAUNCH, OUTCOME, PROGRESS, SAMPLES, STOP, WORKER_PID_ENV, error_code, error_message, processes_for, train_job)
+from .jobrun import (
+    LAUNCH,
+    OUTCOME,
+    PROGRESS,
+    SAMPLES,
+    STOP,
+    WORKER_PID_ENV,
+    error_code,
+    error_message,
+    processes_for,
+    train_job,
+)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST = "artifacts.json"  # name -> bytes and SHA-256 of every published file
 STOP_GRACE_S = 60.0  # a launched job asked to stop gets this long to finish its step and checkpoint
 TRAIN_LOG = "train.log"  # the launched processes' output, for the publisher (never served to users)
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -234,8 +247,8 @@ class Worker:
     def _processes(self, folder: Path, hp: dict[str, Any]) -> int:
         """How many processes train this job. A job that has a checkpoint keeps the count it started with
         (its per-process batch is part of what a resumed run must match), whatever this worker's setting."""
-        from ..utils.files import read_json
         from ..training import latest_checkpoint
+        from ..utils.files import read_json
 
         if latest_checkpoint(folder / "run") is not None and (folder / LAUNCH).is_file():
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -245,8 +258,8 @@ class Worker:
     def _run_locked(self, job: Job, folder: Path, lock_fd: int) -> str:
         from ..audit import verify
         from ..guard import Guard
-        from ..utils.files import atomic_write_json, read_json
         from ..training import latest_checkpoint
+        from ..utils.files import atomic_write_json, read_json
 
         hp = job.hyperparameters
         run_dir = folder / "run"
@@ -342,8 +355,8 @@ class Worker:
             raise _Stop("shutdown")
         if rc != 0 or 0 not in outcomes:
             tail = (folder / TRAIN_LOG).read_bytes()[-4000:].decode("utf-8", "replace")
-            print(f"worker {self.worker_id}: job {job.id}: training processes exited with code {rc}:\n{tail}",
-                  file=sys.stderr)
+            log.error("worker %s: job %s: training processes exited with code %s:\n%s", self.worker_id, job.id, rc,
+                      tail)
             raise RuntimeError(f"the training processes exited with code {rc} without a result")
 
     def _wait(self, proc: subprocess.Popen, folder: Path) -> int:

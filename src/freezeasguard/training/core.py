@@ -28,12 +28,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..configs import RESUMABLE_CHANGES, TrainConfig
 from ..data import collate_examples
 from ..errors import CheckpointError, DivergedError
-from ..utils.files import atomic_directory, atomic_write_json
 from ..seeding import STREAM_GLOBAL, STREAM_ORDER, derive_seed
+from ..utils.files import atomic_directory, atomic_write_json
 from . import memory
-from ..configs import RESUMABLE_CHANGES, TrainConfig
 from .state import flatten, unflatten
 
 CHECKPOINT_FORMAT = "freezeasguard-checkpoint"

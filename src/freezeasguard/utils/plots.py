@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from ..configs import RATIO_BY_DEFAULT
 from .files import atomic_write_bytes
 
 
@@ -50,7 +51,7 @@ def plot_guard(guard: Any, path: str | Path, *, depth: int = 2) -> Path:
     return plot_blocks(guard.per_block(depth), path, title=title)
 
 
-def plot_learning(history: list[dict[str, Any]], path: str | Path, *, by: str = "count") -> Path:
+def plot_learning(history: list[dict[str, Any]], path: str | Path, *, ratio_by: str = RATIO_BY_DEFAULT) -> Path:
     """Guard learning per mask step: hard and soft ratio and polarisation (by tensors and by parameters) with
     the temperature; below, the illegal and legal losses of the mask batches."""
     import matplotlib
@@ -74,7 +75,7 @@ def plot_learning(history: list[dict[str, Any]], path: str | Path, *, by: str = 
         right.set_ylabel("temperature T")
         right.legend(loc="center right", fontsize=7)
     top.legend(loc="upper left", fontsize=7, ncol=2)
-    top.set_title(f"guard learning (ratio counted by {by})", fontsize=10)
+    top.set_title(f"guard learning (ratio counted by {ratio_by})", fontsize=10)
     for key, colour in (("illegal_loss", "#c0392b"), ("legal_loss", "#27ae60")):
         values = [h.get(key) for h in history]
         if any(v is not None for v in values):

@@ -1,7 +1,7 @@
 """The embedded default: a tiny Stable-Diffusion-format model, its recogniser and the emoji scenarios.
 
 `load_base()` and `load_recogniser()` give the demo and the tests the shipped model and recogniser with one
-call each (the scenarios are `freezeasguard.emoji.scenario`); the CLI's `--model embedded` loads `load_base()`.
+call each (the scenarios are `freezeasguard.bench.emoji.scenario`); the CLI's `--model embedded` loads `load_base()`.
 The shipped files live in `freezeasguard/zoo/embedded/` with `manifest.json` recording their SHA-256.
 """
 

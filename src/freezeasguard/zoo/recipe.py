@@ -29,14 +29,14 @@ import torch.nn.functional as F
 
 from ..bench import emoji
 from ..bench.evaluate import SamplingConfig, sample_and_recognise
-from ..utils.files import atomic_write_json
+from ..bench.recogniser import IGNORE, LabelledImages, Recogniser, RecogniserConfig, RecogniserObjective, accuracy
+from ..configs import strict_from_dict
 from ..model import DiffusionModel
 from ..objective import DenoisingObjective, EncodedDataset
-from ..bench.recogniser import IGNORE, LabelledImages, Recogniser, RecogniserConfig, RecogniserObjective, accuracy
 from ..seeding import STREAM_NOISE, derive_seed
 from ..tiny import TinySpec, build_tiny_model
 from ..training import TrainConfig, train
-from ..configs import strict_from_dict
+from ..utils.files import atomic_write_json
 
 
 @dataclass

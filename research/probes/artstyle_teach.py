@@ -11,8 +11,8 @@ import time
 import torch
 
 import freezeasguard.training as training
-from freezeasguard.bench import emoji, relearn
 from freezeasguard import zoo
+from freezeasguard.bench import emoji, relearn
 from freezeasguard.bench.evaluate import base_families_domain, evaluate, scenario_domains
 from freezeasguard.model import DiffusionModel
 

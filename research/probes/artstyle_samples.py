@@ -1,8 +1,9 @@
 """Issue 10 (artstyle validity) diagnosis: where does the OpenMoji style get lost? A research script, run from
 the repository root. usage: artstyle_samples.py TAUGHT_MODEL_DIR OUT_DIR [SEED]
 
-TAUGHT_MODEL_DIR is a base taught the style by the relearn recipe, for example `relearn.prepare(emoji.scenario(
-"artstyle", 0), zoo.load_base, DIR, RelearnConfig(teach_steps=2000, base_share=0.5))` then DIR/teach/model.
+TAUGHT_MODEL_DIR is a base taught the style by the relearn recipe (`freezeasguard.bench.relearn`), for example
+`relearn.prepare(emoji.scenario("artstyle", 0), zoo.load_base, DIR, RelearnConfig(teach_steps=2000,
+base_share=0.5))` then DIR/teach/model.
 Measures the recogniser's OpenMoji rate on (1) the user's real OpenMoji images, (2) their VAE round trip,
 (3) the same downscaled to 16 px and back, (4) the taught model's samples for the user's OpenMoji prompts,
 (5) its samples for the OpenMoji prompts it was taught (publisher side), (6) its samples for the user's

@@ -1,14 +1,19 @@
 """Issue 10 (artstyle validity): does classifier-free guidance bring out the OpenMoji style? A research script,
-run from the repository root after the quick grid. usage: artstyle_guidance.py SEED
+run from the repository root after the quick grid (`freezeasguard bench --config docs/profiles/quick-grid.json
+--out runs/quick`), whose taught base and release it reads. usage: artstyle_guidance.py SEED
 
 Samples the quick grid's taught artstyle base and its release on the user's OpenMoji prompts at guidance 1 to 12
 (100 samples each) and prints the recogniser's OpenMoji rate. Session 7, seed 0: taught base 34 / 30 / 35 / 35 /
 36% at guidance 1 / 3 / 5 / 7.5 / 12; release 21 / 19 / 13 / 8 / 12%."""
-import sys, json, torch
-from freezeasguard.bench import emoji
+import sys
+
+import torch
+
 from freezeasguard import zoo
-from freezeasguard.bench.evaluate import evaluate, scenario_domains, base_families_domain, SamplingConfig
+from freezeasguard.bench import emoji
+from freezeasguard.bench.evaluate import SamplingConfig, evaluate, scenario_domains
 from freezeasguard.model import DiffusionModel
+
 seed=int(sys.argv[1])
 sc=emoji.scenario("artstyle", seed); rec=zoo.load_recogniser()
 for which in ("teach/model","release"):
