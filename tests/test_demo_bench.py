@@ -499,3 +499,25 @@ def test_a_report_over_several_runs_reads_former_names_and_computes_nothing(tmp_
     report_runs([tmp_path / "a", f"{tmp_path / 'a'}=variant"], tmp_path / "r3")
     cells = json.loads((tmp_path / "r3" / "results.json").read_text())["cells"]
     assert {"figures-seed0-variant", "figures-seed0-freeze-time-embedding", "figures-seed0-none"} <= set(cells)
+
+
+def test_the_battery_runs_every_attack_on_one_release_per_protection(tmp_path):
+    from freezeasguard.attacks.captions import leaks
+
+    profile = _profile(methods=["none", "freeze-time-embedding"], curve_cells=["none"],
+                       attacks=["default", "lr-x5", "renamed"])
+    summary = run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
+    cells = {p.stem for p in (tmp_path / "cells").iterdir()}
+    assert {"figures-seed0-none--lr-x5", "figures-seed0-freeze-time-embedding--lr-x5",
+            "figures-seed0-none--renamed", "figures-seed0-freeze-time-embedding--renamed"} <= cells
+    renamed = json.loads((tmp_path / "cells" / "figures-seed0-freeze-time-embedding--renamed.json").read_text())
+    words = list(emoji.scenario("figures", 0).illegal)
+    assert renamed["names"] and set(renamed["names"]) <= set(words)
+    assert not leaks(renamed["prompts_sample"], words)  # judged on the attacker's own words
+    assert "legal_near" not in renamed["domains"]  # renamed captions do not change what a legal user does
+    faster = json.loads((tmp_path / "cells" / "figures-seed0-freeze-time-embedding--lr-x5.json").read_text())
+    assert "legal_near" in faster["domains"]  # another rate does: the legal user is measured under it
+    # one release per protection, kept, for the default cell and every attack
+    assert (tmp_path / "work" / "figures-seed0-freeze-time-embedding" / "release" / "info.json").is_file()
+    assert (tmp_path / "attacks.png").is_file() and "## The attack battery" in (tmp_path / "results.md").read_text()
+    assert summary["battery"]["rows"] == [] or all(r["attack"] in profile.attacks for r in summary["battery"]["rows"])

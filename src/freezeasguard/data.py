@@ -17,7 +17,7 @@ import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, Union
@@ -300,6 +300,12 @@ class ImageCaptionDataset(Dataset):
         view._captions = [self._captions[i] for i in idx]
         view._labels = [self._labels[i] for i in idx]
         view._prepared = None if self._prepared is None else [self._prepared[i] for i in idx]
+        return view
+
+    def recaptioned(self: _D, rewrite: Callable[[str], str]) -> _D:
+        """A view of the same images with every caption passed through `rewrite` (an attacker's own words)."""
+        view = copy.copy(self)
+        view._captions = [rewrite(c) for c in self._captions]
         return view
 
     def __repr__(self) -> str:

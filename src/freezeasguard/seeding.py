@@ -41,6 +41,8 @@ STREAM_MASK = 8  # the guard learner's mask batches
 STREAM_LEARN_SAMPLE = 9  # the guard learner's fixed probe example
 STREAM_PROTECTION_BATCHES = 77  # batches a protection draws from the publisher's data
 STREAM_ATTACK_RATE = 91  # immunisation's simulated attacker's learning rate per restart
+STREAM_ATTACK_WORDS = 92  # an attack's made-up names for the protected concepts
+STREAM_ATTACK_DATA = 93  # which of its images an attack with a data share keeps
 
 
 def streams() -> dict[str, int]:

@@ -8,6 +8,7 @@ users at several step budgets of one run. A finished cell is cached as JSON with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -65,7 +66,7 @@ def prepare_setting(name: str, seed: int, profile: BenchProfile, out: Path, base
     return Setting(
         name=name, form=form, seed=seed, scenario=sc, load_release=load_release, load_taught=load_taught,
         domains=domains, publisher_illegal=data(("illegal", "publisher")),
-        publisher_legal=data(("legal_near", "publisher"), ("legal_far", "publisher")),
+        publisher_legal=data(("legal_near", "publisher"), *[("legal_far", "publisher")] * profile.publisher_legal_far_repeat),
         users={"illegal": data(("illegal", "user")), "legal": data(("legal_near", "user"), ("legal_far", "user"))},
         uce=relearn.uce_prompts(sc, preserve_base_people=profile.relearn.uce_preserve_base_people))
 
@@ -103,9 +104,12 @@ def user_budgets(profile: BenchProfile, user: str, curve: bool) -> dict[int, int
 
 COMMON_SETTINGS = ("steps", "legal_steps", "batch_size", "lr", "n_samples", "curve_steps", "legal_curve_steps",
                    "curve_samples", "sampling", "relearn", "ratio_by")
+# Settings that change what the protections learn from but not the users: a cell depends on them only when its
+# protection reads the publisher's data (not full fine-tuning or the base).
+PUBLISHER_SETTINGS = ("publisher_legal_far_repeat",)
 
 
-def cell_settings(profile: BenchProfile, method: str | None = None) -> dict[str, Any]:
+def cell_settings(profile: BenchProfile, method: str | None = None, attack: str = "default") -> dict[str, Any]:
     """What a cached cell depends on besides its key: a rerun with other settings must not reuse it. Every
     cell depends on the users, the evaluation and the release recipe; a protection's cell also on the config
     of each of its stages (`protection`), so a new learner config reruns the guard's cells and reuses the
@@ -114,9 +118,15 @@ def cell_settings(profile: BenchProfile, method: str | None = None) -> dict[str,
 
     d = json.loads(json.dumps(profile.to_dict()))  # as it will read back from a cell
     out = {k: d[k] for k in COMMON_SETTINGS}
+    if method is not None and method not in ("base", "none"):
+        out.update({k: d[k] for k in PUBLISHER_SETTINGS if d[k] != 1})
     if method is not None and method != "base":
         out["protection"] = json.loads(json.dumps(
             {stage: config_dict(cfg) for stage, cfg in configs_for(method, profile.typed_options()).items()}))
+    if attack != "default":
+        from ..attacks import get_attack
+
+        out["attack"] = get_attack(attack).config.to_dict()
     return out
 
 
@@ -152,62 +162,152 @@ def run_base_cell(setting: Setting, profile: BenchProfile, recogniser: Any, cach
     return cell
 
 
-def run_cell(setting: Setting, profile: BenchProfile, method: str, ratio: float | None, recogniser: Any, work: Path,
-             *, curve: bool = False, keep_images: int = 0) -> dict[str, Any]:
-    """Release with `method` at `ratio`, let both users fine-tune it, evaluate. With `keep_images`, the first
-    images of each domain at the user's budget are written to work/samples-<domain>.safetensors."""
-    from ..finetuning import FinetuneConfig, finetune
-    from ..protections import ReleaseContext, protect
+def protected_words(setting: Setting) -> list[str]:
+    """What the scenario's captions call the protected concepts: the figures' family names, the style's name."""
+    base, _ = scenario_form(setting.name)
+    return ["openmoji"] if base == "artstyle" else list(setting.scenario.illegal)
 
+
+def publisher_captions(setting: Setting) -> list[str]:
+    sc = setting.scenario
+    return [it.caption for d in ("illegal", "legal_near", "legal_far") for it in sc.items(d, "publisher")]
+
+
+def released(setting: Setting, profile: BenchProfile, method: str, ratio: float | None, work: Path) -> tuple[Any, Any, dict[str, Any], float]:
+    """The release of `method` at `ratio` on the setting: (model, guard, info, seconds to make it). Made once
+    per setting and kept in work/release/ (model and guard), so every attack on it fine-tunes the same
+    release; `work` is also the protection's own output directory (a guard learner's resumable run)."""
+    from ..guard import Guard
+    from ..model import DiffusionModel
+    from ..protections import ReleaseContext, protect
+    from ..utils.files import atomic_write_json, read_json
+
+    kept = work / "release"
+    if (kept / "info.json").is_file():
+        record = read_json(kept / "info.json", "kept release")
+        model = DiffusionModel.from_pretrained(kept / "model", torch_dtype=torch.float32)
+        guard = Guard.load(kept / "guard.json") if (kept / "guard.json").is_file() else None
+        log.info("  the release of %s is kept from an earlier cell (%s)", method, kept)
+        return model, guard, record["info"], record["seconds"]
     t0 = time.perf_counter()
     log.info("  releasing with %s%s", method, "" if ratio is None else f" at ratio {ratio:g}")
     ctx = ReleaseContext(setting.load_release(), setting.publisher_illegal, setting.publisher_legal, ratio or 0.0,
                          setting.seed, work, profile.ratio_by, prompts=setting.uce)
     rel = protect(method, ctx, profile.typed_options())
-    t_release = time.perf_counter() - t0
-    result: dict[str, Any] = {"scenario": setting.name, "form": setting.form, "seed": setting.seed, "method": method,
-                              "ratio": ratio, "curve": curve, "guard": rel.guard.summary() if rel.guard else None,
-                              "release_info": rel.info,
-                              "release_seconds": t_release, "domains": {}, "curves": {}, "finetune_seconds": {}}
-    if rel.guard is not None and work is not None:
-        work.mkdir(parents=True, exist_ok=True)
+    seconds = time.perf_counter() - t0
+    kept.mkdir(parents=True, exist_ok=True)
+    rel.model.save_pretrained(kept / "model", overwrite=True)
+    if rel.guard is not None:
+        rel.guard.save(kept / "guard.json")
         rel.guard.save(work / "guard.json")
+    atomic_write_json(kept / "info.json", {"info": rel.info, "seconds": seconds})
+    return rel.model, rel.guard, rel.info, seconds
+
+
+def _scorer(setting: Setting, profile: BenchProfile, recogniser: Any, model: Any, domains: dict[str, Any],
+            budget: int, last: int, user: str, result_domains: dict[str, Any], points: list[dict[str, Any]],
+            work: Path | None = None, keep_images: int = 0) -> Any:
+    """A checkpoint callback's scoring function: evaluate `model` on `domains` at a step (`n` samples), record
+    the point, and at `budget` the cell's metrics (and the first images, with `keep_images`)."""
+    def score(step: int, n: int) -> None:
+        for d, domain in domains.items():
+            metrics, images = evaluate(model, domain, recogniser, n_samples=n, seed=setting.seed,
+                                       sampling=profile.sampling)
+            log.info("  %s user, step %d/%d: %s %.1f%% (%d samples)", user, step, last, d, 100 * metrics["rate"], n)
+            points.append({"step": step, "domain": d, "rate": metrics["rate"], "mean_prob": metrics["mean_prob"],
+                           "n": metrics["n"]})
+            if step == budget:
+                result_domains[d] = metrics
+                if keep_images and work is not None:
+                    from safetensors.torch import save_file
+
+                    work.mkdir(parents=True, exist_ok=True)
+                    save_file({"images": images[:keep_images].contiguous()}, str(work / f"samples-{d}.safetensors"))
+    return score
+
+
+def run_cell(setting: Setting, profile: BenchProfile, method: str, ratio: float | None, recogniser: Any, work: Path,
+             *, curve: bool = False, keep_images: int = 0) -> dict[str, Any]:
+    """Release with `method` at `ratio`, let both users fine-tune it, evaluate. With `keep_images`, the first
+    images of each domain at the user's budget are written to work/samples-<domain>.safetensors."""
+    from ..finetuning import FinetuneConfig, finetune
+
+    t0 = time.perf_counter()
+    model, guard, info, t_release = released(setting, profile, method, ratio, work)
+    result: dict[str, Any] = {"scenario": setting.name, "form": setting.form, "seed": setting.seed, "method": method,
+                              "ratio": ratio, "curve": curve, "guard": guard.summary() if guard else None,
+                              "release_info": info, "release_seconds": t_release, "domains": {}, "curves": {},
+                              "finetune_seconds": {}}
     for user, data in setting.users.items():
         budgets = user_budgets(profile, user, curve)
         budget = profile.steps if user == "illegal" else profile.legal_steps
-        tuned = copy.deepcopy(rel.model)
+        tuned = copy.deepcopy(model)
         points: list[dict[str, Any]] = []
-
-        def score(step: int, n: int, tuned: Any = tuned, user: str = user, budget: int = budget,
-                  points: list[dict[str, Any]] = points, last: int = max(budgets)) -> None:
-            for d in USER_DOMAINS[user]:
-                if d not in setting.domains:
-                    continue
-                metrics, images = evaluate(tuned, setting.domains[d], recogniser, n_samples=n, seed=setting.seed,
-                                           sampling=profile.sampling)
-                log.info("  %s user, step %d/%d: %s %.1f%% (%d samples)", user, step, last, d,
-                         100 * metrics["rate"], n)
-                points.append({"step": step, "domain": d, "rate": metrics["rate"], "mean_prob": metrics["mean_prob"],
-                               "n": metrics["n"]})
-                if step == budget:
-                    result["domains"][d] = metrics
-                    if keep_images:
-                        from safetensors.torch import save_file
-
-                        work.mkdir(parents=True, exist_ok=True)
-                        save_file({"images": images[:keep_images].contiguous()}, str(work / f"samples-{d}.safetensors"))
-
+        domains = {d: setting.domains[d] for d in USER_DOMAINS[user] if d in setting.domains}
+        score = _scorer(setting, profile, recogniser, tuned, domains, budget, max(budgets), user, result["domains"],
+                        points, work, keep_images)
         cfg = FinetuneConfig(method="full", train=TrainConfig(max_steps=max(budgets), batch_size=profile.batch_size,
                                                               learning_rate=profile.lr, seed=setting.seed,
                                                               progress=True))
         t1 = time.perf_counter()
         log.info("  %s user: %d fine-tuning steps, evaluated at %s", user, max(budgets), sorted(budgets))
-        finetune(tuned, data, guard=rel.guard, config=cfg, callbacks=[_Checkpoints(budgets, score)])
+        finetune(tuned, data, guard=guard, config=cfg, callbacks=[_Checkpoints(budgets, score)])
         result["finetune_seconds"][user] = time.perf_counter() - t1
         result["curves"][user] = points
     result["seconds"] = time.perf_counter() - t0
     return result
 
+
+def run_attack_cell(setting: Setting, profile: BenchProfile, method: str, ratio: float | None, attack: str,
+                    recogniser: Any, work: Path) -> dict[str, Any]:
+    """The release of `method` at `ratio` under a battery attack: the illegal user fine-tunes it with the
+    attack's recipe (its data, captions, method, optimizer, rate, schedule and budget) and is judged on the
+    protected prompts in its own words; where the recipe changes what a legal user would do (rate, optimizer,
+    LoRA), a legal user with that recipe is measured too. Full fine-tuning of the same release under the same
+    attack (method `none`) is the cell's reference in the summary."""
+    from ..attacks import get_attack
+    from ..attacks.registry import DEFAULT
+    from ..attacks.run import attack_data, run_attack
+
+    spec = get_attack(attack)
+    cfg = spec.config
+    t0 = time.perf_counter()
+    model, guard, info, t_release = released(setting, profile, method, ratio, work)
+    result: dict[str, Any] = {"scenario": setting.name, "form": setting.form, "seed": setting.seed, "method": method,
+                              "ratio": ratio, "attack": attack, "attack_config": cfg.to_dict(),
+                              "guard": guard.summary() if guard else None, "release_seconds": t_release,
+                              "domains": {}, "curves": {}, "finetune_seconds": {}, "names": {}}
+    words = protected_words(setting)
+    data, names = attack_data(cfg, setting.users["illegal"], setting.users["legal"], seed=setting.seed,
+                              concepts=words, publisher_captions=publisher_captions(setting))
+    from ..attacks.captions import recaptioner
+
+    rewrite = recaptioner(names)
+    illegal = setting.domains["illegal"]
+    domains = {"illegal": dataclasses.replace(illegal, prompts=[rewrite(p) for p in illegal.prompts])}
+    result["names"] = {c: n for c, n in names.items() if c != n}
+    result["prompts_sample"] = domains["illegal"].prompts[:3]
+    users = [("illegal", data, cfg.steps, domains)]
+    if cfg.data != "benign" and cfg.changes_the_legal_user(DEFAULT):
+        legal = {d: setting.domains[d] for d in USER_DOMAINS["legal"] if d in setting.domains}
+        users.append(("legal", setting.users["legal"], profile.legal_steps, legal))
+    for user, user_data, budget, doms in users:
+        points: list[dict[str, Any]] = []
+        budgets = {budget: profile.n_samples}
+        if user == "illegal":
+            budgets.update({s: profile.curve_samples for s in cfg.curve if s < budget})
+        budgets = dict(sorted(budgets.items()))
+        tuned = copy.deepcopy(model)
+        score = _scorer(setting, profile, recogniser, tuned, doms, budget, budget, f"{attack}: {user}",
+                        result["domains"], points)
+        log.info("  %s user under %s: %d steps, evaluated at %s", user, attack, budget, sorted(budgets))
+        t1 = time.perf_counter()
+        run_attack(tuned, guard, cfg, user_data, seed=setting.seed, steps=budget,
+                   callbacks=[_Checkpoints(budgets, score)])
+        result["finetune_seconds"][user] = time.perf_counter() - t1
+        result["curves"][user] = points
+    result["seconds"] = time.perf_counter() - t0
+    return result
 
 
 def describe_cell(cell: dict[str, Any]) -> str:

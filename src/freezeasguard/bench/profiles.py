@@ -40,6 +40,13 @@ class BenchProfile:
     # as a dict); a stage not named here runs with its defaults. A cell records the configs of its stages, so
     # a change reruns exactly the cells that use that stage.
     options: dict[str, Any] = field(default_factory=dict)
+    # The attacks every protection (but full fine-tuning's own reference, which runs them all) is measured
+    # against: names in `freezeasguard.attacks.ATTACKS`. "default" is the illegal user above (the main cells);
+    # each other attack adds a cell per protection and ratio, and one of full fine-tuning under that attack.
+    attacks: list[str] = field(default_factory=lambda: ["default"])
+    # The publisher's legal-far images repeated this many times in its legal sample (the share of legal-far
+    # against legal-near in what a protection learns from; 1: as the scenario splits them).
+    publisher_legal_far_repeat: int = 1
     keep_images: int = 8  # first samples per domain kept beside each cell (sample grids)
     ratio_by: str = RATIO_BY_DEFAULT  # every method freezes the same share of parameters, so the comparison is fair
     # A setting whose validity checks fail (known after its base cell and full fine-tuning) is void: its other
@@ -106,7 +113,7 @@ class BenchProfile:
         for sc in self.scenarios:
             scenario_form(sc)
         check_ratio_by(self.ratio_by)
-        for name in ("steps", "legal_steps", "batch_size", "n_samples", "curve_samples"):
+        for name in ("steps", "legal_steps", "batch_size", "n_samples", "curve_samples", "publisher_legal_far_repeat"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -116,7 +123,20 @@ class BenchProfile:
                 raise ValueError(f"ratios must be in (0, 1), got {r}")
         if not self.seeds:
             raise ValueError("seeds: at least one")
+        from ..attacks import ATTACKS
+
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown:
+            raise ValueError(f"attacks: unknown {unknown}; registered: {', '.join(ATTACKS)}")
+        if "default" not in self.attacks:
+            raise ValueError("attacks: the battery is measured beside the default attacker; list 'default'")
         self.typed_options()
+
+
+def _battery() -> tuple[str, ...]:
+    from ..attacks import BATTERY
+
+    return BATTERY
 
 
 def default_options() -> dict[str, Any]:
@@ -155,7 +175,15 @@ PROFILES = {
                          [0.1, 0.2, 0.3, 0.5, 0.7], [0, 1, 2], legal_steps=1600, n_samples=400,
                          curve_cells=["none", "random@0.3", "importance-ratio@0.3", "guard@0.3", "guard@0.5"],
                          curve_steps=[25, 50, 100, 200, 400, 800, 1600], legal_curve_steps=[200, 400, 800],
-                         options=default_options()),
+                         options=default_options(), attacks=list(_battery())),
+    # attacks: the battery (freezeasguard.attacks.BATTERY) against the methods that matter, on figures, two seeds:
+    # full fine-tuning, random freezing at 0.3 (the floor), the paper's learned guard at 0.3, and the project's
+    # best release (all cross-attention with token-selective immunised values).
+    "attacks": BenchProfile("attacks", ["figures"],
+                            ["none", "random@0.3", "guard@0.3", "freeze-cross-attention+immunise"], [0.3], [0, 1],
+                            legal_steps=800, n_samples=200, curve_cells=["none", "freeze-cross-attention+immunise"],
+                            curve_steps=[25, 50, 100, 200, 400], legal_curve_steps=[200, 400],
+                            options=default_options(), attacks=list(_battery())),
 }
 
 # Names the protections had before the composite grammar (`A+B`, left to right): results files written then
@@ -186,8 +214,10 @@ def parse_cell(spec: str) -> tuple[str, float | None]:
         raise ValueError(f"cell {spec!r}: the ratio after '@' must be a number") from None
 
 
-def cell_key(scenario: str, seed: int, method: str, ratio: float | None) -> str:
-    return f"{scenario}-seed{seed}-{method}" + ("" if ratio is None else f"-r{ratio:g}")
+def cell_key(scenario: str, seed: int, method: str, ratio: float | None, attack: str = "default") -> str:
+    """A cell's file name: the default attacker's cells keep their names; another attack's end in --ATTACK."""
+    key = f"{scenario}-seed{seed}-{method}" + ("" if ratio is None else f"-r{ratio:g}")
+    return key if attack == "default" else f"{key}--{attack}"
 
 
 def planned_cells(profile: BenchProfile) -> list[tuple[str, float | None, bool]]:
@@ -205,6 +235,15 @@ def planned_cells(profile: BenchProfile) -> list[tuple[str, float | None, bool]]
         for ratio in ratios:
             out.append((method, ratio, (method, ratio) in curve_specs))
     return out
+
+
+def planned_attack_cells(profile: BenchProfile) -> list[tuple[str, float | None, str]]:
+    """(method, ratio, attack) of every battery cell of a setting beyond the default attacker's: full
+    fine-tuning (the reference) and every planned protection, under each attack."""
+    cells = [(m, r) for m, r, _ in planned_cells(profile)]
+    if ("none", None) not in cells:
+        cells.insert(0, ("none", None))
+    return [(m, r, a) for a in profile.attacks if a != "default" for m, r in cells]
 
 
 def replace_profile(profile: BenchProfile, **changes: Any) -> BenchProfile:

@@ -166,6 +166,11 @@ def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfi
     if summary.get("missing_cells"):
         lines += [f"**Incomplete: {len(summary['missing_cells'])} cell(s) not computed yet** "
                   f"({', '.join(summary['missing_cells'])}); averages cover the seeds present.", ""]
+    battery = summary.get("battery") or {"rows": [], "worst_case": []}
+    if battery["worst_case"]:
+        from .battery import headline
+
+        lines += [f"**Worst case over the attack battery:** {headline(battery)} (details: *The attack battery*).", ""]
     lines += ["## Validity checks", "", "A setting (scenario, seed) whose checks fail is void: its cells are left out "
               "of every derived figure and listed at the end.", ""]
     lines += validity_lines(summary["validity"])
@@ -178,9 +183,10 @@ def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfi
               "identity/style (continuous). In brackets: mitigation per seed. Frozen = share of UNet tensors / "
               "parameters the guard freezes.", "",
               "| scenario | method | ratio | frozen tensors / params | illegal rate | mitigation (rate) | mitigation (prob) "
-              "| legal impact near (rate / prob) | legal impact far (rate / prob) | adv. vs random / UCE | goals "
-              "| release time |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| worst case over the battery | legal impact near (rate / prob) | legal impact far (rate / prob) "
+              "| adv. vs random / UCE | goals | release time |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    worst = {(w["scenario"], w["method"], w["ratio"]): w for w in battery["worst_case"]}
     for r in summary["table"]:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:g}"
         adv = " / ".join("n/a" if r.get(f"advantage_vs_{b}") is None else f"{r[f'advantage_vs_{b}']:.2f}"
@@ -188,9 +194,12 @@ def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfi
         v = r.get("verdict") or {"met": False, "reasons": []}
         goals = "met" if v["met"] else "not met: " + "; ".join(v["reasons"])
         secs = "n/a" if r.get("release_seconds") is None else f"{r['release_seconds']:.0f} s"
+        w = worst.get((r["scenario"], r["method"], r["ratio"]))
+        worst_text = "not run" if w is None else f"{_p(w['worst_mitigation'])} (`{w['worst_attack']}`)"
         lines.append(
             f"| {r['scenario']} | {r['method']} | {ratio} | {_p(r.get('frozen_tensors'))} / {_p(r.get('frozen_params'))} | "
             f"{_p(r.get('illegal'))} | {_p(r.get('mitigation'))}{_per_seed(r)} | {_p(r.get('mitigation_prob'))} | "
+            f"{worst_text} | "
             f"{_p(r.get('legal_impact_near'))} / {_p(r.get('legal_impact_near_prob'))} | "
             f"{_p(r.get('legal_impact_far'))} / {_p(r.get('legal_impact_far_prob'))} | {adv} | {goals} | {secs} |")
     lines += ["", "## The frontier", "",
@@ -204,7 +213,11 @@ def markdown(summary: dict[str, Any], cells: dict[str, Any], profile: BenchProfi
         per = "; ".join(f"{q}: {m['method']} ({_p(m['margin'])})" for q, m in v["best_margin_per_ratio"].items())
         met = ", ".join(v["goals_met_by"]) or "none"
         lines.append(f"- {head}. Best margin per ratio: {per or 'n/a'}. All goals met by: {met}.")
-    lines += ["", "![frontier](frontier.png)", "", "## Learning curves", ""]
+    lines += ["", "![frontier](frontier.png)", "", "## The attack battery", ""]
+    from .battery import battery_lines
+
+    lines += battery_lines(summary.get("battery") or {"rows": [], "worst_case": []})
+    lines += ["## Learning curves", ""]
     lines += curve_lines(summary, profile)
     lines += ["![curves](curves.png)", "", "## Every cell (recognition rate with bootstrap 95% interval)", "",
               "| cell | model | domain | rate [95% CI] | mean prob | FD |", "|---|---|---|---|---|---|"]

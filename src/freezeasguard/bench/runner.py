@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.files import atomic_write_json, atomic_write_text
-from .cells import cell_settings, describe_cell, load_cell, prepare_setting, run_base_cell, run_cell
-from .profiles import FORMER_NAMES, BenchProfile, cell_key, planned_cells
+from .battery import plot_battery
+from .cells import cell_settings, describe_cell, load_cell, prepare_setting, run_attack_cell, run_base_cell, run_cell
+from .profiles import FORMER_NAMES, BenchProfile, cell_key, planned_attack_cells, planned_cells
 from .report import markdown, plot_curves, plot_frontier
 from .summary import VALIDITY_METHODS, setting_is_void, summarise
 
 log = logging.getLogger(__name__)
 
-BENCH_PRODUCTS = ("cells", "work", "relearn", "results.json", "results.md", "frontier.png", "curves.png")
+BENCH_PRODUCTS = ("cells", "work", "relearn", "results.json", "results.md", "frontier.png", "curves.png",
+                  "attacks.png")
 
 
 def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = None, recogniser: Any = None,
@@ -51,9 +53,11 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                           report_only=report_only)
 
 
-def _planned_keys(profile: BenchProfile, name: str, seed: int) -> dict[str, tuple[str, float | None, bool]]:
-    plan = [("base", None, False)] + planned_cells(profile)
-    return {cell_key(name, seed, m, r): (m, r, c) for m, r, c in plan}
+def _planned_keys(profile: BenchProfile, name: str, seed: int) -> dict[str, tuple[str, float | None, bool, str]]:
+    """Every cell of a setting: key -> (method, ratio, curve, attack), the default attacker's cells first."""
+    plan = [("base", None, False, "default")] + [(m, r, c, "default") for m, r, c in planned_cells(profile)]
+    plan += [(m, r, False, a) for m, r, a in planned_attack_cells(profile)]
+    return {cell_key(name, seed, m, r, a): (m, r, c, a) for m, r, c, a in plan}
 
 
 def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tuple[str | Path, ...]) -> list[str]:
@@ -80,12 +84,12 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
                     if recorded == json.loads(json.dumps(recipe_of(base_name, seed, profile.relearn))):
                         shutil.copytree(src / cache, out / cache)
                         log.info("bench: reused the relearn models of %s seed %d from %s", base_name, seed, src)
-                for key, (method, _, _) in _planned_keys(profile, name, seed).items():
+                for key, (method, _, _, attack) in _planned_keys(profile, name, seed).items():
                     theirs, mine = src / "cells" / f"{key}.json", cells_dir / f"{key}.json"
                     if mine.exists() or not theirs.exists():
                         continue
                     try:
-                        cell = load_cell(theirs, cell_settings(profile, method))
+                        cell = load_cell(theirs, cell_settings(profile, method, attack))
                     except ValueError as e:
                         log.info("bench: not reusing %s: %s", key, e)
                         continue
@@ -114,7 +118,7 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
     for seed in profile.seeds:
         for name in profile.scenarios:
             keys = _planned_keys(profile, name, seed)
-            cached = {k: load_cell(cells_dir / f"{k}.json", cell_settings(profile, keys[k][0]))
+            cached = {k: load_cell(cells_dir / f"{k}.json", cell_settings(profile, keys[k][0], keys[k][3]))
                       for k in keys if (cells_dir / f"{k}.json").exists()}
             cells.update(cached)
             done += len(cached)
@@ -122,7 +126,8 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
             if report_only:
                 void = profile.skip_void and setting_is_void(cells, name, seed)
                 for k in todo:
-                    (skipped_void if void and keys[k][0] not in VALIDITY_METHODS else missing_cells).append(k)
+                    validity_cell = keys[k][0] in VALIDITY_METHODS and keys[k][3] == "default"
+                    (skipped_void if void and not validity_cell else missing_cells).append(k)
                 continue
             if not todo:
                 continue
@@ -130,20 +135,25 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
                      name, seed, out / "relearn")
             setting = prepare_setting(name, seed, profile, out, load)
             # the validity cells first (base, full fine-tuning), so a void setting is known before the rest
-            todo.sort(key=lambda k: keys[k][0] not in VALIDITY_METHODS)
+            # (a stable sort: then the battery, attack by attack, full fine-tuning's reference first)
+            todo.sort(key=lambda k: (keys[k][3] != "default", keys[k][0] not in VALIDITY_METHODS))
             for key in todo:
-                method, ratio, curve = keys[key]
+                method, ratio, curve, attack = keys[key]
                 done += 1
-                if profile.skip_void and method not in VALIDITY_METHODS and setting_is_void(cells, name, seed):
+                validity_cell = method in VALIDITY_METHODS and attack == "default"
+                if profile.skip_void and not validity_cell and setting_is_void(cells, name, seed):
                     skipped_void.append(key)
                     continue
                 log.info("bench: cell %d/%d: %s ...", done, total, key)
+                work = out / "work" / cell_key(name, seed, method, ratio)  # one release for every attack
                 if method == "base":
                     cell = run_base_cell(setting, profile, rec, None)
-                else:
-                    cell = run_cell(setting, profile, method, ratio, rec, out / "work" / key, curve=curve,
+                elif attack == "default":
+                    cell = run_cell(setting, profile, method, ratio, rec, work, curve=curve,
                                     keep_images=profile.keep_images)
-                cell["settings"] = cell_settings(profile, method)
+                else:
+                    cell = run_attack_cell(setting, profile, method, ratio, attack, rec, work)
+                cell["settings"] = cell_settings(profile, method, attack)
                 atomic_write_json(cells_dir / f"{key}.json", cell)
                 cells[key] = cell
                 log.info("bench: %s done: %s", key, describe_cell(cell))
@@ -160,6 +170,7 @@ def write_report(out: Path, profile: BenchProfile, cells: dict[str, Any], summar
     atomic_write_json(out / "results.json", {"profile": profile.to_dict(), "cells": cells, "summary": summary})
     plot_frontier(summary, out / "frontier.png")
     plot_curves(summary, out / "curves.png")
+    plot_battery(summary["battery"], out / "attacks.png")
     atomic_write_text(out / "results.md", markdown(summary, cells, profile, command))
 
 

@@ -57,7 +57,7 @@ def curve_rows(cells: dict[str, Any], profile: BenchProfile, void: set[tuple[str
     reached at the attack budget (None: not reached within the run)."""
     rows = []
     for key, cell in sorted(cells.items()):
-        if cell["method"] == "base" or not cell.get("curve"):
+        if cell["method"] == "base" or not cell.get("curve") or cell.get("attack", "default") != "default":
             continue
         full = cells.get(cell_key(cell["scenario"], cell["seed"], "none", None))
         target_rate = _metric(full, "illegal")
@@ -86,7 +86,7 @@ def summarise(cells: dict[str, Any], profile: BenchProfile) -> dict[str, Any]:
     void = {(v["scenario"], v["seed"]) for v in validity if not v["valid"]}
     rows: dict[tuple[str, str, Any], dict[str, list[float]]] = {}
     for cell in cells.values():
-        if cell["method"] == "base" or (cell["scenario"], cell["seed"]) in void:
+        if cell["method"] == "base" or (cell["scenario"], cell["seed"]) in void or cell.get("attack", "default") != "default":
             continue
         full = cells.get(cell_key(cell["scenario"], cell["seed"], "none", None))
         acc = rows.setdefault((cell["scenario"], cell["method"], cell["ratio"]), {})
@@ -125,8 +125,11 @@ def summarise(cells: dict[str, Any], profile: BenchProfile) -> dict[str, Any]:
                         and (r["ratio"] == row["ratio"] or not same_ratio)), None)
             if ref and (ref.get("mitigation") or 0) > 0 and row.get("mitigation") is not None:
                 row[f"advantage_vs_{baseline}"] = row["mitigation"] / ref["mitigation"]
+    from .battery import battery_summary
+
     return {"table": table, "validity": validity, "void": sorted(f"{sc} seed {seed}" for sc, seed in void),
-            "curves": curve_rows(cells, profile, void), "frontier": frontier_verdicts(table)}
+            "curves": curve_rows(cells, profile, void), "frontier": frontier_verdicts(table),
+            "battery": battery_summary(cells, table, void)}
 
 
 def meets_goals(row: dict[str, Any]) -> bool:

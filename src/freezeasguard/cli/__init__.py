@@ -198,6 +198,17 @@ def main() -> None:
 
 
 # Commands defined in sibling modules register themselves on `app` (their heavy imports stay inside them).
-from . import bench_cmd, demo_cmd, finetune_cmd, guard_cmds, immunise_cmd, jobs_cmd, learn_cmd, serve_cmd, zoo_cmds  # noqa: E402,F401  # noqa: E402,F401
+from . import (  # noqa: E402,F401  (each module registers its commands)
+    attack_cmd,
+    bench_cmd,
+    demo_cmd,
+    finetune_cmd,
+    guard_cmds,
+    immunise_cmd,
+    jobs_cmd,
+    learn_cmd,
+    serve_cmd,
+    zoo_cmds,
+)
 
 __all__ = ["app", "main"]

@@ -83,11 +83,12 @@ ALL_COMMANDS = "*"
 # type, check and help wherever it appears (tests/test_cli.py walks the app), and docs/cli.md's table of
 # shared options lists exactly these rows (tests/test_docs.py).
 SHARED_OPTIONS: dict[str, set[str] | str] = {
-    "--model": {"info", "sample", "finetune", "learn", "immunise", "guard random", "guard top", "guard names"},
-    "--guard": {"finetune", "verify", "immunise"},
+    "--model": {"info", "sample", "finetune", "learn", "immunise", "guard random", "guard top", "guard names",
+                "attack"},
+    "--guard": {"finetune", "verify", "immunise", "attack"},
     "--out": {"finetune", "learn", "immunise", "guard random", "guard top", "guard names", "guard combine",
-              "zoo pretrain", "demo", "bench", "bench-report"},
-    "--seed": {"sample", "tiny", "finetune", "learn", "immunise", "guard random", "zoo pretrain", "demo"},
+              "zoo pretrain", "demo", "bench", "bench-report", "attack"},
+    "--seed": {"sample", "tiny", "finetune", "learn", "immunise", "guard random", "zoo pretrain", "demo", "attack"},
     "--steps": {"finetune", "demo"},
     "--lr": {"finetune", "learn", "demo"},
     "--batch-size": {"finetune", "learn", "demo"},
@@ -96,7 +97,7 @@ SHARED_OPTIONS: dict[str, set[str] | str] = {
     "--config": {"finetune", "learn", "immunise", "zoo pretrain"},
     "--print-config": {"finetune", "learn", "immunise", "zoo pretrain"},
     "--overwrite": {"tiny", "guard random", "guard top", "guard names", "guard combine", "finetune", "learn",
-                    "immunise", "demo", "bench", "zoo pretrain"},
+                    "immunise", "demo", "bench", "zoo pretrain", "attack"},
     "--json": {"info", "inspect", "verify", "guard diff", "jobs submit", "jobs status", "keys list"},
     "--debug": ALL_COMMANDS,
 }

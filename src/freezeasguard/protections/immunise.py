@@ -68,6 +68,9 @@ class ImmuniseConfig:
     # branch of guided sampling stays as released. Other frozen tensors keep their released values.
     # 0: every frozen tensor moves freely (IMMA's game restricted to the frozen set).
     text_subspace: int = 8
+    # Token-selective only: keep the subspace orthogonal to the empty prompt's directions, so the unconditional
+    # branch of guided sampling stays as released (False: measured worse, docs/results.md).
+    hold_empty_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.text_subspace < 0:
@@ -184,7 +187,8 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     if cfg.text_subspace:
         with torch.no_grad():
             empty = model.encode_prompts([""]).cpu()
-        proj, subspace_info = illegal_text_subspace(ill.embeddings, leg.embeddings, cfg.text_subspace, keep=empty)
+        proj, subspace_info = illegal_text_subspace(ill.embeddings, leg.embeddings, cfg.text_subspace,
+                                                    keep=empty if cfg.hold_empty_prompt else None)
         width = proj.shape[0]
         moving = [n for n in names if reads_text(n) and params[n].dim() == 2 and params[n].shape[1] == width]
         if not moving:
