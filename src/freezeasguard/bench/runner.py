@@ -135,8 +135,10 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
                      name, seed, out / "relearn")
             setting = prepare_setting(name, seed, profile, out, load)
             # the validity cells first (base, full fine-tuning), so a void setting is known before the rest
-            # (a stable sort: then the battery, attack by attack, full fine-tuning's reference first)
-            todo.sort(key=lambda k: (keys[k][3] != "default", keys[k][0] not in VALIDITY_METHODS))
+            # then the battery attack by attack (each attack's rows complete before the next starts), full
+            # fine-tuning's reference first within each
+            attack_order = {a: i for i, a in enumerate(profile.attacks)}
+            todo.sort(key=lambda k: (attack_order.get(keys[k][3], 0), keys[k][0] not in VALIDITY_METHODS))
             for key in todo:
                 method, ratio, curve, attack = keys[key]
                 done += 1
