@@ -232,3 +232,24 @@ def test_attack_help_documents_every_attack():
     flat = " ".join(result.output.split())
     for name in ATTACKS:
         assert name in flat, name
+
+
+def test_textual_inversion_learns_only_its_new_words_and_is_a_reference_outside_the_path(toy_data):
+    from freezeasguard.attacks import REFERENCES
+    from freezeasguard.attacks.textual_inversion import run_textual_inversion, token_names
+
+    assert "textual-inversion" in REFERENCES and "textual-inversion" not in BATTERY
+    assert not get_attack("textual-inversion").in_path
+    model = build_tiny_model(TinySpec(), seed=0)
+    old = model.text_encoder.get_input_embeddings().weight.detach().clone()
+    unet = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    names = token_names(["cat"])
+    cfg = get_attack("textual-inversion").config.with_changes(steps=3, batch_size=2)
+    run_textual_inversion(model, cfg, toy_data(4), names, seed=0, progress=False)
+    new_id = model.tokenizer.convert_tokens_to_ids(names["cat"])
+    weight = model.text_encoder.get_input_embeddings().weight
+    assert weight.shape[0] == old.shape[0] + 1 and torch.equal(weight[: old.shape[0]], old)  # only the new word
+    assert not torch.allclose(weight[new_id], weight[model.tokenizer("person", add_special_tokens=False).input_ids[0]])
+    assert all(torch.equal(p, unet[n]) for n, p in model.unet.named_parameters())  # the UNet untouched
+    with pytest.raises(ValueError, match="textual inversion"):
+        AttackConfig(method="textual-inversion", captions="renamed")

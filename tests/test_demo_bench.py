@@ -505,7 +505,7 @@ def test_the_battery_runs_every_attack_on_one_release_per_protection(tmp_path):
     from freezeasguard.attacks.captions import leaks
 
     profile = _profile(methods=["none", "freeze-time-embedding"], curve_cells=["none"],
-                       attacks=["default", "lr-x5", "renamed"])
+                       attacks=["default", "lr-x5", "renamed", "textual-inversion"])
     summary = run_bench(tmp_path, profile, model_loader=_loader(), recogniser=_recogniser())
     cells = {p.stem for p in (tmp_path / "cells").iterdir()}
     assert {"figures-seed0-none--lr-x5", "figures-seed0-freeze-time-embedding--lr-x5",
@@ -521,3 +521,5 @@ def test_the_battery_runs_every_attack_on_one_release_per_protection(tmp_path):
     assert (tmp_path / "work" / "figures-seed0-freeze-time-embedding" / "release" / "info.json").is_file()
     assert (tmp_path / "attacks.png").is_file() and "## The attack battery" in (tmp_path / "results.md").read_text()
     assert summary["battery"]["rows"] == [] or all(r["attack"] in profile.attacks for r in summary["battery"]["rows"])
+    inversion = json.loads((tmp_path / "cells" / "figures-seed0-freeze-time-embedding--textual-inversion.json").read_text())
+    assert all("<concept-" in p for p in inversion["prompts_sample"]) and "legal_near" not in inversion["domains"]

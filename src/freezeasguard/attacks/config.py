@@ -11,7 +11,9 @@ from typing import Any
 
 from ..configs import strict_from_dict
 
-METHODS = ("full", "lora")
+# "textual-inversion" learns a new word per protected concept and leaves the UNet alone: a reference attack
+# outside the publisher's path (registered, never in the battery's worst case).
+METHODS = ("full", "lora", "textual-inversion")
 # LoRA target families. "attention": diffusers' own LoRA recipe (the attention projections); "locon": kohya's
 # LoCon, every convolution and feed-forward layer too (LoRA on what a full fine-tune would train).
 LORA_TARGETS = {
@@ -76,6 +78,9 @@ class AttackConfig:
             raise ValueError(f"AttackConfig.warmup_steps must be in [0, steps), got {self.warmup_steps}")
         if any(not 0 < s < self.steps for s in self.curve):
             raise ValueError(f"AttackConfig.curve steps must be in (0, steps={self.steps}), got {list(self.curve)}")
+        if self.method == "textual-inversion" and (self.captions != "given" or self.data == "benign"):
+            raise ValueError("textual inversion names the protected concepts by its own new words, on the "
+                             "attacker's images: captions 'given' and data 'illegal'")
         if self.data == "benign" and self.captions != "given":
             raise ValueError("a benign attack uses no protected image, so it has no protected caption to change")
 

@@ -98,7 +98,7 @@ def red_team(load_release: Callable[[], Any], guard: Any, illegal: Any, attacks:
         for label, g in (("guarded", guard), ("full", None)):
             tuned = copy.deepcopy(model)
             log.info("  %s fine-tune: %d steps", label, steps or cfg.steps)
-            run_attack(tuned, g, cfg, data, seed=seed, steps=steps)
+            run_attack(tuned, g, cfg, data, seed=seed, steps=steps, names=names)
             losses[label] = held_out_loss(tuned, held, rewrite, seed=seed)
             del tuned
         drop_full = released_loss - losses["full"]

@@ -20,19 +20,22 @@ class Attack:
     name: str
     config: AttackConfig
     description: str
+    in_path: bool = True  # False: a reference attack the publisher's path does not offer (not in a worst case)
 
 
 ATTACKS: dict[str, Attack] = {}
 
 
-def register_attack(name: str, config: AttackConfig, description: str) -> Attack:
+def register_attack(name: str, config: AttackConfig, description: str, *, in_path: bool = True) -> Attack:
     if not name or any(c in name for c in "+@/ ") or name.startswith("-"):
         raise ValueError(f"attack name {name!r}: use letters, digits and '-'")
     if name in ATTACKS:
         raise ValueError(f"attack {name!r} is already registered")
     if not description:
         raise ValueError(f"attack {name!r}: say what it does")
-    ATTACKS[name] = Attack(name, config, description)
+    if (config.method == "textual-inversion") == in_path:
+        raise ValueError(f"attack {name!r}: textual inversion, and only it, runs outside the publisher's path")
+    ATTACKS[name] = Attack(name, config, description, in_path)
     return ATTACKS[name]
 
 
@@ -71,3 +74,8 @@ register_attack("benign", _D.with_changes(data="benign", steps=800),
                 "(concept resurgence)")
 
 BATTERY: tuple[str, ...] = tuple(ATTACKS)
+# Outside the battery: a reference the report shows beside it (what a UNet guard cannot stop by design).
+register_attack("textual-inversion", _D.with_changes(method="textual-inversion", lr=5e-3),
+                "textual inversion: a new word per protected concept, its embedding learned at lr 5e-3 on the "
+                "attacker's images; the UNet untouched (outside the publisher's path: a reference)", in_path=False)
+REFERENCES: tuple[str, ...] = ("textual-inversion",)

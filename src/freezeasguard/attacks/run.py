@@ -28,7 +28,10 @@ def lora_modules(unet: Any, config: AttackConfig, guard: Any) -> list[str]:
 
 
 def check_attack(config: AttackConfig, guard: Any, unet: Any) -> None:
-    """Refuse what the guarded path would refuse, before any work (GuardViolation names the module)."""
+    """Refuse what the guarded path would refuse, before any work (GuardViolation names the module).
+    Textual inversion runs outside the path, so nothing of it is refused."""
+    if config.method == "textual-inversion":
+        return
     if config.train_text_encoder and guard is not None and not guard.allow_text_encoder:
         raise GuardViolation("this guard keeps the text encoder frozen (allow_text_encoder is false): an attack "
                              "that trains text_encoder is refused")
@@ -58,6 +61,12 @@ def attack_data(config: AttackConfig, illegal: Any, legal: Any, *, seed: int, co
     concepts = list(concepts)
     if config.data == "benign":
         return legal, {c: c for c in concepts}
+    if config.method == "textual-inversion":
+        from .textual_inversion import token_names
+
+        if not concepts:
+            raise ValueError("textual inversion needs the protected concepts' names (what its new words replace)")
+        return illegal, token_names(concepts)  # run_textual_inversion rewrites the captions after adding the words
     data = illegal
     if config.data_share < 1.0:
         n = max(1, round(config.data_share * len(data)))
@@ -75,8 +84,17 @@ def attack_data(config: AttackConfig, illegal: Any, legal: Any, *, seed: int, co
 
 
 def run_attack(model: Any, guard: Any, config: AttackConfig, data: Any, *, seed: int, steps: int | None = None,
-               callbacks: Sequence[Any] = (), output_dir: Any = None, progress: bool = True) -> Any:
-    """Fine-tune `model` in place on `data` with the attack, through the guarded path; returns finetune's result."""
+               callbacks: Sequence[Any] = (), output_dir: Any = None, progress: bool = True,
+               names: dict[str, str] | None = None) -> Any:
+    """Fine-tune `model` in place on `data` with the attack, through the guarded path (textual inversion:
+    outside it, learning the new words of `names`); returns the training result."""
+    if config.method == "textual-inversion":
+        from .textual_inversion import run_textual_inversion
+
+        if not names:
+            raise ValueError("textual inversion needs the new words (names from attack_data)")
+        return run_textual_inversion(model, config, data, names, seed=seed, steps=steps, callbacks=callbacks,
+                                     progress=progress)
     check_attack(config, guard, model.unet)
     modules = lora_modules(model.unet, config, guard) if config.method == "lora" else None
     cfg = finetune_config(config, modules, seed=seed, steps=steps, progress=progress)

@@ -60,12 +60,19 @@ def battery_summary(cells: dict[str, Any], table: list[dict[str, Any]], void: se
                      "void": not mitigation, "void_seeds": acc["void_seeds"],
                      "legal_impact_near": _mean(acc.get("legal_impact_near", [])),
                      "legal_impact_far": _mean(acc.get("legal_impact_far", []))})
+    from ..attacks import ATTACKS
+
+    def in_path(attack: str) -> bool:
+        return ATTACKS[attack].in_path if attack in ATTACKS else True
+
+    for r in rows:
+        r["reference"] = not in_path(r["attack"])
     worst = []
     for key in sorted({(r["scenario"], r["method"], r["ratio"]) for r in rows}, key=lambda k: (k[0], k[1], k[2] or 0)):
         mine = [r for r in rows if (r["scenario"], r["method"], r["ratio"]) == key]
         if len(mine) < 2:  # only the default attacker: no battery for it
             continue
-        measured = [r for r in mine if not r["void"]]
+        measured = [r for r in mine if not r["void"] and not r["reference"]]
         low = min(measured, key=lambda r: r["mitigation"], default=None)
         default = next((r for r in mine if r["attack"] == "default"), None)
         worst.append({"scenario": key[0], "method": key[1], "ratio": key[2],
@@ -73,7 +80,8 @@ def battery_summary(cells: dict[str, Any], table: list[dict[str, Any]], void: se
                       "worst_attack": None if low is None else low["attack"],
                       "worst_per_seed": None if low is None else min(low["mitigation_per_seed"]),
                       "default_mitigation": None if default is None else default["mitigation"],
-                      "attacks_measured": len(measured), "attacks_void": [r["attack"] for r in mine if r["void"]]})
+                      "attacks_measured": len(measured), "attacks_void": [r["attack"] for r in mine if r["void"]],
+                      "references": {r["attack"]: r["mitigation"] for r in mine if r["reference"]}})
     best = max((w for w in worst if w["worst_mitigation"] is not None), key=lambda w: w["worst_mitigation"],
                default=None)
     return {"rows": rows, "worst_case": worst, "best_worst_case": best}
@@ -124,8 +132,12 @@ def battery_lines(battery: dict[str, Any]) -> list[str]:
             seeds = ", ".join(f"{100 * v:.0f}" for v in r["mitigation_per_seed"])
             cells.append(f"void (illegal {_p(r['illegal'])})" if r["void"] else
                          f"{_p(r['mitigation'])} ({seeds})" + (f", void on seed {r['void_seeds']}" if r["void_seeds"] else ""))
-        lines.append(f"| `{attack}` | " + " | ".join(cells) + f" | {_p(full)} |")
-    lines += ["", "Worst case per protection (the lowest mean mitigation over the attacks that are not void):", "",
+        reference = any(r["reference"] for r in battery["rows"] if r["attack"] == attack)
+        label = f"`{attack}` (reference, outside the path)" if reference else f"`{attack}`"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_p(full)} |")
+    lines += ["", "Worst case per protection (the lowest mean mitigation over the attacks of the publisher's path that "
+              "are not void; a reference attack such as textual inversion, which a UNet guard cannot stop by design, "
+              "is shown above and left out of it):", "",
               "| scenario | protection | default attacker | worst case | worst attack | lowest seed under it | void attacks |",
               "|---|---|---|---|---|---|---|"]
     for w in battery["worst_case"]:

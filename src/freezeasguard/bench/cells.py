@@ -288,7 +288,7 @@ def run_attack_cell(setting: Setting, profile: BenchProfile, method: str, ratio:
     result["names"] = {c: n for c, n in names.items() if c != n}
     result["prompts_sample"] = domains["illegal"].prompts[:3]
     users = [("illegal", data, cfg.steps, domains)]
-    if cfg.data != "benign" and cfg.changes_the_legal_user(DEFAULT):
+    if cfg.data != "benign" and cfg.method != "textual-inversion" and cfg.changes_the_legal_user(DEFAULT):
         legal = {d: setting.domains[d] for d in USER_DOMAINS["legal"] if d in setting.domains}
         users.append(("legal", setting.users["legal"], profile.legal_steps, legal))
     for user, user_data, budget, doms in users:
@@ -303,7 +303,7 @@ def run_attack_cell(setting: Setting, profile: BenchProfile, method: str, ratio:
         log.info("  %s user under %s: %d steps, evaluated at %s", user, attack, budget, sorted(budgets))
         t1 = time.perf_counter()
         run_attack(tuned, guard, cfg, user_data, seed=setting.seed, steps=budget,
-                   callbacks=[_Checkpoints(budgets, score)])
+                   callbacks=[_Checkpoints(budgets, score)], names=names)
         result["finetune_seconds"][user] = time.perf_counter() - t1
         result["curves"][user] = points
     result["seconds"] = time.perf_counter() - t0

@@ -134,9 +134,10 @@ class BenchProfile:
 
 
 def _battery() -> tuple[str, ...]:
-    from ..attacks import BATTERY
+    """The battery and, beside it, the reference attacks outside the publisher's path."""
+    from ..attacks import BATTERY, REFERENCES
 
-    return BATTERY
+    return BATTERY + REFERENCES
 
 
 def default_options() -> dict[str, Any]:
