@@ -113,7 +113,7 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
     cells: dict[str, Any] = {}
     missing_cells: list[str] = []
     skipped_void: list[str] = []
-    total = len(profile.seeds) * len(profile.scenarios) * (1 + len(planned_cells(profile)))
+    total = len(profile.seeds) * len(profile.scenarios) * len(_planned_keys(profile, profile.scenarios[0], 0))
     done = 0
     for seed in profile.seeds:
         for name in profile.scenarios:
