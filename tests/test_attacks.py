@@ -253,3 +253,26 @@ def test_textual_inversion_learns_only_its_new_words_and_is_a_reference_outside_
     assert all(torch.equal(p, unet[n]) for n, p in model.unet.named_parameters())  # the UNet untouched
     with pytest.raises(ValueError, match="textual inversion"):
         AttackConfig(method="textual-inversion", captions="renamed")
+
+
+def test_an_attack_is_rebased_on_the_profiles_default_attacker():
+    small = {"steps": 100, "lr": 2e-4, "batch_size": 8}
+    faster = get_attack("lr-x5").config.scaled_to(DEFAULT, **small)
+    assert (faster.steps, faster.batch_size) == (100, 8) and faster.lr == pytest.approx(1e-3)  # still 5x
+    longer = get_attack("steps-x4").config.scaled_to(DEFAULT, **small)
+    assert longer.steps == 400 and longer.curve == (25, 50, 100, 200)
+    warm = get_attack("cosine-warmup-lr-x10").config.scaled_to(DEFAULT, **small)
+    assert warm.warmup_steps == 10 and warm.lr == pytest.approx(2e-3)
+    assert get_attack("sgd-momentum").config.scaled_to(DEFAULT, steps=400, lr=1e-4, batch_size=32) == \
+        get_attack("sgd-momentum").config  # the benchmark's own budget changes nothing
+
+
+def test_a_battery_row_without_its_reference_is_missing_not_void():
+    from freezeasguard.bench.battery import battery_summary
+    from freezeasguard.bench.profiles import cell_key
+
+    cells = {cell_key("figures", 0, "m", 0.3, a): _cell(0, "m", a, 0.2, 0.3) for a in ("default", "lr-x5")}
+    cells[cell_key("figures", 0, "none", None)] = _cell(0, "none", "default", 0.9)
+    rows = {r["attack"]: r for r in battery_summary(cells, [], set())["rows"]}
+    assert rows["lr-x5"]["mitigation"] is None and not rows["lr-x5"]["void"] and rows["lr-x5"]["missing_seeds"] == [0]
+    assert rows["default"]["mitigation"] == pytest.approx(1 - 0.2 / 0.9)

@@ -495,10 +495,14 @@ def test_a_report_over_several_runs_reads_former_names_and_computes_nothing(tmp_
                                                      "cells": {"figures-seed0-none": clash}}))
     with pytest.raises(ValueError, match="other settings"):
         report_runs([tmp_path / "a", tmp_path / "clash.json"], tmp_path / "r2")
-    # a labelled source puts a run's protections beside another's under its label
+    # a labelled source puts a run's protections beside another's under its label, battery cells included
+    attack_cell = dict(results["cells"]["figures-seed0-freeze-time-embedding"], attack="lr-x5",
+                       settings={**results["cells"]["figures-seed0-freeze-time-embedding"]["settings"], "attack": {}})
+    (tmp_path / "a" / "cells" / "figures-seed0-freeze-time-embedding--lr-x5.json").write_text(json.dumps(attack_cell))
     report_runs([tmp_path / "a", f"{tmp_path / 'a'}=variant"], tmp_path / "r3")
     cells = json.loads((tmp_path / "r3" / "results.json").read_text())["cells"]
-    assert {"figures-seed0-variant", "figures-seed0-freeze-time-embedding", "figures-seed0-none"} <= set(cells)
+    assert {"figures-seed0-variant", "figures-seed0-variant--lr-x5", "figures-seed0-freeze-time-embedding",
+            "figures-seed0-none"} <= set(cells)
 
 
 def test_the_battery_runs_every_attack_on_one_release_per_protection(tmp_path):

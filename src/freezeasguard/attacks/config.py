@@ -91,6 +91,18 @@ class AttackConfig:
                 "schedule", "warmup_steps", "batch_size", "train_text_encoder")
         return any(getattr(self, k) != getattr(default, k) for k in keys)
 
+    def scaled_to(self, default: AttackConfig, *, steps: int, lr: float, batch_size: int) -> AttackConfig:
+        """This attack relative to another default attacker (a profile's budget): steps, warm-up and curve
+        scaled by steps / default.steps, the rate by lr / default.lr, and the default's batch replaced. So
+        'lr x5' stays five times the profile's rate, whatever the profile's budget."""
+        k = steps / default.steps
+        new_steps = max(1, round(self.steps * k))
+        curve = tuple(sorted({round(s * k) for s in self.curve} - {0} - {new_steps}))
+        curve = tuple(s for s in curve if 0 < s < new_steps)
+        warmup = min(round(self.warmup_steps * k), new_steps - 1)
+        return replace(self, steps=new_steps, curve=curve, warmup_steps=warmup, lr=self.lr * (lr / default.lr),
+                       batch_size=batch_size if self.batch_size == default.batch_size else self.batch_size)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["curve"] = list(self.curve)

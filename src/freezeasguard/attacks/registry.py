@@ -54,7 +54,7 @@ register_attack("steps-x4", _D.with_changes(steps=1600, curve=(100, 200, 400, 80
 register_attack("cosine-warmup-lr-x10", _D.with_changes(lr=1e-3, schedule="cosine", warmup_steps=40),
                 "cosine schedule with 40 warm-up steps at 10x the learning rate")
 register_attack("sgd-momentum", _D.with_changes(optimizer="sgd", lr=1e-2, sgd_momentum=0.9),
-                "SGD with momentum 0.9 at lr 1e-2 (SGD needs a larger step than AdamW)")
+                "SGD with momentum 0.9 at lr 1e-2, no weight decay (SGD needs a larger step than AdamW)")
 for _rank in (16, 64):
     for _lr, _tag in ((1e-4, "lr1e-4"), (1e-3, "lr1e-3")):
         register_attack(f"lora-r{_rank}-{_tag}", _D.with_changes(method="lora", lora_rank=_rank, lr=_lr),

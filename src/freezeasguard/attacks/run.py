@@ -42,8 +42,12 @@ def check_attack(config: AttackConfig, guard: Any, unet: Any) -> None:
 def finetune_config(config: AttackConfig, modules: Sequence[str] | None, *, seed: int, steps: int | None = None,
                     progress: bool = True) -> FinetuneConfig:
     """The guarded path's FinetuneConfig for `config` (`steps` overrides its budget)."""
+    sgd = config.optimizer == "sgd"
+    # SGD without weight decay: coupled decay would shrink only the trainable weights, a confound between a
+    # guarded and an unguarded run that has nothing to do with the guard. AdamW keeps the default user's decay.
     train = TrainConfig(max_steps=steps or config.steps, batch_size=config.batch_size, learning_rate=config.lr,
-                        optimizer=config.optimizer, sgd_momentum=config.sgd_momentum if config.optimizer == "sgd" else 0.0,
+                        optimizer=config.optimizer, sgd_momentum=config.sgd_momentum if sgd else 0.0,
+                        weight_decay=0.0 if sgd else TrainConfig().weight_decay,
                         lr_schedule="cosine" if config.schedule == "cosine" else
                         ("constant_with_warmup" if config.warmup_steps else "constant"),
                         lr_warmup_steps=config.warmup_steps, seed=seed, progress=progress)

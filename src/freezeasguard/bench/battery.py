@@ -39,8 +39,11 @@ def battery_summary(cells: dict[str, Any], table: list[dict[str, Any]], void: se
         full = cells.get(cell_key(sc, seed, "none", None, attack))
         acc = per.setdefault((sc, cell["method"], cell["ratio"], attack), {})
         illegal, full_illegal = _rate(cell, "illegal"), _rate(full, "illegal")
-        valid = full_illegal is not None and full_illegal >= VALID_LEARNED
         acc.setdefault("seeds", []).append(seed)
+        if full_illegal is None:  # the reference is not computed yet: missing, not void
+            acc.setdefault("missing_seeds", []).append(seed)
+            continue
+        valid = full_illegal >= VALID_LEARNED
         acc.setdefault("illegal", []).append(illegal)
         acc.setdefault("full_illegal", []).append(full_illegal)
         acc.setdefault("void_seeds", []).extend([] if valid else [seed])
@@ -53,11 +56,13 @@ def battery_summary(cells: dict[str, Any], table: list[dict[str, Any]], void: se
     rows = []
     for (sc, method, ratio, attack), acc in sorted(per.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         mitigation = [m for m in acc.get("mitigation", []) if m is not None]
+        void_seeds = acc.get("void_seeds", [])
         rows.append({"scenario": sc, "method": method, "ratio": ratio, "attack": attack, "seeds": acc["seeds"],
-                     "illegal": _mean([x for x in acc["illegal"] if x is not None]),
-                     "full_illegal": _mean([x for x in acc["full_illegal"] if x is not None]),
+                     "illegal": _mean([x for x in acc.get("illegal", []) if x is not None]),
+                     "full_illegal": _mean([x for x in acc.get("full_illegal", []) if x is not None]),
                      "mitigation": _mean(mitigation), "mitigation_per_seed": mitigation,
-                     "void": not mitigation, "void_seeds": acc["void_seeds"],
+                     "void": not mitigation and bool(void_seeds), "void_seeds": void_seeds,
+                     "missing_seeds": acc.get("missing_seeds", []),
                      "legal_impact_near": _mean(acc.get("legal_impact_near", [])),
                      "legal_impact_far": _mean(acc.get("legal_impact_far", []))})
     from ..attacks import ATTACKS
@@ -72,7 +77,7 @@ def battery_summary(cells: dict[str, Any], table: list[dict[str, Any]], void: se
         mine = [r for r in rows if (r["scenario"], r["method"], r["ratio"]) == key]
         if len(mine) < 2:  # only the default attacker: no battery for it
             continue
-        measured = [r for r in mine if not r["void"] and not r["reference"]]
+        measured = [r for r in mine if r["mitigation"] is not None and not r["reference"]]
         low = min(measured, key=lambda r: r["mitigation"], default=None)
         default = next((r for r in mine if r["attack"] == "default"), None)
         worst.append({"scenario": key[0], "method": key[1], "ratio": key[2],
@@ -130,6 +135,9 @@ def battery_lines(battery: dict[str, Any]) -> list[str]:
                 continue
             full = full if full is not None else r["full_illegal"]
             seeds = ", ".join(f"{100 * v:.0f}" for v in r["mitigation_per_seed"])
+            if r["mitigation"] is None and not r["void"]:
+                cells.append("reference not computed yet")
+                continue
             cells.append(f"void (illegal {_p(r['illegal'])})" if r["void"] else
                          f"{_p(r['mitigation'])} ({seeds})" + (f", void on seed {r['void_seeds']}" if r["void_seeds"] else ""))
         reference = any(r["reference"] for r in battery["rows"] if r["attack"] == attack)
@@ -168,7 +176,7 @@ def plot_battery(battery: dict[str, Any], path: Path) -> None:
                 continue
             if r["void"]:
                 ax.text(x, 0.01, "v", ha="center", fontsize=6, color="grey")
-            else:
+            elif r["mitigation"] is not None:
                 ax.bar(x, r["mitigation"], width, color=cmap(j % 20), label=attack if i == 0 else None)
     ax.axhline(GOALS.mitigation, color="green", lw=0.8, ls="--", label=f"goal ({GOALS.mitigation:.0%})")
     ax.axhline(0, color="grey", lw=0.5)

@@ -124,10 +124,18 @@ def cell_settings(profile: BenchProfile, method: str | None = None, attack: str 
         out["protection"] = json.loads(json.dumps(
             {stage: config_dict(cfg) for stage, cfg in configs_for(method, profile.typed_options()).items()}))
     if attack != "default":
-        from ..attacks import get_attack
 
-        out["attack"] = get_attack(attack).config.to_dict()
+        out["attack"] = profile_attack(profile, attack).to_dict()
     return out
+
+
+def profile_attack(profile: BenchProfile, attack: str) -> Any:
+    """A battery attack rebased on the profile's default attacker (its steps, rate and batch), so each attack
+    stays one change from the default user whatever the profile's budget."""
+    from ..attacks import DEFAULT, get_attack
+
+    return get_attack(attack).config.scaled_to(DEFAULT, steps=profile.steps, lr=profile.lr,
+                                                batch_size=profile.batch_size)
 
 
 def load_cell(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +146,8 @@ def load_cell(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     if any(theirs.get(k) != v for k, v in settings.items()) or not theirs:
         diff = sorted(k for k in settings if settings.get(k) != theirs.get(k))
         raise ValueError(f"{path}: cached with other settings ({', '.join(diff) or 'none recorded'}); "
-                         f"use another --out directory, or delete {path.name} and the folder work/{path.stem} to recompute it")
+                         f"use another --out directory, or delete {path.name} (and, for a protection's cell, the "
+                         f"folder work/{path.stem.split('--')[0]}, which its attacks share) to recompute it")
     return cell
 
 
@@ -177,14 +186,21 @@ def released(setting: Setting, profile: BenchProfile, method: str, ratio: float 
     """The release of `method` at `ratio` on the setting: (model, guard, info, seconds to make it). Made once
     per setting and kept in work/release/ (model and guard), so every attack on it fine-tunes the same
     release; `work` is also the protection's own output directory (a guard learner's resumable run)."""
+    import shutil
+
     from ..guard import Guard
     from ..model import DiffusionModel
     from ..protections import ReleaseContext, protect
     from ..utils.files import atomic_write_json, read_json
 
     kept = work / "release"
+    settings = json.loads(json.dumps(cell_settings(profile, method)))
     if (kept / "info.json").is_file():
         record = read_json(kept / "info.json", "kept release")
+        if record.get("settings") != settings:  # made with another recipe (or before releases recorded one)
+            log.info("  the kept release in %s was made with other settings: making it again", kept)
+            shutil.rmtree(kept)
+    if (kept / "info.json").is_file():
         model = DiffusionModel.from_pretrained(kept / "model", torch_dtype=torch.float32)
         guard = Guard.load(kept / "guard.json") if (kept / "guard.json").is_file() else None
         log.info("  the release of %s is kept from an earlier cell (%s)", method, kept)
@@ -200,7 +216,7 @@ def released(setting: Setting, profile: BenchProfile, method: str, ratio: float 
     if rel.guard is not None:
         rel.guard.save(kept / "guard.json")
         rel.guard.save(work / "guard.json")
-    atomic_write_json(kept / "info.json", {"info": rel.info, "seconds": seconds})
+    atomic_write_json(kept / "info.json", {"info": rel.info, "seconds": seconds, "settings": settings})
     return rel.model, rel.guard, rel.info, seconds
 
 
@@ -265,12 +281,10 @@ def run_attack_cell(setting: Setting, profile: BenchProfile, method: str, ratio:
     protected prompts in its own words; where the recipe changes what a legal user would do (rate, optimizer,
     LoRA), a legal user with that recipe is measured too. Full fine-tuning of the same release under the same
     attack (method `none`) is the cell's reference in the summary."""
-    from ..attacks import get_attack
-    from ..attacks.registry import DEFAULT
     from ..attacks.run import attack_data, run_attack
 
-    spec = get_attack(attack)
-    cfg = spec.config
+    cfg = profile_attack(profile, attack)
+    default = profile_attack(profile, "default")
     t0 = time.perf_counter()
     model, guard, info, t_release = released(setting, profile, method, ratio, work)
     result: dict[str, Any] = {"scenario": setting.name, "form": setting.form, "seed": setting.seed, "method": method,
@@ -288,7 +302,7 @@ def run_attack_cell(setting: Setting, profile: BenchProfile, method: str, ratio:
     result["names"] = {c: n for c, n in names.items() if c != n}
     result["prompts_sample"] = domains["illegal"].prompts[:3]
     users = [("illegal", data, cfg.steps, domains)]
-    if cfg.data != "benign" and cfg.method != "textual-inversion" and cfg.changes_the_legal_user(DEFAULT):
+    if cfg.data != "benign" and cfg.method != "textual-inversion" and cfg.changes_the_legal_user(default):
         legal = {d: setting.domains[d] for d in USER_DOMAINS["legal"] if d in setting.domains}
         users.append(("legal", setting.users["legal"], profile.legal_steps, legal))
     for user, user_data, budget, doms in users:

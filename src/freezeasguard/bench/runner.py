@@ -138,7 +138,9 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
             # then the battery attack by attack (each attack's rows complete before the next starts), full
             # fine-tuning's reference first within each
             attack_order = {a: i for i, a in enumerate(profile.attacks)}
-            todo.sort(key=lambda k: (attack_order.get(keys[k][3], 0), keys[k][0] not in VALIDITY_METHODS))
+            todo.sort(key=lambda k: (not (keys[k][0] in VALIDITY_METHODS and keys[k][3] == "default"),
+                                     keys[k][3] != "default", attack_order.get(keys[k][3], 0),
+                                     keys[k][0] not in VALIDITY_METHODS))
             for key in todo:
                 method, ratio, curve, attack = keys[key]
                 done += 1
@@ -199,7 +201,7 @@ def read_cells(source: str | Path) -> tuple[dict[str, Any], dict[str, Any] | Non
         old = cell.get("method")
         if old in FORMER_NAMES:
             cell = {**cell, "method": FORMER_NAMES[old]}
-            key = cell_key(cell["scenario"], cell["seed"], cell["method"], cell.get("ratio"))
+            key = cell_key(cell["scenario"], cell["seed"], cell["method"], cell.get("ratio"), cell.get("attack", "default"))
         renamed[key] = cell
     return renamed, profile
 
@@ -221,7 +223,7 @@ def report_runs(sources: list[str | Path], out: str | Path, *, profile: BenchPro
         for key, cell in theirs.items():
             if label and cell["method"] not in VALIDITY_METHODS:
                 cell = {**cell, "method": label, "ratio": cell.get("ratio")}
-                key = cell_key(cell["scenario"], cell["seed"], label, cell["ratio"])
+                key = cell_key(cell["scenario"], cell["seed"], label, cell["ratio"], cell.get("attack", "default"))
             if key in cells and cells[key].get("settings") != cell.get("settings"):
                 raise ValueError(f"{src}: cell {key} differs from the one already read, with other settings; "
                                  "report these runs separately, or label the source (PATH=LABEL)")
