@@ -80,9 +80,11 @@ def check_train_metrics(m: dict, *, steps: int, global_batch: int, trainable_ten
 
 def without_sketches(guard):
     """A guard as the file an older freezeasguard wrote: version 1 without value sketches (checksum recomputed)."""
+    import copy
+
     from freezeasguard.guard import _checksum
 
-    data = guard.to_dict()
+    data = copy.deepcopy(guard.to_dict())  # the guard's own records must keep their sketches
     data.pop("checksum")
     data.pop("sketch")
     for record in data["tensors"].values():

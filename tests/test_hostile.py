@@ -156,6 +156,12 @@ VERIFY_CASES = [
     VerifyCase("3-old-guard-without-sketches-falls-back-to-norms-and-says-so", lambda e: e.file(
         "neg.safetensors", e.changed(lambda t: -t)), "compliant", kwargs=lambda e: {"tolerance": 1e-2},
         guard=lambda e: Guard.from_dict(without_sketches(e.guard)), notes=["predates value sketches"]),
+    VerifyCase("zero-tolerance-is-exact-where-an-estimate-would-pass", lambda e: e.file(
+        "neg0.safetensors", e.changed(lambda t: -t)), "violation", lambda e: [e.victim],
+        kwargs=lambda e: {"tolerance": 0.0}, guard=lambda e: Guard.from_dict(without_sketches(e.guard))),
+    VerifyCase("zero-tolerance-is-exact-without-base", lambda e: e.file(
+        "perm0.safetensors", e.changed(lambda t: t.flatten().flip(0).reshape(t.shape))), "violation",
+        lambda e: [e.victim], kwargs=lambda e: {"tolerance": 0.0}),
     VerifyCase("4-unet-keys-plus-one-lora-key", lambda e: e.file(
         "mixed.safetensors", {**e.changed(), f"{e.free_module}.lora_A.weight": torch.zeros(2, 32)}),
         "violation", lambda e: [e.victim, "mixed_file"]),
@@ -218,6 +224,24 @@ def test_verify_catalogue(case: VerifyCase, env: Env):
         assert any(s in x for x in seen), (s, report.describe())
     for s in case.notes:
         assert any(s in n for n in report.notes), (s, report.notes)
+
+
+def test_names_from_a_file_cannot_forge_the_verdict_on_a_terminal(env: Env):
+    """A tensor name with control characters (clear screen, carriage return, newline) is printed escaped: the
+    output holds no raw control character, and the forged 'COMPLIANT' line cannot start a line."""
+    from typer.testing import CliRunner
+
+    from freezeasguard.cli import app
+
+    forged = "\x1b[2J\rCOMPLIANT: all good\nok"
+    path = env.file("evil.safetensors", {**env.changed(), forged: torch.zeros(1)})
+    env.guard.save(env.tmp / "g.json")
+    result = CliRunner().invoke(app, ["verify", str(path), "--guard", str(env.tmp / "g.json")])
+    assert result.exit_code == 1, result.output
+    assert "\x1b" not in result.output and "\r" not in result.output
+    assert result.output.startswith("NOT COMPLIANT")
+    assert not any(line.startswith("COMPLIANT") for line in result.output.splitlines())
+    assert "\\x1b[2J\\rCOMPLIANT" in result.output  # shown, escaped
 
 
 # ---------------------------------------------------------------------------- output directories

@@ -132,6 +132,12 @@ def test_killed_worker_job_resumes_on_another_and_passes_verify(guarded_model, t
         dl = subprocess.run([sys.executable, "-m", "freezeasguard", "jobs", "download", job_id, "--out",
                              str(tmp_path / "dl")], env=cli_env, capture_output=True, text=True, timeout=60)
         assert dl.returncode == 0, dl.stderr
+        # a second download into the same folder replaces nothing without --overwrite, and says what it would
+        (tmp_path / "dl" / "finetune.json").write_text("the user's own notes")
+        again = subprocess.run([sys.executable, "-m", "freezeasguard", "jobs", "download", job_id, "--out",
+                                str(tmp_path / "dl")], env=cli_env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 2 and "finetune.json" in again.stderr, again.stderr
+        assert (tmp_path / "dl" / "finetune.json").read_text() == "the user's own notes"
         with zipfile.ZipFile(tmp_path / "dl" / "model.zip") as zf:
             zf.extractall(tmp_path / "derivative")
         guard = Guard.load(guard_path)

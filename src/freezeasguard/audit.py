@@ -57,6 +57,12 @@ class AuditError(FreezeAsGuardError, ValueError):
     """A derivative (or the base given for comparison) cannot be read, or is not the model it claims to be."""
 
 
+def printable(text: str) -> str:
+    """`text` safe to print on a terminal: every control or non-printable character (a tensor name comes from a
+    file anyone can write) shown as a Python escape, so a name can neither clear the screen nor forge a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 @dataclass
 class Finding:
     name: str
@@ -92,7 +98,8 @@ class AuditReport:
         if not bad:
             what = {"unet": "frozen tensor(s)", "lora": "adapted module(s)"}.get(self.kind, "tensor(s) and module(s)")
             return f"compliant: {self.checked} {what} checked"
-        lines = [f"{f.name}: {f.status}" + (f" ({f.detail})" if f.detail else "") for f in bad[:limit]]
+        lines = [f"{printable(f.name)}: {f.status}" + (f" ({printable(f.detail)})" if f.detail else "")
+                 for f in bad[:limit]]
         more = f"; ... and {len(bad) - limit} more" if len(bad) > limit else ""
         return f"{len(bad)} violation(s): " + "; ".join(lines) + more
 
@@ -135,7 +142,7 @@ def _check_one(name: str, t: torch.Tensor, record: Mapping[str, Any], shape: lis
     got, want = dtype_name(t.dtype), record["dtype"]
     lower = PRECISION.get(got, 0) < PRECISION.get(want, 0)
     b = base(name) if base is not None else None
-    if tolerance is not None:
+    if tolerance:  # 0 means exact: the digest check above decided, and no estimate may pass a tensor
         if b is not None:
             err = _max_diff(t, b)
             scale = max(float(b.detach().abs().max()) if b.numel() else 0.0, 1e-12)

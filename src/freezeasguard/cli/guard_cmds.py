@@ -201,6 +201,7 @@ def verify(
     debug: DebugOpt = False,
 ) -> None:
     """Audit a derivative against a guard: exit 0 compliant, 1 not (tensors listed), 2 unreadable input."""
+    from ..audit import printable
     from ..audit import verify as run_verify
 
     g = _load_guard(guard)
@@ -209,14 +210,14 @@ def verify(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         verdict = "COMPLIANT" if report.compliant else "NOT COMPLIANT"
-        typer.echo(f"{verdict}: {derivative} ({report.kind}) against {guard}: {frozen_shares(g)}")
+        typer.echo(f"{verdict}: {printable(derivative)} ({report.kind}) against {printable(guard)}: {frozen_shares(g)}")
         for f in report.violations:
-            typer.echo(f"  {f.status:>18}  {f.name}  {f.detail}")
+            typer.echo(f"  {f.status:>18}  {printable(f.name)}  {printable(f.detail)}")
         for f in report.findings:
             if f.ok and f.status != "ok":
-                typer.echo(f"  {f.status:>18}  {f.name}  {f.detail}")
+                typer.echo(f"  {f.status:>18}  {printable(f.name)}  {printable(f.detail)}")
         for note in report.notes:
-            typer.echo(f"  note: {note}")
+            typer.echo(f"  note: {printable(note)}")
         if report.compliant:
             typer.echo(f"  {report.describe()}")
     raise typer.Exit(code=0 if report.compliant else 1)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from . import _fail, app
-from .options import DebugOpt, JsonOpt, finite_positive
+from .options import DebugOpt, JsonOpt, OverwriteOpt, finite_positive
 
 jobs_app = typer.Typer(help="Use a publisher's fine-tuning service: submit, status, download, cancel.",
                        no_args_is_help=True)
@@ -129,11 +129,16 @@ def download(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the artefacts into.")],
     url: UrlOpt = None,
     api_key: KeyOpt = None,
+    overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Download a succeeded job's verified artefacts (LoRA or model.zip, finetune.json, verify.json, samples.png)."""
+    """Download a succeeded job's verified artefacts (LoRA or model.zip, finetune.json, verify.json, samples.png).
+    Files of the same names already in OUT are not replaced unless --overwrite (nothing is fetched then)."""
     with _client(url, api_key) as c:
-        files = _call(c.download, job_id, out)
+        try:
+            files = _call(c.download, job_id, out, overwrite=overwrite)
+        except FileExistsError as exc:
+            raise _fail(exc) from exc
     for f in files:
         typer.echo(f"wrote {f}")
 

@@ -97,7 +97,7 @@ SHARED_OPTIONS: dict[str, set[str] | str] = {
     "--config": {"finetune", "learn", "immunise", "zoo pretrain"},
     "--print-config": {"finetune", "learn", "immunise", "zoo pretrain"},
     "--overwrite": {"tiny", "guard random", "guard top", "guard names", "guard combine", "finetune", "learn",
-                    "immunise", "demo", "bench", "zoo pretrain", "attack"},
+                    "immunise", "demo", "bench", "zoo pretrain", "attack", "jobs download"},
     "--json": {"info", "inspect", "verify", "guard diff", "jobs submit", "jobs status", "keys list"},
     "--debug": ALL_COMMANDS,
 }
@@ -115,7 +115,7 @@ SHARED_EXCEPTIONS: dict[str, dict[str, str]] = {
     # a job's hyperparameters on the client: unset means the publisher's defaults, checked by the server
     "jobs submit": {opt: "the job's value; unset: the publisher's default"
                     for opt in ("--seed", "--steps", "--lr", "--batch-size")},
-    "jobs download": {"--out": "the folder the job's artefacts are written to"},
+    "jobs download": {"--out": "the folder the job's artefacts are written to"},  # its --overwrite is shared
 }
 RATIO_BY = RATIO_UNITS
 
@@ -156,7 +156,7 @@ ToleranceOpt = Annotated[float | None, typer.Option(
     help="Accept a frozen tensor that differs by at most this much: with --base, the largest elementwise "
          "difference relative to the base tensor's largest magnitude; without it, a relative distance estimated "
          "from the summary of the values the guard file records (weaker; each finding says how it was measured). "
-         "Finite, >= 0.",
+         "Finite, >= 0; 0 means exact (the recorded digests), as without the option.",
     callback=finite_nonnegative)]
 
 

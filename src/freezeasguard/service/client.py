@@ -133,12 +133,18 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
             time.sleep(poll)
 
-    def download(self, job_id: str, out: str | Path) -> list[Path]:
-        """Download every artefact of a succeeded job into `out`, checking each file's SHA-256."""
+    def download(self, job_id: str, out: str | Path, *, overwrite: bool = False) -> list[Path]:
+        """Download every artefact of a succeeded job into `out`, checking each file's SHA-256. A file of the
+        same name already in `out` is never replaced without `overwrite` (checked before anything is fetched)."""
         dest = Path(out)
+        artifacts = self.artifacts(job_id)
+        clashes = [Path(a["name"]).name for a in artifacts if (dest / Path(a["name"]).name).exists()]
+        if clashes and not overwrite:
+            raise FileExistsError(f"{dest}: would replace {', '.join(sorted(clashes))}; choose another folder or "
+                                  "pass overwrite=True (--overwrite)")
         dest.mkdir(parents=True, exist_ok=True)
         written = []
-        for art in self.artifacts(job_id):
+        for art in artifacts:
             name = Path(art["name"]).name  # never a path from the server
             target = dest / name
             tmp = dest / f".{name}.part"
