@@ -50,7 +50,22 @@ def _sidecars_without(missing: int) -> bytes:
     return make_zip(members)
 
 
+def _image_as(fmt: str) -> bytes:
+    """A small image encoded as `fmt` (a format Pillow writes but the service does not decode)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+
 BAD_UPLOADS = {
+    "tiff named .png": (_with({"4.png": _image_as("TIFF")}), 400, "4.png", "not a decodable image"),
+    "eps named .png": (_with({"4.png": EPS}), 400, "4.png", "not a decodable image"),
     "traversal": (_with({"../evil.png": png_bytes()}), 400, "../evil.png", "traversal"),
     "nested traversal": (_with({"imgs/../../evil.png": png_bytes()}), 400, "imgs/../../evil.png", "traversal"),
     "absolute": (_with({"/tmp/evil.png": png_bytes()}), 400, "/tmp/evil.png", "absolute"),

@@ -33,6 +33,7 @@ from .utils.files import file_sha256, swap_directory
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "IMAGE_FORMATS",
     "Augment",
     "ImageTransform",
     "ImageCaptionDataset",
@@ -44,6 +45,14 @@ __all__ = [
 
 # Same set as the Hugging Face `imagefolder` builder users already know, minus formats Pillow reads poorly.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
+# The decoders those extensions name, and no other: a file is decoded by what its bytes are, among these only, so
+# a TIFF or an EPS (which makes Pillow call Ghostscript) named .png is refused rather than decoded.
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+
+
+def open_image(path: Path | str) -> Image.Image:
+    """Image.open restricted to IMAGE_FORMATS (identified by content)."""
+    return Image.open(path, formats=IMAGE_FORMATS)
 _METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 _PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
@@ -148,7 +157,7 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
 def _check_header(path: Path) -> None:
     """Cheap (header only) so a misnamed or truncated-to-zero file fails before training starts."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             w, h = im.size
     except Exception as e:  # Pillow raises many types for bad input (OSError, SyntaxError, ValueError...)
         raise DataError(f"{path} is not a readable image: {type(e).__name__}: {e}") from e
@@ -262,7 +271,7 @@ class ImageCaptionDataset(Dataset):
         src = self._sources[i]
         try:
             if isinstance(src, Path):
-                with Image.open(src) as im:
+                with open_image(src) as im:
                     im.load()
                     return ImageOps.exif_transpose(im)
             return ImageOps.exif_transpose(src)

@@ -165,10 +165,10 @@ def _extract(archive: Path | BinaryIO, dest: Path, cfg: ServiceConfig) -> Checke
 
 
 def _check_image(path: Path, member: str, max_pixels: int) -> None:
-    from PIL import Image
+    from ..data import open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             w, h = im.size  # read from the header, before any pixel is decoded
             if w * h > max_pixels:
                 raise UploadError(f"{member}: {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,}", member)
