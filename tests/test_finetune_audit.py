@@ -181,12 +181,16 @@ def test_cli_verify_exit_codes(base_and_guard, tmp_path):
     ok = runner.invoke(app, ["verify", str(base), "--guard", str(tmp_path / "guard.json"), "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["compliant"] is True
+    import hashlib
+
+    digest = hashlib.sha256((tmp_path / "guard.json").read_bytes()).hexdigest()
+    assert json.loads(ok.output)["guard_sha256"] == digest  # the user compares it with the publisher's
     weights = load_file(str(next((base / "unet").glob("*.safetensors"))))
     weights[guard.frozen[0]] = weights[guard.frozen[0]] + 1
     save_file(weights, str(tmp_path / "bad.safetensors"))
     bad = runner.invoke(app, ["verify", str(tmp_path / "bad.safetensors"), "--guard", str(tmp_path / "guard.json")])
     assert bad.exit_code == 1
-    assert guard.frozen[0] in bad.output
+    assert guard.frozen[0] in bad.output and f"guard sha256: {digest}" in bad.output
 
 
 def test_cli_finetune_lora_then_verify_and_inspect(base_and_guard, tmp_path):

@@ -203,14 +203,17 @@ def verify(
     """Audit a derivative against a guard: exit 0 compliant, 1 not (tensors listed), 2 unreadable input."""
     from ..audit import printable
     from ..audit import verify as run_verify
+    from ..utils.files import file_sha256
 
     g = _load_guard(guard)
     report = run_verify(derivative, g, base=base, tolerance=tolerance)
+    digest = file_sha256(guard)  # compare it with the SHA-256 the publisher published beside the model
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps({**report.to_dict(), "guard_sha256": digest}, indent=2))
     else:
         verdict = "COMPLIANT" if report.compliant else "NOT COMPLIANT"
         typer.echo(f"{verdict}: {printable(derivative)} ({report.kind}) against {printable(guard)}: {frozen_shares(g)}")
+        typer.echo(f"  guard sha256: {digest} (compare with the publisher's)")
         for f in report.violations:
             typer.echo(f"  {f.status:>18}  {printable(f.name)}  {printable(f.detail)}")
         for f in report.findings:
