@@ -158,8 +158,9 @@ def _cell(seed, method, attack, illegal, ratio=None):
 
 
 def test_worst_case_and_void_bookkeeping_on_hand_set_numbers():
-    from freezeasguard.bench.battery import battery_summary, headline
+    from freezeasguard.bench.battery import headline
     from freezeasguard.bench.profiles import cell_key
+    from freezeasguard.bench.summary import battery_summary
 
     rates = {  # attack -> (full fine-tuning's illegal rate, the protection's), per seed
         "default": ((0.9, 0.8), (0.3, 0.2)),
@@ -172,7 +173,7 @@ def test_worst_case_and_void_bookkeeping_on_hand_set_numbers():
         for seed in (0, 1):
             cells[cell_key("figures", seed, "none", None, attack)] = _cell(seed, "none", attack, full[seed])
             cells[cell_key("figures", seed, "m", 0.3, attack)] = _cell(seed, "m", attack, prot[seed], 0.3)
-    battery = battery_summary(cells, [], set())
+    battery = battery_summary(cells, set())
     rows = {r["attack"]: r for r in battery["rows"]}
     assert rows["default"]["mitigation"] == pytest.approx(((1 - 0.3 / 0.9) + (1 - 0.2 / 0.8)) / 2)
     assert rows["benign"]["void"] and rows["benign"]["mitigation"] is None and rows["benign"]["illegal"] == pytest.approx(0.1)
@@ -268,11 +269,11 @@ def test_an_attack_is_rebased_on_the_profiles_default_attacker():
 
 
 def test_a_battery_row_without_its_reference_is_missing_not_void():
-    from freezeasguard.bench.battery import battery_summary
     from freezeasguard.bench.profiles import cell_key
+    from freezeasguard.bench.summary import battery_summary
 
     cells = {cell_key("figures", 0, "m", 0.3, a): _cell(0, "m", a, 0.2, 0.3) for a in ("default", "lr-x5")}
     cells[cell_key("figures", 0, "none", None)] = _cell(0, "none", "default", 0.9)
-    rows = {r["attack"]: r for r in battery_summary(cells, [], set())["rows"]}
+    rows = {r["attack"]: r for r in battery_summary(cells, set())["rows"]}
     assert rows["lr-x5"]["mitigation"] is None and not rows["lr-x5"]["void"] and rows["lr-x5"]["missing_seeds"] == [0]
     assert rows["default"]["mitigation"] == pytest.approx(1 - 0.2 / 0.9)

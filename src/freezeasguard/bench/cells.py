@@ -124,7 +124,6 @@ def cell_settings(profile: BenchProfile, method: str | None = None, attack: str 
         out["protection"] = json.loads(json.dumps(
             {stage: config_dict(cfg) for stage, cfg in configs_for(method, profile.typed_options()).items()}))
     if attack != "default":
-
         out["attack"] = profile_attack(profile, attack).to_dict()
     return out
 

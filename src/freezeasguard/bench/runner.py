@@ -257,10 +257,12 @@ def _profile_from_record(data: dict[str, Any]) -> BenchProfile:
 
     known = {f.name for f in fields(BenchProfile)}
     kept = {k: v for k, v in data.items() if k in known}
-    kept["methods"] = [FORMER_NAMES.get(m.split("@")[0], m.split("@")[0]) + ("@" + m.split("@")[1] if "@" in m else "")
-                       for m in kept.get("methods", [])]
-    kept["curve_cells"] = [FORMER_NAMES.get(m.split("@")[0], m.split("@")[0]) + ("@" + m.split("@")[1] if "@" in m else "")
-                           for m in kept.get("curve_cells", [])]
+    def today(spec: str) -> str:
+        method, at, ratio = spec.partition("@")
+        return FORMER_NAMES.get(method, method) + at + ratio
+
+    kept["methods"] = [today(m) for m in kept.get("methods", [])]
+    kept["curve_cells"] = [today(m) for m in kept.get("curve_cells", [])]
     kept["options"] = {}
     return BenchProfile.from_dict(kept)
 
