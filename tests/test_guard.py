@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import without_sketches
-from freezeasguard.guard import Guard, GuardError, block_of, select_top
+from freezeasguard.guard import Guard, GuardError, _checksum, block_of, select_top
 from freezeasguard.tiny import TinySpec, build_tiny_model
 
 
@@ -242,6 +242,41 @@ def test_value_sketch_estimates_distance_and_needs_no_library_rng():
     assert abs(float(est) - 0.5) < 1e-6
 
 
+def test_moving_values_between_positions_moves_the_sketch():
+    """Every element enters every projection with its own sign: a permutation, a negation, or a shuffle within
+    the buckets of the count sketch that older guards hold is far from the base, while the count sketch of a
+    within-bucket shuffle is unchanged."""
+    import hashlib
+
+    import numpy as np
+
+    from freezeasguard.guard import COUNT_SKETCH, tensor_sketch
+
+    def distance(a, b, **kw):
+        return float((torch.tensor(tensor_sketch(a, **kw)) - torch.tensor(tensor_sketch(b, **kw))).pow(2).sum().sqrt()
+                     / a.double().norm())
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(4096, generator=g)
+    # the count sketch's bucket and sign per element, as `tensor_sketch` reads them
+    byte = np.frombuffer(hashlib.shake_256(f"freezeasguard-sketch|0|{a.numel()}".encode()).digest(a.numel()), np.uint8)
+    key = torch.from_numpy((byte & 15).astype(np.int64) * 2 + (byte >= 128))
+    shuffled = a.clone()
+    for value in key.unique():
+        where = (key == value).nonzero().flatten()
+        shuffled[where] = a[where[torch.randperm(len(where), generator=g)]]
+    assert (shuffled - a).norm() / a.norm() > 1.0  # a large change...
+    assert distance(a, shuffled, method=COUNT_SKETCH, k=16) < 1e-12  # ...the count sketch cannot see
+    for changed in (shuffled, a.flip(0), -a, a[torch.randperm(a.numel(), generator=g)]):
+        truth = float((changed - a).double().norm() / a.double().norm())
+        assert 0.5 * truth < distance(a, changed) < 1.6 * truth, (truth, distance(a, changed))
+    # chunked hashing: a tensor larger than one chunk still measures a one-element change exactly
+    big = torch.randn(70_000, generator=g)
+    moved = big.clone()
+    moved[69_999] += 2.0
+    assert abs(distance(big, moved) * float(big.double().norm()) - 2.0) < 1e-9
+
+
 def test_a_guard_file_without_sketches_still_loads(unet, tmp_path):
     from freezeasguard.guard import _checksum
 
@@ -278,3 +313,37 @@ def test_combining_an_old_guard_with_a_new_one_drops_the_sketches_consistently(u
     assert union.sketch is None and all("sketch" not in r for r in union.tensors.values())
     assert Guard.from_dict(union.to_dict()).frozen == union.frozen
     assert all("sketch" in r for r in new.tensors.values())  # the operands are left as they were
+
+
+def test_text_encoder_values_are_recorded_exactly_when_the_guard_keeps_them_frozen(tmp_path):
+    import dataclasses
+
+    from freezeasguard.guard import record_match
+
+    model = build_tiny_model(TinySpec(), seed=0)
+    g = Guard.random(model.unet, 0.3, seed=0).with_text_encoders(model)
+    records = g.text_encoders["text_encoder"]
+    state = model.text_encoder.state_dict()
+    assert set(records) == set(state) and all(record_match(state[n], records[n]) == "ok" for n in state)
+    assert record_match(state[next(iter(state))].half(), records[next(iter(state))]) == "ok_lower_precision"
+    loaded = Guard.load(g.save(tmp_path / "g.json"))
+    assert loaded.text_encoders == g.text_encoders and loaded.digest() == g.digest()
+    assert dataclasses.replace(g, text_encoders=None).digest() != g.digest()  # part of what the guard enforces
+    assert dataclasses.replace(g, allow_text_encoder=True).with_text_encoders(model).text_encoders is None
+    # a union keeps the records (it keeps the text encoder frozen); an intersection with a guard that lets it
+    # train drops them; guards recording different text encoders do not combine
+    other = Guard.random(model.unet, 0.3, seed=1)
+    assert g.union(other).text_encoders == g.text_encoders
+    assert g.intersection(dataclasses.replace(other, allow_text_encoder=True)).text_encoders is None
+    forged = {"text_encoder": {**records, next(iter(records)): {"dtype": "float32", "digests": {"float32": "0" * 64}}}}
+    with pytest.raises(GuardError, match="different text encoders"):
+        g.union(dataclasses.replace(other, text_encoders=forged))
+    # the file refuses records under a guard that lets the text encoder train, and malformed ones
+    for edit, match in ((lambda d: d.update(allow_text_encoder=True), "allow_text_encoder"),
+                        (lambda d: d.update(text_encoders={"vae": records}), "text_encoder"),
+                        (lambda d: d["text_encoders"]["text_encoder"].update(x={"dtype": "float32"}), "digests")):
+        data = json.loads(json.dumps(g.to_dict()))
+        edit(data)
+        data["checksum"] = _checksum({k: v for k, v in data.items() if k != "checksum"})
+        with pytest.raises(GuardError, match=match):
+            Guard.from_dict(data)

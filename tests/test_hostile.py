@@ -84,7 +84,7 @@ def shared(tmp_path_factory):
     base = model.save_pretrained(root / "base")
     names = [n for n, _ in model.unet.named_parameters()]
     chosen = {n for n in names if ".to_q." in n} | set(Guard.random(model.unet, 0.2, seed=0).frozen)
-    guard = Guard.from_names(model.unet, chosen, method="test")
+    guard = Guard.from_names(model.unet, chosen, method="test").with_text_encoders(model)
     weights = load_file(str(base / "unet" / "diffusion_pytorch_model.safetensors"))
     # a tensor whose values differ (a norm weight of ones is its own permutation)
     victim = next(n for n in guard.frozen if n.endswith(".weight") and weights[n].numel() > 16 and weights[n].std() > 0)
@@ -120,6 +120,60 @@ def _model_dir_with_unet_class(e: Env, cls: list[str]) -> Path:
     index["unet"] = cls
     (d / "model_index.json").write_text(json.dumps(index))
     return d
+
+
+def _model_dir(e: Env, edit: Callable[[Path], None]) -> Path:
+    """A copy of the base model directory, edited in place by `edit(folder)`."""
+    d = e.tmp / "model"
+    shutil.copytree(e.base, d)
+    edit(d)
+    return d
+
+
+def _edit_text_encoder(fn: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                       file: str = "model.safetensors") -> Callable[[Path], None]:
+    def edit(d: Path) -> None:
+        weights = load_file(str(d / "text_encoder" / "model.safetensors"))
+        (d / "text_encoder" / "model.safetensors").unlink()
+        save_file(fn(weights), str(d / "text_encoder" / file))
+    return edit
+
+
+def _retrained(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v + 0.01 if v.is_floating_point() else v) for k, v in weights.items()}
+
+
+def _count_sketch_guard(e: Env) -> Guard:
+    """The guard as an older freezeasguard wrote it: count sketches (checksum recomputed)."""
+    import copy
+
+    from freezeasguard.guard import COUNT_SKETCH, _checksum, tensor_sketch
+
+    data = copy.deepcopy(e.guard.to_dict())
+    data["sketch"] = {"method": COUNT_SKETCH, "k": 16, "seed": 0}
+    for name, record in data["tensors"].items():
+        record["sketch"] = tensor_sketch(e.weights[name], method=COUNT_SKETCH, k=16, seed=0)
+    data.pop("checksum")
+    data["checksum"] = _checksum(data)
+    return Guard.from_dict(data)
+
+
+def _shuffled_within_count_sketch_buckets(t: torch.Tensor) -> torch.Tensor:
+    """`t` with its values moved between positions that share a count-sketch bucket and sign: a large change
+    that leaves the count sketch exactly as it was."""
+    import hashlib
+
+    import numpy as np
+
+    flat = t.flatten().clone()
+    byte = np.frombuffer(hashlib.shake_256(f"freezeasguard-sketch|0|{flat.numel()}".encode()).digest(flat.numel()),
+                         np.uint8)
+    key = torch.from_numpy((byte & 15).astype(np.int64) * 2 + (byte >= 128))
+    out = flat.clone()
+    for value in key.unique():
+        where = (key == value).nonzero().flatten()
+        out[where] = flat[where.roll(1)]
+    return out.reshape(t.shape)
 
 
 def _sharded(e: Env) -> Path:
@@ -162,6 +216,54 @@ VERIFY_CASES = [
     VerifyCase("zero-tolerance-is-exact-without-base", lambda e: e.file(
         "perm0.safetensors", e.changed(lambda t: t.flatten().flip(0).reshape(t.shape))), "violation",
         lambda e: [e.victim], kwargs=lambda e: {"tolerance": 0.0}),
+    VerifyCase("values-moved-within-count-sketch-buckets-fail-the-projection-sketch", lambda e: e.file(
+        "shuffled.safetensors", e.changed(_shuffled_within_count_sketch_buckets)), "violation", lambda e: [e.victim],
+        kwargs=lambda e: {"tolerance": 1e-2}),
+    VerifyCase("an-older-count-sketch-guard-passes-them-and-says-so", lambda e: e.file(
+        "shuffled.safetensors", e.changed(_shuffled_within_count_sketch_buckets)), "compliant",
+        kwargs=lambda e: {"tolerance": 1e-2}, guard=_count_sketch_guard, notes=["count sketches"]),
+    VerifyCase("retrained-text-encoder-under-a-guard-that-keeps-it-frozen", lambda e: _model_dir(
+        e, _edit_text_encoder(_retrained)), "violation", lambda e: ["text_encoder/model.safetensors:"]),
+    VerifyCase("retrained-text-encoder-saved-as-an-fp16-variant", lambda e: _model_dir(
+        e, _edit_text_encoder(lambda w: {k: v.half() for k, v in _retrained(w).items()}, "model.fp16.safetensors")),
+        "violation", lambda e: ["text_encoder/model.fp16.safetensors:", "text_encoder/"]),
+    VerifyCase("text-encoder-stored-in-fp16-is-the-released-one", lambda e: _model_dir(
+        e, _edit_text_encoder(lambda w: {k: (v.half() if v.is_floating_point() else v) for k, v in w.items()})),
+        "compliant"),
+    VerifyCase("retrained-text-encoder-under-a-guard-that-allows-it", lambda e: _model_dir(
+        e, _edit_text_encoder(_retrained)), "compliant", notes=["lets the text encoder train"],
+        guard=lambda e: Guard(**{**e.guard.__dict__, "allow_text_encoder": True, "text_encoders": None})),
+    VerifyCase("a-guard-without-text-encoder-records-says-what-it-missed", lambda e: _model_dir(
+        e, _edit_text_encoder(_retrained)), "compliant", notes=["records no text-encoder values"],
+        guard=lambda e: Guard(**{**e.guard.__dict__, "text_encoders": None})),
+    VerifyCase("text-encoder-weights-removed", lambda e: _model_dir(
+        e, lambda d: (d / "text_encoder" / "model.safetensors").unlink()), "violation", lambda e: ["text_encoder/"]),
+    VerifyCase("pickle-in-the-text-encoder-folder", lambda e: _model_dir(
+        e, lambda d: (d / "text_encoder" / "pytorch_model.bin").write_bytes(b"never unpickled")), "violation",
+        lambda e: ["text_encoder/pytorch_model.bin", "unreadable"]),
+    VerifyCase("python-file-in-a-model-directory", lambda e: _model_dir(
+        e, lambda d: (d / "scheduler" / "pipeline.py").write_text("import os\n")), "violation",
+        lambda e: ["scheduler/pipeline.py", "code_on_load"]),
+    VerifyCase("config-pointing-at-remote-code", lambda e: _model_dir(
+        e, lambda d: (d / "text_encoder" / "config.json").write_text(json.dumps(
+            {**json.loads((d / "text_encoder" / "config.json").read_text()), "auto_map": {"AutoModel": "m.M"}}))),
+        "violation", lambda e: ["text_encoder/config.json", "code_on_load"]),
+    VerifyCase("component-from-a-library-a-loader-imports", lambda e: _model_dir(
+        e, lambda d: (d / "model_index.json").write_text(json.dumps(
+            {**json.loads((d / "model_index.json").read_text()), "safety_checker": ["evil_pkg", "Checker"]}))),
+        "violation", lambda e: ["model_index.json:safety_checker", "code_on_load"]),
+    VerifyCase("non-frozen-tensor-absent-is-noted", lambda e: e.file("partial.safetensors", {
+        k: v for k, v in e.weights.items() if k != next(n for n in e.weights if n not in e.guard.frozen)}),
+        "compliant", notes=["non-frozen UNet tensor(s) absent"]),
+    VerifyCase("non-frozen-tensor-reshaped-is-noted", lambda e: e.file("reshaped.safetensors", {
+        k: (v.flatten() if k == next(n for n in e.weights if n not in e.guard.frozen and e.weights[n].dim() > 1)
+            else v) for k, v in e.weights.items()}), "compliant", notes=["reshaped"]),
+    VerifyCase("shard-named-outside-its-folder", lambda e: e.raw(
+        "diffusion_pytorch_model.safetensors.index.json", json.dumps({"weight_map": {"a": "../x.safetensors"}}).encode(),
+        e.tmp / "unet"), "error", lambda e: ["../x.safetensors", "not a file name"]),
+    VerifyCase("oversized-json-is-refused-unread", lambda e: _model_dir(
+        e, lambda d: os.truncate(d / "model_index.json", (64 << 20) + 1)), "error",
+        lambda e: ["model_index.json", "bytes at most"]),
     VerifyCase("4-unet-keys-plus-one-lora-key", lambda e: e.file(
         "mixed.safetensors", {**e.changed(), f"{e.free_module}.lora_A.weight": torch.zeros(2, 32)}),
         "violation", lambda e: [e.victim, "mixed_file"]),

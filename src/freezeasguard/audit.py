@@ -11,13 +11,20 @@ file is classified by its whole key set (UNet tensors of the guarded model, adap
 is reported as such and every UNet tensor in it is still checked), and every adapter tensor's shape is checked
 against the guarded model's fingerprint.
 
-Reads only safetensors (lazily, via `safe_open`, so a multi-GB UNet is checked tensor by tensor) and JSON:
-no path reaches pickle or `torch.load`; pickled weights where a loader would look are reported, unread.
+A model directory's text encoders (`text_encoder/`, `text_encoder_2/`) are checked too when the guard keeps
+them frozen and records their values: every tensor a loader reads (`model.safetensors`, its sharded index, its
+variants) must be the released one. Anything in a model directory that would run code when loaded is a
+finding: pickled weights, Python files, a `config.json` with `auto_map`, a component from a library other than
+diffusers or transformers. Non-frozen UNet tensors that are absent or reshaped do not break the guard, but a
+loader would refuse them or random-initialise them: the report notes them.
+
+Reads only safetensors (lazily, via `safe_open`, so a multi-GB UNet is checked tensor by tensor) and JSON
+(each file at most `MAX_JSON_BYTES`): no path reaches pickle or `torch.load`; pickled weights are reported,
+unread.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -28,7 +35,8 @@ from typing import Any
 import torch
 
 from .errors import FreezeAsGuardError
-from .guard import PRECISION, Guard, dtype_name, record_match, tensor_sketch
+from .guard import COUNT_SKETCH, PRECISION, TEXT_ENCODERS, Guard, dtype_name, record_match, tensor_sketch
+from .utils.files import read_json
 
 _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:unet\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_down"
@@ -49,6 +57,13 @@ _VARIANT_INDEX = re.compile(r"^diffusion_pytorch_model\.safetensors"
 _WEIGHT_FILE = re.compile(r"\.(safetensors|bin|ckpt|pt|pth|pkl|pickle|gguf|msgpack|h5|onnx|pb|flashpack|npz)$"
                           r"|\.index(\.[^.]+)?\.json$", re.IGNORECASE)
 _PICKLE = re.compile(r"\.(bin|ckpt|pt|pth|pkl|pickle)$", re.IGNORECASE)
+# transformers' names for a text encoder's weights (transformers.utils: SAFE_WEIGHTS_NAME and its index).
+TEXT_WEIGHTS = "model.safetensors"
+TEXT_INDEX = "model.safetensors.index.json"
+_TEXT_VARIANT = re.compile(r"^model\.(?P<v>[^.]+)\.safetensors$|^model\.safetensors\.index\.(?P<iv>[^.]+)\.json$")
+_LOADER_LIBRARIES = ("diffusers", "transformers")
+# How many entries of a model directory are looked at for code that would run on load: a real one has tens.
+_MAX_ENTRIES = 10_000
 
 OK_STATUSES = frozenset({"ok", "ok_lower_precision", "ok_within_tolerance"})
 
@@ -67,7 +82,8 @@ def printable(text: str) -> str:
 class Finding:
     name: str
     # ok, ok_lower_precision, ok_within_tolerance; changed, missing, shape, duplicate, adapter_on_frozen,
-    # adapter_shape, text_encoder_adapter, unrecognised, mixed_file, unexpected_file, unreadable, component
+    # adapter_shape, text_encoder_adapter, unrecognised, mixed_file, unexpected_file, unreadable, component,
+    # code_on_load
     status: str
     detail: str = ""
 
@@ -123,7 +139,7 @@ def _max_diff(t: torch.Tensor, b: torch.Tensor) -> float:
 
 def _sketch_distance(t: torch.Tensor, record: Mapping[str, Any], spec: Mapping[str, Any]) -> float:
     """Estimated ||t - base||_2 / ||base||_2 from the guard's value sketch of the base."""
-    ours = torch.tensor(tensor_sketch(t, k=spec["k"], seed=spec["seed"]), dtype=torch.float64)
+    ours = torch.tensor(tensor_sketch(t, k=spec["k"], seed=spec["seed"], method=spec["method"]), dtype=torch.float64)
     theirs = torch.tensor(record["sketch"], dtype=torch.float64)
     return float((ours - theirs).pow(2).sum().sqrt()) / max(float(record["norm"]), 1e-12)
 
@@ -152,7 +168,7 @@ def _check_one(name: str, t: torch.Tensor, record: Mapping[str, Any], shape: lis
         if guard.sketch is not None and "sketch" in record:
             rel = _sketch_distance(t, record, guard.sketch)
             how = (f"relative L2 distance from the base ~{rel:.3g}, estimated from the guard's "
-                   f"{guard.sketch['k']}-bucket value sketch")
+                   f"{guard.sketch['k']}-value sketch")
             if rel <= tolerance:
                 return Finding(name, "ok_within_tolerance", f"{got}; {how} <= {tolerance:g}")
             return Finding(name, "changed", f"{got}; {how} > {tolerance:g}")
@@ -202,9 +218,13 @@ def check_tensors(guard: Guard, tensors: Mapping[str, torch.Tensor], *, base: Ma
     unknown = [n for n in tensors if n not in shapes]
     if unknown:
         report.notes.append(f"{len(unknown)} tensor(s) not in the guard's base model, e.g. {sorted(unknown)[:3]}")
-    if tolerance is not None and base is None and guard.sketch is None:
+    if tolerance and base is None and guard.sketch is None:
         report.notes.append("this guard file predates value sketches: without --base, --tolerance compared norms "
                             "only (a negated or permuted tensor keeps its norm); pass --base for a real check")
+    elif tolerance and base is None and guard.sketch["method"] == COUNT_SKETCH:
+        report.notes.append("this guard file holds count sketches (an older freezeasguard): without --base, "
+                            "--tolerance passes values rearranged within a sketch bucket; pass --base, or re-make "
+                            "the guard, for a check that a rearrangement cannot pass")
     return report
 
 
@@ -383,11 +403,7 @@ def _unet_targets(folder: Path, prefix: str) -> tuple[list[_Target], set[Path], 
         single = UNET_WEIGHTS if v is None else f"diffusion_pytorch_model.{v}.safetensors"
         if index is not None:
             used.add(index)
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise AuditError(f"{index}: not a readable sharded-weights index ({exc})") from exc
+            shards = _shards(index)
             files = []
             for shard in shards:
                 path = folder / str(shard)
@@ -419,11 +435,8 @@ def _resolve(path: Path) -> tuple[list[_Target], list[_Target], list[Finding], l
     notes: list[str] = []
     folders = [(path, "", True)]
     if (path / "model_index.json").is_file():
-        try:
-            index = json.loads((path / "model_index.json").read_text())
-            entry = index.get("unet") if isinstance(index, dict) else None
-        except (OSError, ValueError) as exc:
-            raise AuditError(f"{path / 'model_index.json'}: not readable JSON ({exc})") from exc
+        index = read_json(path / "model_index.json", "model index", AuditError)
+        entry = index.get("unet") if isinstance(index, dict) else None
         if not (path / "unet").is_dir():
             raise AuditError(f"{path}: model directory has no unet/ folder")
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1] in UNET_CLASSES and entry[0] == "diffusers"):
@@ -431,8 +444,7 @@ def _resolve(path: Path) -> tuple[list[_Target], list[_Target], list[Finding], l
                                     f"unet is {entry!r}; a loader would build something other than diffusers' "
                                     f"{'/'.join(UNET_CLASSES)}, so the audited weights are not what runs"))
         folders = [(path, "", False), (path / "unet", "unet/", True)]
-        notes.append("components other than the UNet (text encoder, VAE, ...) are not covered by a UNet guard "
-                     "and were not checked")
+        findings += _code_on_load(path, index)
     unet_targets: list[_Target] = []
     adapters: list[_Target] = []
     for folder, prefix, holds_unet in folders:
@@ -456,6 +468,116 @@ def _resolve(path: Path) -> tuple[list[_Target], list[_Target], list[Finding], l
                          f"{UNET_INDEX}, {' or '.join(ADAPTER_WEIGHTS)})" + (f"; found {found}" if found else "")
                          + "; to audit a file under another name, pass the file itself")
     return unet_targets, adapters, findings, notes
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a sharded-weights index names (diffusers' and transformers' `weight_map`)."""
+    data = read_json(index, "sharded-weights index", AuditError)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        raise AuditError(f"{index}: not a sharded-weights index (no 'weight_map' of tensor name -> file name)")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if Path(shard).name != shard:  # a loader joins it to the folder: no path may leave it
+            raise AuditError(f"{index}: shard {shard!r} is not a file name in the index's folder")
+    return shards
+
+
+def _code_on_load(path: Path, index: Any) -> list[Finding]:
+    """What in a model directory would run code when a loader reads it (see the module docstring). The root and
+    unet/ weight files are classified by `_resolve`; pickles in the other component folders are found here."""
+    findings = []
+    if isinstance(index, dict):
+        for component, entry in sorted(index.items()):
+            if component.startswith("_") or not isinstance(entry, list) or entry[:1] == [None]:
+                continue
+            if entry[:1] and entry[0] not in _LOADER_LIBRARIES:
+                findings.append(Finding(f"model_index.json:{component}", "code_on_load",
+                                        f"component from {entry[0]!r}, not {' or '.join(_LOADER_LIBRARIES)}: a "
+                                        "loader imports that module (custom code) to build it"))
+        custom = index.get("_class_name")
+        if isinstance(custom, list):
+            findings.append(Finding("model_index.json:_class_name", "code_on_load",
+                                    f"a custom pipeline {custom!r}: a loader runs its module"))
+    seen = 0
+    for folder in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
+        for p in sorted(folder.iterdir()):
+            seen += 1
+            if seen > _MAX_ENTRIES:
+                return [*findings, Finding(str(path), "unexpected_file", f"more than {_MAX_ENTRIES} entries: "
+                                                                         "not a model directory as a loader writes it")]
+            rel = p.relative_to(path).as_posix()
+            if p.is_dir() and folder is not path:
+                findings.append(Finding(rel, "unexpected_file", "a folder inside a component folder: loaders read "
+                                                                "files only, and it was not checked"))
+            elif p.suffix.lower() == ".py":
+                findings.append(Finding(rel, "code_on_load", "Python source in a model directory: a custom-pipeline "
+                                                             "or trust_remote_code loader would run it"))
+            elif _PICKLE.search(p.name) and folder not in (path, path / "unet"):
+                findings.append(Finding(rel, "unreadable", "pickled weights: loading them runs whatever they hold; "
+                                                           "never unpickled here"))
+            elif p.name == "config.json" and p.is_file():
+                config = read_json(p, "component config", AuditError)
+                if isinstance(config, dict) and config.get("auto_map"):
+                    findings.append(Finding(rel, "code_on_load", "'auto_map' points a loader at custom model code"))
+    return findings
+
+
+def _text_encoder_targets(folder: Path, prefix: str) -> list[_Target]:
+    """What transformers' `from_pretrained(folder[, variant=v])` reads, for every variant present: the sharded
+    index when it exists, else `model[.v].safetensors`."""
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    variants = sorted({m.group("v") or m.group("iv") for n in names if (m := _TEXT_VARIANT.match(n))})
+    targets = []
+    for v in [None, *variants]:
+        index = TEXT_INDEX if v is None else f"model.safetensors.index.{v}.json"
+        single = TEXT_WEIGHTS if v is None else f"model.{v}.safetensors"
+        if index in names:
+            targets.append(_Target(f"{prefix}{index}", [folder / shard for shard in _shards(folder / index)]))
+        elif single in names:
+            targets.append(_Target(f"{prefix}{single}", [folder / single]))
+    return targets
+
+
+def check_text_encoders(path: Path, guard: Guard) -> tuple[list[Finding], list[str], int]:
+    """(findings, notes, tensors checked) for the text encoders of the model directory `path` against the
+    values `guard` recorded for them."""
+    if guard.allow_text_encoder:
+        return [], ["this guard lets the text encoder train: its values were not checked"], 0
+    if guard.text_encoders is None:
+        return [], ["this guard file records no text-encoder values (made from a UNet alone, or by an older "
+                    "freezeasguard): a retrained text encoder is not detected; re-make the guard from the model"], 0
+    findings, notes, checked = [], [], 0
+    for component in TEXT_ENCODERS:
+        records = guard.text_encoders.get(component)
+        folder = path / component
+        if records is None:
+            if folder.is_dir():
+                notes.append(f"{component}/ is not one the guard recorded: not checked")
+            continue
+        targets = _text_encoder_targets(folder, f"{component}/") if folder.is_dir() else []
+        if not targets:
+            findings.append(Finding(f"{component}/", "missing", f"no {TEXT_WEIGHTS} (or its index or a variant): "
+                                                                "the guard keeps this text encoder frozen"))
+            continue
+        for target in targets:
+            for f in target.files:
+                if not f.is_file():
+                    raise AuditError(f"{target.label}: names shard {f.name!r}, which does not exist")
+            tensors = _LazyTensors(target.files)
+            checked += len(records)
+            for name, record in records.items():
+                label = f"{target.label}:{name}"
+                if name not in tensors:
+                    findings.append(Finding(label, "missing", "a frozen text-encoder tensor absent from the derivative"))
+                elif record_match(tensors[name], record) is None:
+                    t = tensors[name]
+                    findings.append(Finding(label, "changed", f"{dtype_name(t.dtype)} {list(t.shape)}; differs from "
+                                                              "the released text encoder, which the guard keeps frozen"))
+            extra = sorted(set(tensors) - set(records))
+            if extra:
+                notes.append(f"{target.label}: {len(extra)} tensor(s) the released text encoder lacks, e.g. {extra[:3]}")
+    return findings, notes, checked
 
 
 def _classify(keys: list[str], guard: Guard) -> tuple[dict[str, str], list[str], list[str]]:
@@ -506,11 +628,30 @@ def _audit_target(target: _Target, guard: Guard, named_adapter: bool, base: Any,
             report.findings.append(Finding(target.label, "unrecognised",
                                            f"{len(other)} key(s) that are neither UNet tensors of the guarded model "
                                            f"nor adapter keys, e.g. {sorted(other)[:3]}"))
+        report.notes += _loadability_notes(guard, {n: probe.shape(k) for k, n in unet.items()}, target.label)
         stored = {dtype_name(tensors[n].dtype) for n in guard.frozen[:1] if n in tensors}
         if stored:
             report.notes.append(f"{target.label}: stored as {', '.join(sorted(stored))}")
     report.findings[:0] = findings
     return report
+
+
+def _loadability_notes(guard: Guard, shapes: Mapping[str, list[int]], label: str) -> list[str]:
+    """Non-frozen UNet tensors a loader would not load as released: absent (diffusers refuses the file, or
+    random-initialises them when told to) or reshaped (it refuses)."""
+    frozen = set(guard.frozen)
+    expected = guard.fingerprint["tensors"]
+    absent = sorted(n for n in expected if n not in shapes and n not in frozen)
+    reshaped = sorted(n for n, shape in shapes.items() if n not in frozen and list(shape) != list(expected[n][0]))
+    notes = []
+    if absent:
+        notes.append(f"{label}: {len(absent)} non-frozen UNet tensor(s) absent, e.g. {absent[:3]}: a loader refuses "
+                     "this UNet or random-initialises them, so it does not run as released")
+    if reshaped:
+        notes.append(f"{label}: {len(reshaped)} non-frozen UNet tensor(s) reshaped, e.g. "
+                     + ", ".join(f"{n} {list(shapes[n])} (released {expected[n][0]})" for n in reshaped[:3])
+                     + ": a loader refuses this UNet")
+    return notes
 
 
 class _Subset(Mapping[str, torch.Tensor]):
@@ -555,17 +696,27 @@ def verify(derivative: str | Path, guard: Guard, *, base: str | Path | None = No
         base_map = _base_tensors(base) if base is not None else None
         reports = [_audit_target(t, guard, False, base_map, str(base), tolerance) for t in unets]
         reports += [_audit_target(t, guard, True, base_map, str(base), tolerance) for t in adapters]
+        if path.is_dir() and (path / "model_index.json").is_file():
+            text_findings, text_notes, text_checked = check_text_encoders(path, guard)
+            findings += text_findings
+            notes += text_notes
+        else:
+            text_checked = 0
+            if guard.text_encoders is not None:
+                notes.append("only the UNet or an adapter was given: the text encoder(s) this guard keeps frozen were "
+                             "not checked (audit the model directory to check them)")
     except OSError as exc:  # unreadable folder or file: name it instead of a traceback
         raise AuditError(f"{exc.filename or path}: cannot be read ({exc.strerror or exc})") from exc
     if len(reports) == 1 and not findings:
         report = reports[0]
         report.derivative = str(derivative)
         report.notes += notes
+        report.checked += text_checked
         return report
     kinds = {r.kind for r in reports}
     kind = kinds.pop() if len(kinds) == 1 else ("mixed" if "mixed" in kinds else "unet+lora")
-    report = AuditReport(str(derivative), kind, guard.fingerprint["digest"], checked=sum(r.checked for r in reports),
-                         findings=list(findings), notes=list(notes))
+    report = AuditReport(str(derivative), kind, guard.fingerprint["digest"],
+                         checked=sum(r.checked for r in reports) + text_checked, findings=list(findings), notes=list(notes))
     for r in reports:
         for f in r.findings:
             report.findings.append(Finding(f.name, f.status, f"{r.derivative}: {f.detail}" if f.detail else r.derivative))

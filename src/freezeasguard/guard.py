@@ -8,10 +8,14 @@ A guard file is one JSON document (format `freezeasguard-guard`, version 1):
 - `tensors`: for each frozen tensor, SHA-256 digests of its bytes in float32, float16 and bfloat16, its
   L2 norm and a value sketch (below), so a derivative can be checked without the base weights, including one
   saved in lower precision;
-- `sketch`: how the sketches were made: a count sketch (k signed bucket sums in float64, a sparse random
-  projection) whose buckets and signs come from SHAKE-256 of the seed and the tensor's size, so
-  `verify --tolerance` compares values, not norms, without the base (files written before sketches existed
-  lack it and fall back to norms);
+- `sketch`: how the sketches were made: k projections of the tensor onto dense random +-1 directions whose
+  signs come from SHAKE-256 of the seed and the tensor's size, so `verify --tolerance` compares values, not
+  norms, without the base. Files from older releases hold a count sketch (signed bucket sums), which a
+  rearrangement of values within a bucket satisfies; they are still read, and verify says so. Files written
+  before sketches existed lack it and fall back to norms;
+- `text_encoders`: when the guard keeps the text encoder(s) frozen, per component (`text_encoder`,
+  `text_encoder_2`) and tensor, the digests of its values, so a derivative whose text encoder was retrained is
+  caught, not only one carrying a text-encoder adapter;
 - `scores`: optional per-name soft scores (learned mask, importance) the frozen set was chosen from;
 - `ratio`: frozen fraction by tensor count and by parameter count;
 - `method`, `provenance` (config, data manifests, seeds, library versions), `created`, `allow_text_encoder`;
@@ -47,11 +51,17 @@ CAST_DTYPES = ("float32", "float16", "bfloat16")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Bits of mantissa+exponent, to tell a tensor stored in lower precision from one that changed.
 PRECISION = {"float64": 64, "float32": 32, "bfloat16": 16, "float16": 16, "float8_e4m3fn": 8, "float8_e5m2": 8}
-# The value sketch stored per frozen tensor (see the module docstring). 16 buckets estimate the L2 distance of
-# a derivative's tensor from the base within about +-25% (chi distribution with 16 degrees of freedom), which
-# separates rounding (relative error ~1e-3) from a real change (~1) by orders of magnitude. k is a power of two
-# up to 128 (one hash byte per element: 7 bits of bucket, 1 of sign).
-SKETCH = {"method": "count-sketch/shake256", "k": 16, "seed": 0}
+# The value sketch stored per frozen tensor (see `tensor_sketch`). 16 projections estimate the L2 distance of a
+# derivative's tensor from the base within about +-25% (chi distribution with 16 degrees of freedom), which
+# separates rounding (relative error ~1e-3) from a real change (~1) by orders of magnitude.
+SKETCH = {"method": "rademacher/shake256", "k": 16, "seed": 0}
+# Sketch methods a guard file may name, and the numbers of projections (k) each allows. The count sketch is the
+# one older releases wrote: still read, never written (a rearrangement within its buckets leaves it unchanged).
+SKETCH_METHODS = {"rademacher/shake256": (8, 16, 32, 64, 128), "count-sketch/shake256": (1, 2, 4, 8, 16, 32, 64, 128)}
+COUNT_SKETCH = "count-sketch/shake256"
+# Components whose values a guard that keeps the text encoder frozen records (SDXL has two text encoders).
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+_PROJECTION_CHUNK = 1 << 16  # elements per hash call: bounds memory at ~8 MB per chunk whatever the tensor's size
 
 
 class GuardError(FreezeAsGuardError, ValueError):
@@ -71,36 +81,66 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def tensor_sketch(t: torch.Tensor, *, k: int = SKETCH["k"], seed: int = SKETCH["seed"]) -> list[float]:
-    """A count sketch of `t` in float64: element i adds s_i x_i to bucket h_i (h_i in [0, k), s_i = +-1), both
-    read from one byte of SHAKE-256 of (seed, numel) per element.
+def tensor_sketch(t: torch.Tensor, *, k: int = SKETCH["k"], seed: int = SKETCH["seed"],
+                  method: str = SKETCH["method"]) -> list[float]:
+    """k random projections of `t` in float64: p_j = sum_i s_ij x_i / sqrt(k), with signs s_ij = +-1 read from
+    SHAKE-256 of (seed, numel, chunk) at one bit per element and projection.
 
-    sqrt(sum_j (sketch_j(a) - sketch_j(b))^2) estimates ||a - b||_2 without either tensor at hand (exactly for
-    a change in one element; within about +-25% for a change spread over many). The hash, not a library RNG,
-    makes the buckets, so any release of any library recomputes the same sketch, in one pass over the tensor.
-    The seed is public (it is in the guard file): someone who wants to fool a tolerance check can craft a
-    change the sketch misses, which is why the exact digest check, not the tolerance, is what a guard certifies.
+    sqrt(sum_j (p_j(a) - p_j(b))^2) estimates ||a - b||_2 without either tensor at hand (within about +-25% at
+    k = 16). Every element enters every projection with its own sign, so moving values between positions
+    changes the sketch unless the move is orthogonal to all k directions: a permutation, a negation or a
+    shuffle within any subset does not pass by chance. The hash, not a library RNG, makes the directions, so any
+    release of any library recomputes the same sketch. The seed is public (it is in the guard file): someone who
+    knows it can solve for a change in the directions' null space (k linear constraints on millions of values)
+    and pass a tolerance check, which is why the exact digest check, not the tolerance, is what a guard
+    certifies, and why `--base` gives the elementwise check.
+
+    `method="count-sketch/shake256"` recomputes the sketch older guard files hold (element i adds +-x_i to one
+    of k buckets), which a rearrangement of values within a bucket satisfies.
     """
     import numpy as np
 
-    x = t.detach().cpu().reshape(-1).to(torch.float64, copy=True).numpy()  # a private copy, negated in place
-    stream = hashlib.shake_256(f"freezeasguard-sketch|{seed}|{x.size}".encode()).digest(x.size)
-    byte = np.frombuffer(stream, dtype=np.uint8)
-    np.negative(x, out=x, where=byte >= 128)
-    return np.bincount(byte & (k - 1), weights=x, minlength=k).tolist()
+    x = t.detach().cpu().reshape(-1).to(torch.float64, copy=True).numpy()
+    if method == COUNT_SKETCH:
+        stream = hashlib.shake_256(f"freezeasguard-sketch|{seed}|{x.size}".encode()).digest(x.size)
+        byte = np.frombuffer(stream, dtype=np.uint8)
+        np.negative(x, out=x, where=byte >= 128)
+        return np.bincount(byte & (k - 1), weights=x, minlength=k).tolist()
+    if method != SKETCH["method"] or k % 8 or k <= 0:
+        raise ValueError(f"unknown sketch {method!r} with k={k}")
+    out = np.zeros(k)
+    for start in range(0, x.size, _PROJECTION_CHUNK):
+        chunk = x[start:start + _PROJECTION_CHUNK]
+        stream = hashlib.shake_256(f"freezeasguard-projection|{seed}|{x.size}|{start}".encode()).digest(chunk.size * k // 8)
+        bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8).reshape(chunk.size, k // 8), axis=1, bitorder="little")
+        # s = 1 - 2 bit, so sum_i s_i x_i = sum_i x_i - 2 sum_i bit_i x_i (one matrix-vector product per chunk)
+        out += chunk.sum() - 2.0 * (chunk @ bits)
+    return (out / math.sqrt(k)).tolist()
+
+
+def value_record(t: torch.Tensor) -> dict[str, Any]:
+    """Its dtype and the digests of its value cast to each float dtype: enough for `record_match`."""
+    t = t.detach().cpu()
+    if t.is_floating_point():
+        return {"dtype": dtype_name(t.dtype), "digests": {name: tensor_digest(t.to(_DTYPES[name])) for name in CAST_DTYPES}}
+    return {"dtype": dtype_name(t.dtype), "digests": {dtype_name(t.dtype): tensor_digest(t)}}
 
 
 def tensor_record(t: torch.Tensor) -> dict[str, Any]:
-    """What a guard stores per frozen tensor: digests of its value cast to each float dtype, its norm and its
-    value sketch."""
+    """What a guard stores per frozen tensor: its value record, its norm and its value sketch."""
     t = t.detach().cpu()
-    record: dict[str, Any] = {"dtype": dtype_name(t.dtype), "norm": float(t.double().norm())}
-    if t.is_floating_point():
-        record["digests"] = {name: tensor_digest(t.to(_DTYPES[name])) for name in CAST_DTYPES}
-    else:
-        record["digests"] = {dtype_name(t.dtype): tensor_digest(t)}
-    record["sketch"] = tensor_sketch(t)
-    return record
+    return {**value_record(t), "norm": float(t.double().norm()), "sketch": tensor_sketch(t)}
+
+
+def text_encoder_records(model: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """Component -> tensor name -> value record, for every text encoder `model` has, keyed as its saved state
+    dict is (what `verify` reads back from `text_encoder*/model.safetensors`)."""
+    out = {}
+    for component in TEXT_ENCODERS:
+        module = getattr(model, component, None)
+        if module is not None:
+            out[component] = {n: value_record(t) for n, t in sorted(module.state_dict().items())}
+    return out
 
 
 def record_match(t: torch.Tensor, record: Mapping[str, Any]) -> str | None:
@@ -166,6 +206,9 @@ class Guard:
     allow_text_encoder: bool = False
     # How the per-tensor value sketches were made; None for files written before sketches existed.
     sketch: dict[str, Any] | None = field(default_factory=lambda: dict(SKETCH))
+    # The text encoders' value records (`text_encoder_records`) when the guard keeps them frozen; None when it
+    # lets them train, or for a guard made from a UNet alone (see `with_text_encoders`).
+    text_encoders: dict[str, dict[str, dict[str, Any]]] | None = None
 
     # -------------------------------------------------------------- construction
     @classmethod
@@ -213,6 +256,14 @@ class Guard:
         return cls.from_scores(tensors, scores, ratio, ratio_by=ratio_by, method="random",
                                provenance={"seed": seed, **dict(provenance or {})})
 
+    def with_text_encoders(self, model: Any) -> Guard:
+        """This guard with the text encoders of `model` (the release it goes with) recorded when it keeps them
+        frozen, so `verify` can tell a retrained text encoder from the released one."""
+        import dataclasses
+
+        records = None if self.allow_text_encoder else (text_encoder_records(model) or None)
+        return dataclasses.replace(self, text_encoders=records)
+
     # -------------------------------------------------------------- ratios and views
     @property
     def names(self) -> list[str]:
@@ -239,6 +290,8 @@ class Guard:
         encoder rule), not of when or how it was made: equal digests freeze the same tensors to the same values."""
         body = {"fingerprint": self.fingerprint["digest"], "frozen": list(self.frozen), "tensors": self.tensors,
                 "allow_text_encoder": self.allow_text_encoder}
+        if self.text_encoders is not None:
+            body["text_encoders"] = self.text_encoders
         return _checksum(body)
 
     def per_block(self, depth: int = 2) -> list[dict[str, Any]]:
@@ -273,6 +326,8 @@ class Guard:
         for n in set(self.frozen) & set(other.frozen):
             if self.tensors[n]["digests"] != other.tensors[n]["digests"]:
                 raise GuardError(f"cannot {op} guards whose frozen tensor {n!r} has different values")
+        if None not in (self.text_encoders, other.text_encoders) and self.text_encoders != other.text_encoders:
+            raise GuardError(f"cannot {op} guards that record different text encoders")
 
     def _combine(self, other: Guard, names: set[str], op: str, allow_text_encoder: bool) -> Guard:
         records = {**other.tensors, **self.tensors}
@@ -282,10 +337,11 @@ class Guard:
             sketch = None
             for record in tensors.values():
                 record.pop("sketch", None)
+        text_encoders = None if allow_text_encoder else (self.text_encoders or other.text_encoders)
         return Guard(frozen=tuple(sorted(names)), fingerprint=self.fingerprint, tensors=tensors, method=op,
                      scores=None, provenance={"op": op, "of": [self.summary(), other.summary()]},
                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                     allow_text_encoder=allow_text_encoder, sketch=sketch)
+                     allow_text_encoder=allow_text_encoder, sketch=sketch, text_encoders=text_encoders)
 
     # The text encoder is one more frozen-or-not unit: the union freezes it if either guard does, the
     # intersection only if both do.
@@ -370,6 +426,8 @@ class Guard:
         }
         if self.sketch is not None:
             body["sketch"] = self.sketch
+        if self.text_encoders is not None:
+            body["text_encoders"] = self.text_encoders
         body["checksum"] = _checksum(body)
         return body
 
@@ -413,17 +471,23 @@ class Guard:
         if scores is not None and (not isinstance(scores, dict) or set(scores) != set(names)):
             raise bad("'scores' must give one score per UNet tensor")
         sketch = data.get("sketch")
-        if sketch is not None and not (isinstance(sketch, dict) and sketch.get("method") == SKETCH["method"]
-                                       and sketch.get("k") in (1, 2, 4, 8, 16, 32, 64, 128)
+        if sketch is not None and not (isinstance(sketch, dict) and sketch.get("k") in SKETCH_METHODS.get(sketch.get("method"), ())
                                        and isinstance(sketch.get("seed"), int)):
-            raise bad(f"'sketch' must be {{'method': {SKETCH['method']!r}, 'k': a power of two <= 128, 'seed': int}}")
+            allowed = "; ".join(f"{m!r} with k in {ks}" for m, ks in SKETCH_METHODS.items())
+            raise bad(f"'sketch' must be {{'method', 'k', 'seed': int}}, one of: {allowed}")
         for name, record in data["tensors"].items():
             problem = _record_problem(record, sketch)
             if problem:
                 raise bad(f"record of frozen tensor {name!r}: {problem}")
+        allow_text_encoder = bool(data.get("allow_text_encoder", False))
+        text_encoders = data.get("text_encoders")
+        if text_encoders is not None:
+            problem = _text_encoders_problem(text_encoders, allow_text_encoder)
+            if problem:
+                raise bad(f"'text_encoders': {problem}")
         guard = cls(frozen=tuple(data["frozen"]), fingerprint=fp, tensors=data["tensors"], method=data.get("method", "?"),
                     scores=scores, provenance=data["provenance"], created=data.get("created", ""),
-                    allow_text_encoder=bool(data.get("allow_text_encoder", False)), sketch=sketch)
+                    allow_text_encoder=allow_text_encoder, sketch=sketch, text_encoders=text_encoders)
         for key, value in (("by_count", guard.ratio_by_count), ("by_params", guard.ratio_by_params)):
             if not math.isclose(float(data["ratio"].get(key, -1)), value, rel_tol=1e-9, abs_tol=1e-12):
                 raise bad(f"recorded ratio {key}={data['ratio'].get(key)} does not match the frozen list ({value})")
@@ -443,6 +507,22 @@ def _record_problem(record: Any, sketch: Mapping[str, Any] | None) -> str | None
     if not (isinstance(values, list) and len(values) == sketch["k"]
             and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
         return f"'sketch' must be {sketch['k']} finite numbers"
+    return None
+
+
+def _text_encoders_problem(value: Any, allow_text_encoder: bool) -> str | None:
+    if allow_text_encoder:
+        return "recorded, but the guard lets the text encoder train (allow_text_encoder is true)"
+    if not isinstance(value, dict) or not value or not set(value) <= set(TEXT_ENCODERS):
+        return f"must map one or more of {list(TEXT_ENCODERS)} to their tensors' records"
+    for component, records in value.items():
+        if not isinstance(records, dict) or not records:
+            return f"{component!r} must map tensor names to records"
+        for name, record in records.items():
+            if not (isinstance(record, dict) and isinstance(record.get("dtype"), str)
+                    and isinstance(record.get("digests"), dict) and record["digests"]
+                    and all(isinstance(d, str) for d in record["digests"].values())):
+                return f"{component}.{name}: a record must hold a 'dtype' and its 'digests'"
     return None
 
 

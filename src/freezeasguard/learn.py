@@ -652,7 +652,7 @@ def _learn_guard(model: Any, illegal: Any, legal: Any, config: LearnConfig | Non
     }
     guard = Guard(frozen=tuple(sorted(frozen)), fingerprint=fingerprint, tensors={n: records[n] for n in sorted(frozen)},
                   method="learned", scores=scores, provenance=prov,
-                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())).with_text_encoders(model)
     if output_dir is not None:
         out = Path(output_dir)
         guard.save(out / "guard.json")

@@ -38,8 +38,8 @@ def _load_guard(path: Path):  # type: ignore[no-untyped-def]
     return Guard.load(path)
 
 
-def _unet(model: str):  # type: ignore[no-untyped-def]
-    return load_model_arg(model).unet
+def _model(model: str):  # type: ignore[no-untyped-def]
+    return load_model_arg(model)
 
 
 def _target(out: Path, overwrite: bool) -> Path:
@@ -78,7 +78,9 @@ def guard_random(
 ) -> None:
     """Freeze a random set of UNet tensors (the random-freezing baseline)."""
     Guard = _begin(out, overwrite)
-    guard = Guard.random(_unet(model), ratio, seed=seed, ratio_by=ratio_by, provenance={"model": model})
+    loaded = _model(model)
+    guard = Guard.random(loaded.unet, ratio, seed=seed, ratio_by=ratio_by,
+                         provenance={"model": model}).with_text_encoders(loaded)
     _save(guard, out, overwrite)
 
 
@@ -95,11 +97,14 @@ def guard_top(
 ) -> None:
     """Freeze the highest-scoring UNet tensors (any importance score computed elsewhere)."""
     Guard = _begin(out, overwrite)
-    data = json.loads(scores.read_text())
+    from ..utils.files import read_json
+
+    data = read_json(scores, "scores file")
     if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
         raise ValueError(f"{scores}: expected a JSON object of tensor name -> number")
-    guard = Guard.from_scores(_unet(model), data, ratio, ratio_by=ratio_by,
-                              provenance={"model": model, "scores_file": str(scores)})
+    loaded = _model(model)
+    guard = Guard.from_scores(loaded.unet, data, ratio, ratio_by=ratio_by,
+                              provenance={"model": model, "scores_file": str(scores)}).with_text_encoders(loaded)
     _save(guard, out, overwrite)
 
 
@@ -116,7 +121,9 @@ def guard_names(
     Guard = _begin(out, overwrite)
     text = names.read_text()
     listed = json.loads(text) if text.lstrip().startswith("[") else [x.strip() for x in text.splitlines() if x.strip()]
-    guard = Guard.from_names(_unet(model), listed, provenance={"model": model, "names_file": str(names)})
+    loaded = _model(model)
+    guard = Guard.from_names(loaded.unet, listed,
+                             provenance={"model": model, "names_file": str(names)}).with_text_encoders(loaded)
     _save(guard, out, overwrite)
 
 

@@ -330,7 +330,7 @@ def immunised_release(model: Any, guard: Any, illegal: Any, legal: Any, config: 
     method = "+".join([guard.method] + ([ADD_COMPONENT[add]] if add != "none" else []) + ["immunise"])
     new = dataclasses.replace(Guard.from_names(model.unet, frozen, method=method, scores=guard.scores,
                                                provenance=provenance),
-                              allow_text_encoder=guard.allow_text_encoder)
+                              allow_text_encoder=guard.allow_text_encoder, text_encoders=guard.text_encoders)
     return new, info
 
 

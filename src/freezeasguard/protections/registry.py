@@ -146,6 +146,8 @@ def protect(name: str, ctx: ReleaseContext, options: dict[str, Any] | None = Non
         release = PROTECTIONS[p].fn(ctx if release is None else dataclasses.replace(ctx, model=release.model),
                                     cfgs[p], release)
     assert release is not None
-    if release.guard is not None and len(parts) > 1:
-        release.guard = dataclasses.replace(release.guard, method=name)
+    if release.guard is not None:
+        if len(parts) > 1:
+            release.guard = dataclasses.replace(release.guard, method=name)
+        release.guard = release.guard.with_text_encoders(release.model)
     return release

@@ -109,11 +109,24 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def read_json(path: str | Path, what: str, error: type[Exception] = ValueError) -> Any:
-    """A user's JSON file, with errors that name the file and what it should have been."""
+# The largest JSON file read from a user (guards, configs, indexes). The largest this library writes, a guard
+# of an SDXL-sized UNet with scores and text-encoder records, is a few MB.
+MAX_JSON_BYTES = 64 << 20
+
+
+def read_json(path: str | Path, what: str, error: type[Exception] = ValueError, *, limit: int = MAX_JSON_BYTES) -> Any:
+    """A user's JSON file, with errors that name the file and what it should have been; a file larger than
+    `limit` is refused before it is read."""
     p = Path(path)
     try:
-        return json.loads(p.read_text())
+        size = p.stat().st_size
+        if size > limit:
+            raise error(f"{p}: {size} bytes, larger than any {what} ({limit} bytes at most)")
+        with p.open("rb") as f:  # the size may change after stat: read at most one byte past the limit
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise error(f"{p}: larger than any {what} ({limit} bytes at most)")
+        return json.loads(data.decode("utf-8"))
     except FileNotFoundError as exc:
         raise error(f"{p}: no such {what}") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
