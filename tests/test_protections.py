@@ -24,13 +24,14 @@ _FAST = {
     "importance-ratio": {"n_batches": 1, "batch_size": 2},
     "imma": {"steps": 2, "batch_size": 2},
     "immunise": {"steps": 2, "reset_every": 1, "batch_size": 2, "text_subspace": 2},
+    "nullspace": {"rank": 2},
 }
 _PROMPTS = {"uce_edit": ["a red cat"], "uce_guide": ["a red house"], "uce_preserve": ["a blue tree"]}
 RATIO = 0.3
 # every protection that can stand alone, and the composites the benchmark runs
-NAMES = sorted(n for n, p in PROTECTIONS.items() if n != "immunise") + [
+NAMES = sorted(n for n, p in PROTECTIONS.items() if n not in ("immunise", "nullspace")) + [
     "random+immunise", "freeze-cross-attention+immunise", "guard+freeze-kv+immunise", "uce+guard",
-    "freeze-cross-attention+immunise+guard"]
+    "freeze-cross-attention+immunise+guard", "freeze-kv+nullspace", "guard+freeze-cross-attention+nullspace"]
 
 
 def _release(name, toy_data, seed=0):

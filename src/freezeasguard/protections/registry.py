@@ -107,8 +107,8 @@ def stages(name: str) -> list[str]:
     for p in parts[1:]:
         if not PROTECTIONS[p].accepts_prior:
             raise ValueError(f"protection {name!r}: {p} edits the base model and must come first")
-    if parts[0] == "immunise":
-        raise ValueError(f"protection {name!r}: immunise needs a frozen set before it (e.g. guard+immunise)")
+    if parts[0] in ("immunise", "nullspace"):
+        raise ValueError(f"protection {name!r}: {parts[0]} needs a frozen set before it (e.g. guard+{parts[0]})")
     if len(parts) > 1 and parts[0] == "none":
         raise ValueError(f"protection {name!r}: 'none' releases nothing to build on")
     return parts
