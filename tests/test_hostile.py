@@ -309,17 +309,40 @@ VERIFY_CASES = [
 ]
 
 
+def file_digests(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under `root`: what a case may not change (see data_lost)."""
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def data_lost(before: dict[str, str], after: dict[str, str]) -> str:
+    """'no', or which files that existed before the case changed or vanished."""
+    lost = sorted(k for k in before if after.get(k) != before[k])
+    return "no" if not lost else f"yes: {', '.join(lost[:3])}"
+
+
 @pytest.mark.parametrize("case", VERIFY_CASES, ids=lambda c: c.id)
-def test_verify_catalogue(case: VerifyCase, env: Env):
+def test_verify_catalogue(case: VerifyCase, env: Env, record_property):
     path = case.build(env)
     guard = case.guard(env)
+    before = file_digests(env.tmp)  # verify reads its inputs and must never change them
+    record_property("expected", case.expect)
     if case.expect == "error":
         with pytest.raises(AuditError) as err:
             verify(path, guard, **case.kwargs(env))
+        record_property("actual", f"error: {err.value}")
+        record_property("data_lost", data_lost(before, file_digests(env.tmp)))
         for s in case.names(env):
             assert s in str(err.value), (s, str(err.value))
+        assert file_digests(env.tmp) == before
         return
     report = verify(path, guard, **case.kwargs(env))
+    record_property("actual", "compliant" if report.compliant else
+                    "violation: " + ", ".join(sorted({f.status for f in report.violations})))
+    record_property("data_lost", data_lost(before, file_digests(env.tmp)))
+    assert file_digests(env.tmp) == before
     assert report.compliant == (case.expect == "compliant"), report.describe()
     seen = {f.name for f in report.violations} | {f.status for f in report.violations}
     for s in case.names(env):
@@ -503,22 +526,26 @@ DIR_CASES = [
 
 
 @pytest.mark.parametrize("case", DIR_CASES, ids=lambda c: c.id)
-def test_output_dir_catalogue(case: DirCase, env: Env, toy_data, tmp_path, monkeypatch):
+def test_output_dir_catalogue(case: DirCase, env: Env, toy_data, tmp_path, monkeypatch, record_property):
     if case.skip:
         pytest.skip(case.skip)
     data = toy_data(4)
     out = tmp_path / "out"
     prepared = case.prepare(out, lambda o, cfg=None, **kw: _finetune(env, data, o, cfg, **kw))
+    record_property("expected", f"refused: {case.error}" if case.error is not None else "completes")
     try:
         if case.error is not None:
             from freezeasguard import finetuning
 
             monkeypatch.setattr(finetuning, "train", _no_training)  # the refusal comes before any training
-            with pytest.raises(OutputDirError, match=case.error):
+            with pytest.raises(OutputDirError, match=case.error) as err:
                 case.act(env, data, out)
+            record_property("actual", f"refused: {err.value}")
         else:
             case.act(env, data, out)
-        case.check(out, prepared)
+            record_property("actual", "completed")
+        case.check(out, prepared)  # the case's own files (the user's, the run's) are as they must be
+        record_property("data_lost", "no")
     finally:
         if isinstance(prepared, subprocess.Popen):
             prepared.kill()
