@@ -252,6 +252,10 @@ VERIFY_CASES = [
         e, lambda d: (d / "model_index.json").write_text(json.dumps(
             {**json.loads((d / "model_index.json").read_text()), "safety_checker": ["evil_pkg", "Checker"]}))),
         "violation", lambda e: ["model_index.json:safety_checker", "code_on_load"]),
+    VerifyCase("a-diffusers-pipeline-folder-named-as-a-library-is-not-custom-code", lambda e: _model_dir(
+        e, lambda d: (d / "model_index.json").write_text(json.dumps(
+            {**json.loads((d / "model_index.json").read_text()),
+             "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"]}))), "compliant"),
     VerifyCase("non-frozen-tensor-absent-is-noted", lambda e: e.file("partial.safetensors", {
         k: v for k, v in e.weights.items() if k != next(n for n in e.weights if n not in e.guard.frozen)}),
         "compliant", notes=["non-frozen UNet tensor(s) absent"]),

@@ -483,6 +483,21 @@ def _shards(index: Path) -> list[str]:
     return shards
 
 
+def _loader_library(name: Any) -> bool:
+    """diffusers or transformers, or one of diffusers' own pipeline folders, which model indexes name directly
+    (SD 1.5's safety checker is ["stable_diffusion", "StableDiffusionSafetyChecker"]). Found on disk, so that
+    verify does not import diffusers."""
+    import importlib.util
+
+    if name in _LOADER_LIBRARIES:
+        return True
+    if not (isinstance(name, str) and name.isidentifier()):
+        return False
+    spec = importlib.util.find_spec("diffusers")
+    return any((Path(where) / "pipelines" / name / "__init__.py").is_file()
+               for where in (spec.submodule_search_locations or []) if spec)
+
+
 def _code_on_load(path: Path, index: Any) -> list[Finding]:
     """What in a model directory would run code when a loader reads it (see the module docstring). The root and
     unet/ weight files are classified by `_resolve`; pickles in the other component folders are found here."""
@@ -491,7 +506,7 @@ def _code_on_load(path: Path, index: Any) -> list[Finding]:
         for component, entry in sorted(index.items()):
             if component.startswith("_") or not isinstance(entry, list) or entry[:1] == [None]:
                 continue
-            if entry[:1] and entry[0] not in _LOADER_LIBRARIES:
+            if entry[:1] and not _loader_library(entry[0]):
                 findings.append(Finding(f"model_index.json:{component}", "code_on_load",
                                         f"component from {entry[0]!r}, not {' or '.join(_LOADER_LIBRARIES)}: a "
                                         "loader imports that module (custom code) to build it"))

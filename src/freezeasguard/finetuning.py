@@ -94,7 +94,7 @@ class FinetuneResult:
     train: TrainResult
     audit: AuditReport | None
     unet: TrainableShare
-    text_encoder: TrainableShare
+    text_encoder: TrainableShare  # every text encoder together (SDXL: text_encoder and text_encoder_2)
     lora_modules: list[str]
     skipped_modules: list[str]
     output: Path | None
@@ -215,7 +215,9 @@ def _finetune(model: DiffusionModel, data: Any, guard: Guard | None, cfg: Finetu
         if guard is not None and not guard.allow_text_encoder:
             raise GuardViolation("this guard keeps the text encoder frozen (allow_text_encoder is false): "
                                  "fine-tune the UNet only")
-        trainable.update({f"text_encoder.{n}": p for n, p in model.text_encoder.named_parameters()})
+        # every text encoder the model has (SDXL: both), under one rule: the guard allows them all or none
+        for component, module in model.named_text_encoders():
+            trainable.update({f"{component}.{n}": p for n, p in module.named_parameters()})
     if not trainable:
         raise GuardViolation("the guard freezes every UNet tensor: nothing can be fine-tuned")
 
@@ -242,8 +244,8 @@ def _finetune(model: DiffusionModel, data: Any, guard: Guard | None, cfg: Finetu
     ft = FinetuneResult(
         train=result, audit=report,
         unet=TrainableShare.of(list(base.values()), [p for n, p in trainable.items() if n.startswith("unet.")]),
-        text_encoder=TrainableShare.of(list(model.text_encoder.parameters()),
-                                       [p for n, p in trainable.items() if n.startswith("text_encoder.")]),
+        text_encoder=TrainableShare.of([p for m in model.text_encoders() for p in m.parameters()],
+                                       [p for n, p in trainable.items() if not n.startswith("unet.")]),
         lora_modules=lora_modules, skipped_modules=skipped, output=None,
     )
     if out is not None:

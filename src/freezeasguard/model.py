@@ -1,10 +1,14 @@
 """The model layer: one object over a Stable-Diffusion-format directory on local disk.
 
-A directory written by diffusers' `save_pretrained` (SD 1.x / 2.x, or the project's tiny embedded models)
-holds `model_index.json` and one folder per component. We load only what fine-tuning and sampling need
-(UNet, optional VAE, text encoder, tokenizer, scheduler) with the libraries' own `from_pretrained`, refuse
+A directory written by diffusers' `save_pretrained` (SD 1.x / 2.x, SDXL, or the project's tiny embedded
+models) holds `model_index.json` and one folder per component. We load only what fine-tuning and sampling need
+(UNet, optional VAE, text encoder(s), tokenizer(s), scheduler) with the libraries' own `from_pretrained`, refuse
 pickled weights, and write derivatives back in the same format, keeping the components we did not touch
 (safety checker, feature extractor) as they were.
+
+What the UNet is conditioned on is one `Conditioning`: the text encoders' hidden states for cross-attention
+and, for SDXL, the pooled embedding of `text_encoder_2` and the size/crop time ids, which reach the UNet as
+`added_cond_kwargs`. Training, caching, immunising and sampling all go through it.
 
 A model without a VAE is a pixel-space model: the UNet denoises RGB images in [-1, 1] directly.
 """
@@ -27,13 +31,17 @@ from .seeding import derive_seed
 from .utils.files import atomic_directory
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 # Components this library loads, and the libraries their classes may come from. Class names are read from
 # model_index.json; restricting the module keeps a crafted index from importing arbitrary code.
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+_WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
 _ALLOWED_LIBRARIES = ("diffusers", "transformers")
 _REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+# SDXL's added conditioning: original size, crop top-left and target size, each (height, width).
+TIME_IDS = 6
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 SAMPLERS = ("ddim", "ddpm", "euler", "dpm")
 
@@ -88,6 +96,7 @@ def _expected_kind(name: str) -> type:
 
     return {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.ModelMixin,
             "text_encoder": transformers.PreTrainedModel, "tokenizer": transformers.PreTrainedTokenizerBase,
+            "text_encoder_2": transformers.PreTrainedModel, "tokenizer_2": transformers.PreTrainedTokenizerBase,
             "scheduler": diffusers.SchedulerMixin}[name]
 
 
@@ -115,15 +124,70 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{index_path}: not valid JSON ({exc})") from exc
     if not isinstance(index, dict):
         raise ModelError(f"{index_path}: expected a JSON object")
-    missing = [c for c in _REQUIRED if not (isinstance(index.get(c), list) and index[c][0] is not None)]
+    missing = [c for c in _REQUIRED if not _present(index, c)]
     if missing:
         raise ModelError(f"{index_path}: missing component(s) {', '.join(missing)}")
+    if _present(index, "text_encoder_2") != _present(index, "tokenizer_2"):
+        have, lacks = ("text_encoder_2", "tokenizer_2") if _present(index, "text_encoder_2") else ("tokenizer_2", "text_encoder_2")
+        raise ModelError(f"{index_path}: names {have} but no {lacks}; an SDXL-format model has both")
     return index
+
+
+def _present(index: dict[str, Any], name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on, for a batch.
+
+    `hidden` [B, L, D]: the cross-attention states (for SDXL both text encoders' penultimate hidden states,
+    concatenated). `pooled` [B, P] and `time_ids` [B, 6]: SDXL's added conditioning (the pooled, projected
+    embedding of text_encoder_2; original size, crop top-left and target size); None for SD 1.x / 2.x.
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of UNet2DConditionModel.forward."""
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden}
+        if self.pooled is not None:
+            if self.time_ids is None:
+                raise ValueError("SDXL conditioning without time ids: call DiffusionModel.add_time_ids first")
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+    def where(self, mask: torch.Tensor, other: Conditioning) -> Conditioning:
+        """Per sample, `other` (one sample's conditioning, no batch dimension) where `mask` is true, else this.
+        The time ids stay: they describe the image, not the caption."""
+        hidden = torch.where(mask[:, None, None], other.hidden.to(self.hidden.dtype), self.hidden)
+        pooled = self.pooled
+        if pooled is not None and other.pooled is not None:
+            pooled = torch.where(mask[:, None], other.pooled.to(pooled.dtype), pooled)
+        return Conditioning(hidden, pooled, self.time_ids)
+
+    def select(self, i: int) -> Conditioning:
+        """Sample i, without the batch dimension."""
+        return Conditioning(self.hidden[i], None if self.pooled is None else self.pooled[i],
+                            None if self.time_ids is None else self.time_ids[i])
+
+    def detach(self) -> Conditioning:
+        return Conditioning(*(None if t is None else t.detach() for t in (self.hidden, self.pooled, self.time_ids)))
+
+    def to(self, device: str | torch.device | None = None) -> Conditioning:
+        return Conditioning(*(None if t is None else t.to(device) for t in (self.hidden, self.pooled, self.time_ids)))
 
 
 @dataclass
 class DiffusionModel:
-    """UNet, optional VAE, text encoder, tokenizer and scheduler of one text-to-image model."""
+    """UNet, optional VAE, text encoder(s), tokenizer(s) and scheduler of one text-to-image model.
+
+    `text_encoder_2` and `tokenizer_2` are SDXL's second text encoder (CLIPTextModelWithProjection, whose
+    pooled output conditions the UNet too) and its tokenizer; None for SD 1.x / 2.x.
+    """
 
     unet: Any
     text_encoder: Any
@@ -132,6 +196,8 @@ class DiffusionModel:
     vae: Any | None = None
     source: Path | None = None
     index: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: Any | None = None
+    tokenizer_2: Any | None = None
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -151,7 +217,7 @@ class DiffusionModel:
                 raise ModelError(f"{folder}: missing folder for component {name!r} named in {index_path}")
             component_cls = _component_class(index_path, name, entry)
             kwargs: dict[str, Any] = {}
-            if name in ("unet", "vae", "text_encoder"):
+            if name in _WEIGHTED:
                 _refuse_pickles(folder)
                 kwargs["use_safetensors"] = True
                 if torch_dtype is not None:
@@ -169,6 +235,8 @@ class DiffusionModel:
             vae=parts.get("vae"),
             source=root,
             index=index,
+            text_encoder_2=parts.get("text_encoder_2"),
+            tokenizer_2=parts.get("tokenizer_2"),
         )
         model._check_consistent()
         for module in model.modules():
@@ -180,16 +248,60 @@ class DiffusionModel:
 
     def _check_consistent(self) -> None:
         unet_cfg = self.unet.config
-        hidden = getattr(self.text_encoder.config, "hidden_size", None)
-        if hidden is not None and unet_cfg.cross_attention_dim != hidden:
-            raise ModelError(
-                f"unet.cross_attention_dim={unet_cfg.cross_attention_dim} but the text encoder's hidden_size is "
-                f"{hidden}: these components do not belong together"
-            )
+        self._check_added_conditioning()  # first: a missing text_encoder_2 is the cause of a width mismatch too
+        if self.text_encoder_2 is None:
+            hidden = getattr(self.text_encoder.config, "hidden_size", None)
+            if hidden is not None and unet_cfg.cross_attention_dim != hidden:
+                raise ModelError(
+                    f"unet.cross_attention_dim={unet_cfg.cross_attention_dim} but the text encoder's hidden_size is "
+                    f"{hidden}: these components do not belong together"
+                )
+        else:
+            widths = [int(m.config.hidden_size) for m in self.text_encoders()]
+            if unet_cfg.cross_attention_dim != sum(widths):
+                raise ModelError(
+                    f"unet.cross_attention_dim={unet_cfg.cross_attention_dim} but the text encoders' hidden sizes "
+                    f"sum to {sum(widths)} (text_encoder {widths[0]} + text_encoder_2 {widths[1]}): these components "
+                    "do not belong together"
+                )
         expected = self.vae.config.latent_channels if self.vae is not None else 3
         if unet_cfg.in_channels != expected:
             what = "the VAE's latent_channels" if self.vae is not None else "RGB (a model without a VAE)"
             raise ModelError(f"unet.in_channels={unet_cfg.in_channels} does not match {what}={expected}")
+
+    def _check_added_conditioning(self) -> None:
+        """SDXL's UNet embeds the pooled text embedding and the time ids: both must have the widths it expects."""
+        kind = self.unet.config.get("addition_embed_type")
+        if kind is None and self.text_encoder_2 is None:
+            return
+        where = f"{self.source}: " if self.source is not None else ""
+        if kind != "text_time":
+            what = "a text_encoder_2" if self.text_encoder_2 is not None else "one text encoder"
+            raise ModelError(f"{where}unet/config.json has addition_embed_type={kind!r} with {what}: freezeasguard "
+                             "loads SD 1.x / 2.x (no added conditioning, one text encoder) and SDXL "
+                             "(addition_embed_type 'text_time' with text_encoder_2)")
+        if self.text_encoder_2 is None:
+            raise ModelError(f"{where}unet/config.json has addition_embed_type='text_time', which needs a pooled text "
+                             "embedding, but the model has no text_encoder_2 (SDXL's CLIPTextModelWithProjection)")
+        if not hasattr(self.text_encoder_2, "text_projection"):
+            raise ModelError(f"{where}text_encoder_2 is a {type(self.text_encoder_2).__name__}; SDXL's UNet needs its "
+                             "pooled, projected embedding (CLIPTextModelWithProjection)")
+        if self.vae is None:
+            raise ModelError(f"{where}an SDXL-format model needs its VAE (model_index.json names none)")
+        cfg = self.unet.config
+        given = int(cfg.addition_time_embed_dim) * TIME_IDS + int(self.text_encoder_2.config.projection_dim)
+        if cfg.projection_class_embeddings_input_dim != given:
+            raise ModelError(
+                f"{where}unet/config.json has projection_class_embeddings_input_dim="
+                f"{cfg.projection_class_embeddings_input_dim}, but {TIME_IDS} time ids x addition_time_embed_dim "
+                f"{cfg.addition_time_embed_dim} + text_encoder_2's projection_dim "
+                f"{self.text_encoder_2.config.projection_dim} = {given}"
+            )
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders, pooled-text and time-id conditioning (checked together at load)."""
+        return self.text_encoder_2 is not None
 
     def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the model atomically: a crash leaves either the old directory or the complete new one.
@@ -216,9 +328,20 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ structure
     def modules(self) -> Iterator[torch.nn.Module]:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             if module is not None:
                 yield module
+
+    def named_text_encoders(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        """(component name, module) of every text encoder: one for SD 1.x / 2.x, two for SDXL."""
+        for name in TEXT_ENCODERS:
+            module = getattr(self, name)
+            if module is not None:
+                yield name, module
+
+    def text_encoders(self) -> Iterator[torch.nn.Module]:
+        for _, module in self.named_text_encoders():
+            yield module
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DiffusionModel:
         for module in self.modules():
@@ -256,8 +379,11 @@ class DiffusionModel:
             params = list(module.parameters())
             return {"tensors": len(params), "parameters": sum(p.numel() for p in params)}
 
+        def tokenizer(tok: Any) -> dict[str, Any]:
+            return {"class": type(tok).__name__, "vocab_size": len(tok), "max_length": int(tok.model_max_length)}
+
         unet_dtype = next(self.unet.parameters()).dtype
-        return {
+        described = {
             "path": str(self.source) if self.source else None,
             "space": "latent" if self.vae is not None else "pixel",
             "resolution": self.resolution,
@@ -265,14 +391,21 @@ class DiffusionModel:
             "scheduler": type(self.scheduler).__name__,
             "num_train_timesteps": int(self.scheduler.config.num_train_timesteps),
             "dtype": str(unet_dtype).replace("torch.", ""),
-            "tokenizer": {"class": type(self.tokenizer).__name__, "vocab_size": len(self.tokenizer),
-                          "max_length": int(self.tokenizer.model_max_length)},
+            "tokenizer": tokenizer(self.tokenizer),
             "components": {
                 "unet": {"class": type(self.unet).__name__, **count(self.unet)},  # type: ignore[dict-item]
                 "vae": None if self.vae is None else {"class": type(self.vae).__name__, **count(self.vae)},  # type: ignore[dict-item]
                 "text_encoder": {"class": type(self.text_encoder).__name__, **count(self.text_encoder)},  # type: ignore[dict-item]
             },
         }
+        if self.is_sdxl:
+            described["tokenizer_2"] = tokenizer(self.tokenizer_2)
+            described["components"]["text_encoder_2"] = {"class": type(self.text_encoder_2).__name__,
+                                                         **count(self.text_encoder_2)}  # type: ignore[dict-item]
+            described["conditioning"] = {"cross_attention_dim": int(self.unet.config.cross_attention_dim),
+                                         "pooled_dim": int(self.text_encoder_2.config.projection_dim),
+                                         "time_ids": TIME_IDS}
+        return described
 
     # ------------------------------------------------------------------ encoding
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
@@ -286,8 +419,39 @@ class DiffusionModel:
 
     def encode_prompts(self, captions: Sequence[str]) -> torch.Tensor:
         """Text-encoder hidden states [B, L, D] as the UNet's cross-attention sees them (grad follows the encoder)."""
-        ids = self.tokenize(captions).to(self.text_encoder.device)
-        return self.text_encoder(ids)[0]
+        return self.encode_text(captions).hidden
+
+    def encode_text(self, captions: Sequence[str]) -> Conditioning:
+        """The captions' conditioning without time ids (they depend on the image size: `add_time_ids`).
+
+        SDXL's is computed by diffusers' own StableDiffusionXLPipeline.encode_prompt, so training sees what
+        sampling does; gradients follow the text encoders."""
+        if not self.is_sdxl:
+            ids = self.tokenize(captions).to(self.text_encoder.device)
+            return Conditioning(self.text_encoder(ids)[0])
+        hidden, _, pooled, _ = self.pipeline().encode_prompt(list(captions), do_classifier_free_guidance=False)
+        return Conditioning(hidden, pooled)
+
+    def time_ids(self, n: int, height: int, width: int, *, device: str | torch.device | None = None) -> torch.Tensor | None:
+        """SDXL's time ids [n, 6] for images of height x width pixels, uncropped and unresized (original size =
+        target size, crop (0, 0)), as diffusers' SDXL pipeline conditions a sample of that size; None for a model
+        without added conditioning."""
+        if not self.is_sdxl:
+            return None
+        row = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32, device=device)
+        return row.expand(n, TIME_IDS)
+
+    def add_time_ids(self, cond: Conditioning, height: int, width: int) -> Conditioning:
+        """`cond` with the time ids of height x width images where the model takes them and `cond` has none."""
+        if not self.is_sdxl:
+            return cond
+        if cond.pooled is None:
+            raise ValueError("an SDXL-format model is conditioned on text_encoder_2's pooled embedding too, but this "
+                             "conditioning has none (a cached batch needs 'text_embeds' beside 'encoder_hidden_states')")
+        if cond.time_ids is not None:
+            return cond
+        return Conditioning(cond.hidden, cond.pooled, self.time_ids(len(cond.hidden), height, width,
+                                                                    device=cond.hidden.device))
 
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean and std of the scaled latent distribution; (pixels, None) for a pixel-space model.
@@ -304,11 +468,23 @@ class DiffusionModel:
         return (dist.mean - shift) * scale, dist.std * scale
 
     # ------------------------------------------------------------------ sampling
-    def pipeline(self, sampler: str | None = None) -> StableDiffusionPipeline:
-        """A diffusers StableDiffusionPipeline over these components (no safety checker: a research tool)."""
+    def pipeline(self, sampler: str | None = None) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+        """A diffusers StableDiffusionPipeline over these components (no safety checker: a research tool), or a
+        StableDiffusionXLPipeline for an SDXL-format model (no watermarker)."""
+        scheduler = self.scheduler if sampler is None else make_sampler(sampler, self.scheduler.config)
+        if self.is_sdxl:
+            from diffusers import StableDiffusionXLPipeline
+
+            xl = StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet, scheduler=scheduler,
+                force_zeros_for_empty_prompt=bool(self.index.get("force_zeros_for_empty_prompt", True)),
+                add_watermarker=False,
+            )
+            xl.set_progress_bar_config(disable=True)
+            return xl
         from diffusers import StableDiffusionPipeline
 
-        scheduler = self.scheduler if sampler is None else make_sampler(sampler, self.scheduler.config)
         pipe = StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,

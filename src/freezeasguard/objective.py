@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import collate_examples
-from .model import DiffusionModel
+from .model import Conditioning, DiffusionModel
 from .seeding import STREAM_NOISE, derive_seed
 
 
@@ -35,8 +35,9 @@ class DenoisingObjective(torch.nn.Module):
     """forward(batch) -> mean denoising loss of the batch.
 
     A batch holds `seeds` (one int per sample) and either `pixel_values` or cached `latent_mean`/`latent_std`,
-    and either `caption` (list of str) or cached `encoder_hidden_states`; optional `weights` turn the mean
-    into a weighted sum of per-sample losses.
+    and either `caption` (list of str) or cached `encoder_hidden_states` (with `text_embeds`, the pooled
+    embedding, for SDXL); optional `time_ids` give SDXL's size conditioning per sample (else: the batch's image
+    size, uncropped); optional `weights` turn the mean into a weighted sum of per-sample losses.
     """
 
     def __init__(self, model: DiffusionModel, *, caption_dropout: float = 0.0) -> None:
@@ -47,6 +48,8 @@ class DenoisingObjective(torch.nn.Module):
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         self.unet = model.unet
         self.text_encoder = model.text_encoder
+        if model.text_encoder_2 is not None:
+            self.text_encoder_2 = model.text_encoder_2
         if model.vae is not None:
             self.vae = model.vae
         else:
@@ -55,18 +58,18 @@ class DenoisingObjective(torch.nn.Module):
         self.__dict__["model"] = model
         self.noise_scheduler = DDPMScheduler.from_config(model.scheduler.config)
         self.caption_dropout = caption_dropout
-        self._null_embedding: torch.Tensor | None = None
+        self._null: Conditioning | None = None
 
-    def null_embedding(self) -> torch.Tensor:
-        """Embedding of the empty caption (for caption dropout on cached embeddings)."""
-        trainable_text = any(p.requires_grad for p in self.text_encoder.parameters())
-        if self._null_embedding is None or trainable_text:
+    def null_conditioning(self) -> Conditioning:
+        """Conditioning of the empty caption, one sample without time ids (for caption dropout)."""
+        trainable_text = any(p.requires_grad for m in self.model.text_encoders() for p in m.parameters())
+        if self._null is None or trainable_text:
             with torch.set_grad_enabled(trainable_text and torch.is_grad_enabled()):
-                emb = self.model.encode_prompts([""])[0]
+                null = self.model.encode_text([""]).select(0)
             if trainable_text:
-                return emb
-            self._null_embedding = emb.detach()
-        return self._null_embedding
+                return null
+            self._null = null.detach()
+        return self._null
 
     def draws(self, seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample (dropped caption, timestep, noise, latent epsilon), in a fixed order per seed."""
@@ -95,15 +98,20 @@ class DenoisingObjective(torch.nn.Module):
         latents = mean if std is None else mean + std * eps.to(device, mean.dtype)
 
         if "encoder_hidden_states" in batch:
-            hidden = batch["encoder_hidden_states"].to(device)
+            pooled = batch.get("text_embeds")
+            cond = Conditioning(batch["encoder_hidden_states"].to(device), None if pooled is None else pooled.to(device))
         else:
-            hidden = self.model.encode_prompts(batch["caption"])
+            cond = self.model.encode_text(batch["caption"])
         if self.caption_dropout > 0 and bool(drop.any()):
-            hidden = torch.where(drop[:, None, None], self.null_embedding().to(hidden.dtype), hidden)
+            cond = cond.where(drop, self.null_conditioning())
+        if "time_ids" in batch:
+            cond = Conditioning(cond.hidden, cond.pooled, batch["time_ids"].to(device))
+        scale = self.model.vae_scale_factor
+        cond = self.model.add_time_ids(cond, latents.shape[-2] * scale, latents.shape[-1] * scale)
 
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = target_for(self.noise_scheduler, latents, noise, timesteps)
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
+        pred = self.unet(noisy, timesteps, **cond.unet_kwargs(), return_dict=False)[0]
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         self.last_per_sample = per_sample.detach()
         weights = batch.get("weights")
@@ -146,13 +154,16 @@ class EncodedDataset:
             self.caption_index = [position[c] for c in captions]
             self.captions = captions
             # With a text encoder that trains, embeddings go stale after one step: keep captions only.
-            self.embeddings: torch.Tensor | None = None
+            self.embeddings: torch.Tensor | None = None  # cross-attention states [captions, L, D]
+            self.pooled: torch.Tensor | None = None  # SDXL's pooled text embeddings [captions, P]
             if encode_text:
                 chunks = [
-                    model.encode_prompts(self.unique_captions[s : s + batch_size]).cpu()
+                    model.encode_text(self.unique_captions[s : s + batch_size]).to("cpu")
                     for s in range(0, len(self.unique_captions), batch_size)
                 ]
-                self.embeddings = torch.cat(chunks)
+                self.embeddings = torch.cat([c.hidden for c in chunks])
+                if chunks[0].pooled is not None:
+                    self.pooled = torch.cat([c.pooled for c in chunks])
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -166,6 +177,8 @@ class EncodedDataset:
         }
         if self.embeddings is not None:
             out["encoder_hidden_states"] = self.embeddings[self.caption_index[index]]
+        if self.pooled is not None:
+            out["text_embeds"] = self.pooled[self.caption_index[index]]
         if self.latent_std is not None:
             out["latent_std"] = self.latent_std[index, variant]
         return out

@@ -140,8 +140,10 @@ def info(
             table.add_row(name, "-", "-", "-")
         else:
             table.add_row(name, comp["class"], str(comp["tensors"]), f"{comp['parameters']:,}")
-    tok = described["tokenizer"]
-    table.add_row("tokenizer", tok["class"], "-", f"vocab {tok['vocab_size']:,}, max length {tok['max_length']}")
+    for key in ("tokenizer", "tokenizer_2"):
+        tok = described.get(key)
+        if tok is not None:
+            table.add_row(key, tok["class"], "-", f"vocab {tok['vocab_size']:,}, max length {tok['max_length']}")
     Console().print(table)
 
 
@@ -203,6 +205,7 @@ from . import (  # noqa: E402,F401  (each module registers its commands)
     bench_cmd,
     demo_cmd,
     finetune_cmd,
+    fixture_cmd,
     guard_cmds,
     immunise_cmd,
     jobs_cmd,

@@ -186,6 +186,8 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     moving = names  # the frozen tensors whose values are optimised; the others keep their released values
     if cfg.text_subspace:
         with torch.no_grad():
+            # the states the K/V projections read, in the same space as the cached embeddings (SDXL: both text
+            # encoders' concatenated); SDXL's pooled embedding reaches no K/V and has no place in the subspace
             empty = model.encode_prompts([""]).cpu()
         proj, subspace_info = illegal_text_subspace(ill.embeddings, leg.embeddings, cfg.text_subspace,
                                                     keep=empty if cfg.hold_empty_prompt else None)

@@ -50,7 +50,9 @@ def _hidden(model: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Ten
     """Token ids [n, L] and text-encoder hidden states [n, L, d] of the prompts, padded as the UNet sees them."""
     with torch.no_grad():
         ids = model.tokenize(list(prompts))
-        hidden = model.text_encoder(ids.to(model.text_encoder.device))[0].cpu()
+        # the states K/V read (SDXL: both text encoders', concatenated); its tokenizers agree on every position
+        # up to the end token, and the positions after it are paired by position
+        hidden = model.encode_prompts(list(prompts)).cpu()
     return ids.cpu(), hidden
 
 
@@ -85,7 +87,7 @@ def _token_rows(model: Any, prompts: Sequence[str]) -> torch.Tensor:
     """Hidden states of every position (padding included: the UNet attends to it), stacked [n, d]; the start
     token, the same in every caption and where attention sinks, once."""
     if not prompts:
-        return torch.zeros(0, model.text_encoder.config.hidden_size)
+        return torch.zeros(0, model.unet.config.cross_attention_dim)
     _, hidden = _hidden(model, prompts)
     return torch.cat([hidden[:1, 0], hidden[:, 1:].reshape(-1, hidden.shape[-1])])
 
@@ -96,7 +98,7 @@ def uce_edit(model: Any, edit_prompts: Sequence[str], guide_prompts: Sequence[st
     guide prompts' tokens, while preserve prompts' tokens keep their projections."""
     if len(edit_prompts) != len(guide_prompts):
         raise ValueError("UCE needs one guide prompt per edited prompt")
-    width = model.text_encoder.config.hidden_size
+    width = model.unet.config.cross_attention_dim
     E, G = torch.zeros(0, width), torch.zeros(0, width)
     if edit_prompts:
         ids_e, hid_e = _hidden(model, edit_prompts)
