@@ -406,3 +406,52 @@ def test_exact_size_fixture_loads_with_the_real_counts(arch, tmp_path):
         assert (described["components"][component]["tensors"], described["components"][component]["parameters"]) \
             == (tensors, parameters), component
     assert model.resolution == {"sd15": 512, "sd21": 768, "sdxl": 1024}[arch]
+
+
+# kohya's SDXL LoRA keys name modules the original (SGM) way; these are keys as such files hold them, with the
+# diffusers module each adapts
+KOHYA_SDXL = {
+    "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+    "lora_unet_input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "lora_unet_input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+    "lora_unet_middle_block_1_proj_in": "mid_block.attentions.0.proj_in",
+    "lora_unet_output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
+    "lora_unet_output_blocks_5_1_transformer_blocks_0_ff_net_2": "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.2",
+    "lora_unet_output_blocks_8_0_skip_connection": "up_blocks.2.resnets.2.conv_shortcut",
+    "lora_unet_label_emb_0_0": "add_embedding.linear_1",
+}
+
+
+def _kohya_file(unet, path, heads, text_keys=()):
+    from safetensors.torch import save_file
+
+    weights = dict(unet.named_parameters())
+    tensors = {}
+    for head, module in heads.items():
+        w = weights[f"{module}.weight"]  # down [rank, in, *kernel], up [out, rank, 1, 1...], as kohya writes them
+        tensors[f"{head}.lora_down.weight"] = torch.zeros(4, *w.shape[1:])
+        tensors[f"{head}.lora_up.weight"] = torch.zeros(w.shape[0], 4, *([1] * (w.dim() - 2)))
+        tensors[f"{head}.alpha"] = torch.tensor(4.0)
+    for key in text_keys:
+        tensors[key] = torch.zeros(4, 8)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_sdxl_lora_files_in_kohya_and_peft_key_styles_are_audited(small, tmp_path):
+    from freezeasguard.audit import verify
+
+    model = DiffusionModel.from_pretrained(small["sdxl"])
+    frozen = sorted(f"{m}.weight" for m in list(KOHYA_SDXL.values())[:4])
+    guard = Guard.from_names(model.unet, frozen).with_text_encoders(model)
+    on_frozen = _kohya_file(model.unet, tmp_path / "frozen.safetensors", dict(list(KOHYA_SDXL.items())[:4]))
+    report = verify(on_frozen, guard)
+    assert {f.name for f in report.violations if f.status == "adapter_on_frozen"} == set(list(KOHYA_SDXL.values())[:4])
+    free = _kohya_file(model.unet, tmp_path / "free.safetensors", dict(list(KOHYA_SDXL.items())[4:]))
+    assert verify(free, guard).compliant, verify(free, guard).describe()
+    # a LoRA on either text encoder, in either key style, under a guard that keeps them frozen
+    for key in ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"):
+        te = _kohya_file(model.unet, tmp_path / "te.safetensors", dict(list(KOHYA_SDXL.items())[4:]), [key])
+        assert [f.status for f in verify(te, guard).violations] == ["text_encoder_adapter"], key

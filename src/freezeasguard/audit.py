@@ -261,10 +261,60 @@ def is_adapter_key(key: str) -> bool:
     return bool(_KOHYA.match(key) or _LORA_KEY.match(key))
 
 
+_RESNET_TO_SGM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP_TO_SGM = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+               "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+               "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def sgm_names(modules: set[str]) -> dict[str, str]:
+    """diffusers UNet module name -> the original (SGM/LDM) name, which kohya's SDXL LoRA keys use
+    (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`). The layout follows from the UNet itself:
+    `layers` resnets per down block (one more per up block), and which up blocks hold attentions, exactly as
+    the original-checkpoint converters number the blocks. Computed, not looked up, so any UNet2DCondition
+    layout maps."""
+    downs = [int(m.split(".")[3]) for m in modules if m.startswith("down_blocks.0.resnets.")]
+    layers = max(downs) + 1 if downs else 0
+    up_attn = {int(m.split(".")[1]) for m in modules if m.startswith("up_blocks.") and ".attentions." in m}
+    out = {}
+    for m in modules:
+        parts = m.split(".")
+        head = next((k for k in _TOP_TO_SGM if m == k or m.startswith(k + ".")), None)
+        if head is not None:
+            out[m] = _TOP_TO_SGM[head] + m[len(head):]
+            continue
+        if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 3:
+            i, kind, j, rest = int(parts[1]), parts[2], parts[3], parts[4:]
+            if kind in ("resnets", "attentions"):
+                slot = "0" if kind == "resnets" else "1"
+                index = (layers + 1) * i + int(j) + (1 if parts[0] == "down_blocks" else 0)
+                prefix = f"{'input' if parts[0] == 'down_blocks' else 'output'}_blocks.{index}.{slot}"
+            elif kind == "downsamplers" and rest[:1] == ["conv"]:
+                prefix, rest = f"input_blocks.{(layers + 1) * (i + 1)}.0.op", rest[1:]
+            elif kind == "upsamplers" and rest[:1] == ["conv"]:
+                prefix, rest = f"output_blocks.{(layers + 1) * i + layers}.{2 if i in up_attn else 1}.conv", rest[1:]
+            else:
+                continue
+        elif parts[0] == "mid_block" and len(parts) > 2:
+            kind, j, rest = parts[1], parts[2], parts[3:]
+            prefix = "middle_block." + {"resnets": {"0": "0", "1": "2"}, "attentions": {"0": "1"}}.get(kind, {}).get(j, "")
+            if prefix.endswith("."):
+                continue
+        else:
+            continue
+        if kind == "resnets" and rest:
+            rest = [_RESNET_TO_SGM.get(rest[0], rest[0]), *rest[1:]]
+        out[m] = ".".join([prefix, *rest])
+    return out
+
+
 def lora_modules(keys: list[str], guard: Guard) -> tuple[dict[str, list[str]], list[str], list[str]]:
-    """Map LoRA state-dict keys to UNet module names: (module -> keys, text-encoder keys, unrecognised keys)."""
+    """Map LoRA state-dict keys to UNet module names: (module -> keys, text-encoder keys, unrecognised keys).
+    kohya keys may name a module the diffusers way (SD 1.x/2.x files) or the original way (SDXL files)."""
     modules = {n.rpartition(".")[0] for n in guard.names}
     kohya = {"lora_unet_" + m.replace(".", "_"): m for m in modules}
+    kohya.update({"lora_unet_" + sgm.replace(".", "_"): m for m, sgm in sgm_names(modules).items()})
     found: dict[str, list[str]] = {}
     text, unknown = [], []
     for key in keys:
