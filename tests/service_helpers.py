@@ -1,9 +1,15 @@
-"""Shared pieces of the service tests: a tiny model with a guard, a service config, dataset zips, an API client."""
+"""Shared pieces of the service tests: a tiny model with a guard, a service config, dataset zips, an API client,
+and real `serve` / `worker` processes."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -105,3 +111,50 @@ class Api:
 @pytest.fixture
 def api(service_config):
     return Api(service_config())
+
+
+# ---------------------------------------------------------------------------- real processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def start_cli(args: list[str], log: Path) -> subprocess.Popen:
+    """`python -m freezeasguard ARGS` in the background, its output to `log`."""
+    return subprocess.Popen([sys.executable, "-m", "freezeasguard", *args], env=process_env(), stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def serve(config: Path, port: int, log: Path) -> subprocess.Popen:
+    """A real `freezeasguard serve` (uvicorn) on localhost, returned once it answers /healthz."""
+    import httpx
+
+    proc = start_cli(["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"], log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {log.read_text()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError(f"server did not come up: {log.read_text()}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -274,20 +274,20 @@ def test_keys_cli_create_list_revoke(tmp_path):
     assert r.exit_code == 2 and "key_nope" in r.output
 
 
-def test_a_submission_orphaned_mid_validation_is_swept_at_startup(api):
-    """An API process that died while validating leaves a 'validating_files' row: the next start removes it
-    (and its folder), so it does not hold the key's quota forever."""
+def test_a_submission_orphaned_mid_validation_fails_and_frees_its_slot_at_once(api):
+    """A 'validating_files' row that no live process holds (its API process died): the key's next submission
+    fails it and removes its folder before counting the quota, however young it is."""
     from freezeasguard.service.db import Job
 
     headers = api.key(max_concurrent_jobs=1)
     job_id = api.submit(headers).json()["id"]
     with api.app.state.sessions() as s:
-        s.query(Job).filter(Job.id == job_id).update({"status": "validating_files", "created_at": time.time() - 3600})
+        s.query(Job).filter(Job.id == job_id).update({"status": "validating_files"})
         s.commit()
-    assert api.submit(headers).status_code == 429
-    again = Api(api.cfg)
-    assert again.jobs_in_db() == 0 and again.job_folders() == []
-    assert again.submit(headers).status_code == 201
+    assert api.submit(headers).status_code == 201
+    job = api.client.get(f"/v1/fine-tunes/{job_id}", headers=headers).json()
+    assert job["status"] == "failed" and job["error"]["code"] == "upload_interrupted", job
+    assert job_id not in api.job_folders()
 
 
 def test_sigterm_requeues_the_running_job_at_a_checkpoint_and_the_next_worker_resumes_it(api):
@@ -318,15 +318,23 @@ def test_sigterm_requeues_the_running_job_at_a_checkpoint_and_the_next_worker_re
     assert j["result"]["savings"]["resumed_from_step"] >= 2
 
 
-def test_a_guard_for_another_model_fails_the_job_as_a_service_error(service_config, tiny_latent_dir, tmp_path):
+def test_a_guard_replaced_under_a_running_service_fails_the_job_as_a_service_error(service_config, guarded_model,
+                                                                                   tiny_latent_dir, tmp_path):
+    """Start-up refuses a guard made for another model; one swapped in while the service runs still fails each
+    job as the publisher's error (service_error), never as the user's."""
+    import shutil
+
     from freezeasguard.guard import Guard
     from freezeasguard.model import DiffusionModel
+    from freezeasguard.service.worker import Worker
 
-    other = tmp_path / "other-guard.json"
-    Guard.random(DiffusionModel.from_pretrained(tiny_latent_dir).unet, 0.3, seed=0).save(other)
-    api = Api(service_config(guard=str(other)))
+    guard = tmp_path / "guard.json"
+    shutil.copy(guarded_model[1], guard)
+    api = Api(service_config(guard=str(guard)))
+    worker = Worker(api.cfg)
     headers = api.key()
     job = api.submit(headers).json()
-    _run_worker(api.cfg)
+    Guard.random(DiffusionModel.from_pretrained(tiny_latent_dir).unet, 0.3, seed=0).save(guard)
+    worker.run(exit_when_idle=True)
     job = api.client.get(f"/v1/fine-tunes/{job['id']}", headers=headers).json()
     assert job["status"] == "failed" and job["error"]["code"] == "service_error", job["error"]

@@ -7,62 +7,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi")
 
-from service_helpers import dataset_members, guarded_model  # noqa: E402,F401
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "freezeasguard", *args], env=_env(), stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
-
-
-def _serve(config: Path, port: int, log: Path) -> subprocess.Popen:
-    import httpx
-
-    proc = _start(["serve", "--config", str(config), "--port", str(port), "--log-level", "warning"], log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError(f"server did not come up: {log.read_text()}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+from service_helpers import dataset_members, free_port, guarded_model, process_env, serve, start_cli, stop  # noqa: E402,F401,I001
 
 
 def test_killed_worker_job_resumes_on_another_and_passes_verify(guarded_model, tmp_path):
@@ -87,14 +41,14 @@ def test_killed_worker_job_resumes_on_another_and_passes_verify(guarded_model, t
     for name, blob in dataset_members().items():
         (data / name).write_bytes(blob)
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = _serve(config, port, tmp_path / "server.log")
+    server = serve(config, port, tmp_path / "server.log")
     procs = [server]
     try:
-        worker_a = _start(["worker", "--data-dir", str(cfg.root)], tmp_path / "worker-a.log")
+        worker_a = start_cli(["worker", "--data-dir", str(cfg.root)], tmp_path / "worker-a.log")
         procs.append(worker_a)
-        cli_env = _env(FREEZEASGUARD_URL=url, FREEZEASGUARD_API_KEY=secret)
+        cli_env = process_env(FREEZEASGUARD_URL=url, FREEZEASGUARD_API_KEY=secret)
         sub = subprocess.run([sys.executable, "-m", "freezeasguard", "jobs", "submit", str(data), "--method", "full",
                               "--steps", "24", "--batch-size", "2", "--lr", "1e-3"],
                              env=cli_env, capture_output=True, text=True, timeout=60)
@@ -118,7 +72,7 @@ def test_killed_worker_job_resumes_on_another_and_passes_verify(guarded_model, t
         assert job["step"] < 24, "the job finished before the worker could be killed"
         assert client.status(job_id)["status"] == "running"  # nobody knows yet; the lease will tell
 
-        worker_b = _start(["worker", "--data-dir", str(cfg.root)], tmp_path / "worker-b.log")
+        worker_b = start_cli(["worker", "--data-dir", str(cfg.root)], tmp_path / "worker-b.log")
         procs.append(worker_b)
         job = client.wait(job_id, poll=0.2, timeout=120)
         assert job["status"] == "succeeded", (job["error"], (tmp_path / "worker-b.log").read_text())
@@ -148,13 +102,13 @@ def test_killed_worker_job_resumes_on_another_and_passes_verify(guarded_model, t
         assert any(not tuned[n].equal(base[n]) for n in base if n not in set(guard.frozen))
 
         # Restart the API: jobs and artefacts are still there.
-        _stop(server)
-        port = _free_port()
-        server = _serve(config, port, tmp_path / "server2.log")
+        stop(server)
+        port = free_port()
+        server = serve(config, port, tmp_path / "server2.log")
         procs.append(server)
         with Client(f"http://127.0.0.1:{port}", secret) as again:
             assert again.status(job_id)["status"] == "succeeded"
             assert {a["name"] for a in again.artifacts(job_id)} >= {"model.zip", "finetune.json", "verify.json"}
     finally:
         for p in procs:
-            _stop(p)
+            stop(p)

@@ -163,19 +163,25 @@ def test_sigterm_requeues_a_two_process_job_that_resumes_and_cancel_stops_every_
     assert api.client.get(f"/v1/fine-tunes/{job_id}/artifacts", headers=headers).status_code == 409
 
 
-def test_a_failing_two_process_job_reports_the_ranks_error_code(service_config, tiny_latent_dir, tmp_path):
+def test_a_failing_two_process_job_reports_the_ranks_error_code(service_config, guarded_model, tiny_latent_dir,
+                                                                tmp_path):
     """A rank's exception reaches the job as the same error code the in-process path gives (here the publisher's
-    guard belongs to another model: a service error), through the ranks' outcome files."""
+    guard was replaced by another model's while the service ran: a service error), through the ranks' outcome
+    files."""
+    import shutil
+
     from freezeasguard.guard import Guard
     from freezeasguard.model import DiffusionModel
     from freezeasguard.service.worker import Worker
 
-    other = tmp_path / "other-guard.json"
-    Guard.random(DiffusionModel.from_pretrained(tiny_latent_dir).unet, 0.3, seed=0).save(other)
-    api = Api(service_config(guard=str(other), processes_per_job=2))
+    guard = tmp_path / "guard.json"
+    shutil.copy(guarded_model[1], guard)
+    api = Api(service_config(guard=str(guard), processes_per_job=2))
+    worker = Worker(api.cfg)
     headers = api.key()
     job_id = api.submit(headers, batch_size=2).json()["id"]
-    Worker(api.cfg).run(exit_when_idle=True)
+    Guard.random(DiffusionModel.from_pretrained(tiny_latent_dir).unet, 0.3, seed=0).save(guard)
+    worker.run(exit_when_idle=True)
     job = _status(api, headers, job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "service_error", job["error"]
     assert "guard" in job["error"]["message"]

@@ -129,7 +129,8 @@ def worker(
     typer.echo(f"worker {w.worker_id}: ran {n} job(s)")
 
 
-def _sessions(data_dir: Path | None, db: str | None, config: Path | None):  # type: ignore[no-untyped-def]
+def _service(data_dir: Path | None, db: str | None, config: Path | None):  # type: ignore[no-untyped-def]
+    """(config, session factory) of the service whose keys are managed."""
     _require_extra()
     data_dir = data_dir or Path("service-data")
     from ..service.config import CONFIG_NAME, ServiceConfig
@@ -147,7 +148,11 @@ def _sessions(data_dir: Path | None, db: str | None, config: Path | None):  # ty
     if db:
         cfg.database = db
     cfg.root.mkdir(parents=True, exist_ok=True)
-    return session_factory(make_engine(cfg.database_url))
+    return cfg, session_factory(make_engine(cfg.database_url))
+
+
+def _sessions(data_dir: Path | None, db: str | None, config: Path | None):  # type: ignore[no-untyped-def]
+    return _service(data_dir, db, config)[1]
 
 
 @keys_app.command("create")
@@ -180,15 +185,19 @@ def keys_revoke(
     config: ConfigOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Revoke an API key: its requests get 401 from now on (its jobs and artefacts are kept)."""
+    """Revoke an API key: its requests get 401 from now on and its unfinished jobs are cancelled (a running one
+    at its next step); its finished jobs and artefacts are kept."""
     from ..service.db import revoke_key
+    from ..service.recovery import recover
 
-    with _sessions(data_dir, db, config)() as s:
+    cfg, sessions = _service(data_dir, db, config)
+    with sessions() as s:
         try:
-            revoke_key(s, key_id)
+            _, jobs = revoke_key(s, key_id)
         except KeyError as exc:
             raise _fail(ValueError(exc.args[0])) from exc
-    typer.echo(f"revoked {key_id}")
+    recover(cfg, sessions, key_id=key_id)  # jobs whose holder died cannot stop themselves
+    typer.echo(f"revoked {key_id}" + (f"; cancelled its {len(jobs)} unfinished job(s)" if jobs else ""))
 
 
 @keys_app.command("list")

@@ -2,14 +2,15 @@
 
 Conventions follow the hosted fine-tuning APIs: a job object with `status` (validating_files -> queued ->
 running -> succeeded | failed | cancelled), a `hyperparameters` object, an events list and an `error`
-object with `code` and `message`. Every error response is `{"error": {"code", "message", "param"}}`.
-Training never runs here: the API only validates uploads and reads and writes rows, so it keeps answering
-while workers train.
+object with `code` and `message`. Every error response is `{"error": {"code", "message", "param"}}`, an
+unexpected one included. Training never runs here: the API only validates uploads and reads and writes rows,
+so it keeps answering while workers train. Nothing it returns names a file by the server's path (`redact`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import shutil
 import time
@@ -40,13 +41,18 @@ from .db import (
     session_factory,
     steps_used_today,
 )
+from .hyperparameters import HyperparameterError, hyperparameter_model, parse
+from .jobrun import check_release
+from .recovery import job_lock, recover
+from .redact import redact, redact_text
 from .retention import expiry_time, sweep_expired
-from .uploads import UploadError, extract_upload
+from .uploads import UploadCancelled, UploadError, extract_upload
 from .worker import MANIFEST
 
-HYPERPARAMETERS = ("method", "steps", "batch_size", "learning_rate", "lora_rank", "seed")
-PUBLISHER_FIXED = ("model", "guard", "lora_targets", "lora_target", "target_modules", "base_model")
 _FORM_SLACK = 64 << 10  # multipart framing and the small fields, on top of the archive itself
+_CANCEL_POLL_S = 1.0  # how often a running upload check asks whether its job was cancelled
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -65,6 +71,7 @@ def _error(status: int, code: str, message: str, param: str | None = None) -> JS
 
 
 def job_object(job: Job, cfg: ServiceConfig) -> dict[str, Any]:
+    """The job as its user sees it (rows written by any version: paths are redacted here too)."""
     now = time.time()
     started, finished = job.started_at, job.finished_at
     result = job.result or {}
@@ -91,38 +98,26 @@ def job_object(job: Job, cfg: ServiceConfig) -> dict[str, Any]:
         "peak_memory_bytes": savings.get("peak_memory_bytes"),
         "attempts": job.attempts,
         "cancel_requested": job.cancel_requested,
-        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-        "result": job.result,
+        "error": ({"code": job.error_code, "message": redact(job.error_message or "", cfg, job.id)}
+                  if job.error_code else None),
+        "result": redact(job.result, cfg, job.id),
         # retention: when the job's files (upload, artefacts) are deleted, and when they were
         "expires_at": expiry_time(cfg, finished),
         "expired_at": job.expired_at,
     }
 
 
-def sweep_stale_validations(cfg: ServiceConfig, sessions: Any, older_than_s: float = 600.0) -> int:
-    """Remove submissions an API process died while validating (validation takes seconds, not minutes), so
-    they neither linger nor count against a key's quota."""
-    with sessions() as s:
-        stale = s.scalars(select(Job.id).where(Job.status == "validating_files",
-                                               Job.created_at < time.time() - older_than_s)).all()
-        for job_id in stale:
-            shutil.rmtree(job_dir(cfg, job_id), ignore_errors=True)
-            s.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
-            s.execute(delete(Job).where(Job.id == job_id))
-        s.commit()
-    return len(stale)
-
-
 def create_app(cfg: ServiceConfig) -> FastAPI:
-    from ..guard import Guard
-
+    """The API over `cfg`. Refuses (ServiceStartError) a guard that does not fit the model; ends or requeues
+    the jobs a crashed process left unfinished (`recovery.recover`) before it answers anything."""
+    guard = check_release(cfg)
     cfg.root.mkdir(parents=True, exist_ok=True)
     engine = make_engine(cfg.database_url)
     sessions = session_factory(engine)
-    guard = Guard.load(cfg.guard)
     guard_digest = file_sha256(cfg.guard)
-    sweep_stale_validations(cfg, sessions)
+    recover(cfg, sessions)
     sweep_expired(cfg, sessions)
+    Hyperparameters = hyperparameter_model(cfg)
     model_id = "embedded" if cfg.model == "embedded" else Path(cfg.model).name
 
     app = FastAPI(title="freezeasguard fine-tuning service", version=__version__,
@@ -138,6 +133,13 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, "not_found" if exc.status_code == 404 else "http_error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The details (and the server's paths in them) go to the publisher's log, not to the user.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal_error", "the service failed to answer this request; the publisher's log has "
+                      "the details")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -171,55 +173,36 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
             "id": model_id, "object": "model", "owned_by": "publisher",
             "guard": {"sha256": guard_digest, **guard.summary()},
             "methods": list(cfg.methods),
-            "limits": {k: getattr(cfg, k) for k in ("max_steps", "max_batch_size", "min_learning_rate",
-                                                    "max_learning_rate", "max_lora_rank", "max_upload_bytes",
-                                                    "max_uncompressed_bytes", "max_files", "max_image_pixels")},
+            "hyperparameters": Hyperparameters.model_json_schema()["properties"],
+            "limits": {k: getattr(cfg, k) for k in ("max_upload_bytes", "max_uncompressed_bytes", "max_files",
+                                                    "max_image_pixels", "max_total_pixels")},
             "quotas": {"max_concurrent_jobs": key.max_concurrent_jobs or cfg.max_concurrent_jobs,
                        "max_steps_per_day": key.max_steps_per_day or cfg.max_steps_per_day},
-            "defaults": {"method": cfg.default_method, "steps": cfg.default_steps, "batch_size": cfg.default_batch_size,
-                         "learning_rate": cfg.default_learning_rate, "lora_rank": cfg.default_lora_rank, "seed": 0},
+            "defaults": Hyperparameters().model_dump(),
             **({"notes": cfg.extra} if cfg.extra else {}),
         }]}
 
     def hyperparameters(fields: dict[str, str]) -> dict[str, Any]:
-        for name in fields:
-            if name in PUBLISHER_FIXED:
-                raise APIError(400, "publisher_fixed", f"{name}: the publisher fixes the base model, the guard and "
-                               "the LoRA targets; they cannot be chosen per job", name)
-            if name not in HYPERPARAMETERS:
-                raise APIError(400, "unknown_parameter", f"{name}: unknown field; the hyperparameters are "
-                               f"{', '.join(HYPERPARAMETERS)}", name)
-
-        def number(name: str, kind: type, default: Any, lo: Any, hi: Any) -> Any:
-            raw = fields.get(name)
-            if raw is None or raw == "":
-                return default
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise APIError(400, "invalid_hyperparameters", f"{name}: expected {kind.__name__}, got {raw!r}",
-                               name) from None
-            if not lo <= value <= hi:
-                raise APIError(400, "invalid_hyperparameters", f"{name}: {value} is outside the publisher's limits "
-                               f"[{lo}, {hi}]", name)
-            return value
-
-        method = fields.get("method") or cfg.default_method
-        if method not in cfg.methods:
-            raise APIError(400, "invalid_hyperparameters", f"method: {method!r} is not offered; choose one of "
-                           f"{list(cfg.methods)}", "method")
-        return {
-            "method": method,
-            "steps": number("steps", int, cfg.default_steps, 1, cfg.max_steps),
-            "batch_size": number("batch_size", int, cfg.default_batch_size, 1, cfg.max_batch_size),
-            "learning_rate": number("learning_rate", float, cfg.default_learning_rate, cfg.min_learning_rate,
-                                    cfg.max_learning_rate),
-            "lora_rank": number("lora_rank", int, cfg.default_lora_rank, 1, cfg.max_lora_rank),
-            "seed": number("seed", int, 0, 0, 2**31 - 1),
-        }
+        try:
+            return parse(Hyperparameters, fields)
+        except HyperparameterError as exc:
+            raise APIError(400, exc.code, exc.message, exc.param) from None
 
     def submit(key: ApiKey, hp: dict[str, Any], upload: Any, filename: str) -> dict[str, Any]:
+        recover(cfg, sessions, key_id=key.id)  # a submission of this key whose API process died holds no slot
         job_id = "ftjob-" + secrets.token_hex(12)
+        folder = job_dir(cfg, job_id)
+        # Locked before the row exists and until the job is queued or gone: recovery never takes a job that is
+        # being checked for one whose API process died.
+        with job_lock(folder):
+            try:
+                add_job(key, hp, filename, job_id)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            return check_upload(job_id, folder, upload, filename)
+
+    def add_job(key: ApiKey, hp: dict[str, Any], filename: str, job_id: str) -> None:
         now = time.time()
         with sessions() as s:
             lock_key(s, key.id)
@@ -236,39 +219,56 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
                       hyperparameters=hp, training_files={"filename": filename}, created_at=now,
                       total_steps=hp["steps"], step=0, attempts=0, cancel_requested=False))
             s.commit()
-        folder = job_dir(cfg, job_id)
-        try:
-            checked = extract_upload(upload, folder / "data", cfg)
-        except BaseException as exc:
-            shutil.rmtree(folder, ignore_errors=True)
+
+    def check_upload(job_id: str, folder: Path, upload: Any, filename: str) -> dict[str, Any]:
+        asked = {"at": time.monotonic()}
+
+        def cancelled() -> bool:
+            if time.monotonic() - asked["at"] < _CANCEL_POLL_S:
+                return False
+            asked["at"] = time.monotonic()
             with sessions() as s:
+                return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+        try:
+            checked = extract_upload(upload, folder / "data", cfg, cancelled)
+        except UploadCancelled:
+            checked = None
+        except BaseException as exc:
+            # A refused upload leaves nothing. The row goes before the files: recovery trusts the row.
+            with sessions() as s:
+                s.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
                 s.execute(delete(Job).where(Job.id == job_id))
                 s.commit()
+            shutil.rmtree(folder, ignore_errors=True)
             if isinstance(exc, UploadError):
-                raise APIError(exc.status, "invalid_training_file", str(exc), "file") from exc
+                raise APIError(exc.status, "invalid_training_file", redact_text(str(exc), cfg, job_id, unknown_paths=False),
+                               "file") from exc
             raise
         with sessions() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(
-                status="queued", training_files={"filename": filename, "images": checked.images,
-                                                 "files": checked.files, "bytes": checked.uncompressed_bytes}))
-            add_event(s, job_id, f"validated {filename}: {checked.images} image(s); queued")
+            queued = checked is not None and s.execute(
+                update(Job).where(Job.id == job_id, Job.status == "validating_files", Job.cancel_requested.is_(False))
+                .values(status="queued", training_files={"filename": filename, "images": checked.images,
+                                                         "files": checked.files,
+                                                         "bytes": checked.uncompressed_bytes})).rowcount == 1
+            if queued:
+                add_event(s, job_id, f"validated {filename}: {checked.images} image(s); queued")
+            else:  # cancelled while it was checked, by its user or by revoking its key
+                s.execute(update(Job).where(Job.id == job_id, Job.status == "validating_files")
+                          .values(status="cancelled", finished_at=time.time()))
+                add_event(s, job_id, "cancelled while its upload was checked")
             s.commit()
-            return job_object(s.get(Job, job_id, populate_existing=True), cfg)
+            job = s.get(Job, job_id, populate_existing=True)
+        if not queued:
+            shutil.rmtree(folder, ignore_errors=True)
+        return job_object(job, cfg)
 
     upload_schema = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["file"],
+        "type": "object", "required": ["file"], "additionalProperties": False,
         "properties": {
             "file": {"type": "string", "format": "binary",
                      "description": "zip of an image-caption folder (metadata.jsonl/.csv or .txt sidecars)"},
-            "method": {"type": "string", "enum": list(cfg.methods), "default": cfg.default_method},
-            "steps": {"type": "integer", "minimum": 1, "maximum": cfg.max_steps, "default": cfg.default_steps},
-            "batch_size": {"type": "integer", "minimum": 1, "maximum": cfg.max_batch_size,
-                           "default": cfg.default_batch_size},
-            "learning_rate": {"type": "number", "minimum": cfg.min_learning_rate, "maximum": cfg.max_learning_rate,
-                              "default": cfg.default_learning_rate},
-            "lora_rank": {"type": "integer", "minimum": 1, "maximum": cfg.max_lora_rank,
-                          "default": cfg.default_lora_rank},
-            "seed": {"type": "integer", "minimum": 0, "default": 0},
+            **Hyperparameters.model_json_schema()["properties"],
         }}}}}}
 
     @app.post("/v1/fine-tunes", status_code=201, openapi_extra=upload_schema,
@@ -293,7 +293,7 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
             return message
 
         try:
-            form = await Request(request.scope, counted).form(max_files=1, max_fields=len(HYPERPARAMETERS) + 8)
+            form = await Request(request.scope, counted).form(max_files=1, max_fields=len(Hyperparameters.model_fields) + 8)
         except _TooLarge:
             raise APIError(413, "upload_too_large", f"the upload exceeds the limit of {cfg.max_upload_bytes:,} "
                            "bytes", "file") from None
@@ -328,23 +328,27 @@ def create_app(cfg: ServiceConfig) -> FastAPI:
             rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
                              .order_by(JobEvent.id).limit(max(1, min(limit, 1000)))).all()
             return {"object": "list", "data": [{"id": e.id, "object": "fine_tuning.job.event", "created_at": e.created_at,
-                                                "level": e.level, "message": e.message} for e in rows]}
+                                                "level": e.level, "message": redact(e.message, cfg, job_id)}
+                                               for e in rows]}
 
-    @app.post("/v1/fine-tunes/{job_id}/cancel", summary="Cancel a job (a running one stops at its next step)")
+    @app.post("/v1/fine-tunes/{job_id}/cancel", summary="Cancel a job in any unfinished state (a running one stops "
+              "at its next step, one being checked when its check next looks)")
     def cancel(job_id: str, key: ApiKey = Depends(current_key)) -> dict[str, Any]:
         with sessions() as s:
             job = own_job(s, job_id, key)
             if job.status in TERMINAL:
                 raise APIError(409, "job_finished", f"job {job_id} is already {job.status}", "id")
-            now = time.time()
-            # Queued: cancelled at once. Running: flagged; its worker stops at the next step boundary.
+            # Queued: cancelled at once. Being checked or running: flagged; its holder stops at the next chance.
             done = s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-                             .values(status="cancelled", cancel_requested=True, finished_at=now)).rowcount
+                             .values(status="cancelled", cancel_requested=True, finished_at=time.time())).rowcount
             if not done:
                 s.execute(update(Job).where(Job.id == job_id, Job.status.not_in(TERMINAL))
                           .values(cancel_requested=True))
             add_event(s, job_id, "cancelled" if done else "cancellation requested")
             s.commit()
+        if not done:
+            recover(cfg, sessions, job_ids=[job_id])  # a holder that died cannot stop it: it ends now
+        with sessions() as s:
             return job_object(s.get(Job, job_id, populate_existing=True), cfg)
 
     def artifacts_of(s: Any, job_id: str, key: ApiKey) -> tuple[Path, dict[str, Any]]:

@@ -7,9 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from ..configs import strict_from_dict
+from ..errors import FreezeAsGuardError
 
 METHODS = ("full", "lora")
 CONFIG_NAME = "service.json"
+
+
+class ServiceStartError(FreezeAsGuardError, ValueError):
+    """`serve` or `worker` refuses to start: what it was given could not run a single job."""
 
 
 @dataclass
@@ -30,6 +35,9 @@ class ServiceConfig:
     max_compression_ratio: float = 100.0  # per archive member (above 64 KiB) and for the whole archive
     max_files: int = 5000
     max_image_pixels: int = 4096 * 4096
+    # all images of one upload together: bounds the CPU one upload can cost the API (decoding is checked
+    # before a job is queued); 300 images of 1024 x 1024
+    max_total_pixels: int = 300 * 1024 * 1024
     # ---- hyperparameter limits and defaults
     methods: tuple[str, ...] = METHODS
     max_steps: int = 2000
@@ -68,10 +76,20 @@ class ServiceConfig:
             raise ValueError(f"ServiceConfig.methods must be a non-empty subset of {METHODS}, got {list(self.methods)}")
         if self.default_method not in self.methods:
             raise ValueError(f"ServiceConfig.default_method {self.default_method!r} is not in methods {list(self.methods)}")
-        for name in ("max_upload_bytes", "max_uncompressed_bytes", "max_files", "max_image_pixels", "max_steps",
+        for name in ("max_upload_bytes", "max_uncompressed_bytes", "max_files", "max_image_pixels", "max_total_pixels",
+                     "max_steps",
                      "max_batch_size", "max_lora_rank", "max_concurrent_jobs", "max_steps_per_day", "sample_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"ServiceConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.min_learning_rate <= self.max_learning_rate:
+            raise ValueError("ServiceConfig needs 0 < min_learning_rate <= max_learning_rate, got "
+                             f"{self.min_learning_rate}, {self.max_learning_rate}")
+        # A default outside its own limits would give users jobs they could not have asked for.
+        for name, lo, hi in (("default_steps", 1, self.max_steps), ("default_batch_size", 1, self.max_batch_size),
+                             ("default_learning_rate", self.min_learning_rate, self.max_learning_rate),
+                             ("default_lora_rank", 1, self.max_lora_rank)):
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(f"ServiceConfig.{name} {getattr(self, name)} is outside its limits [{lo}, {hi}]")
         if self.heartbeat_seconds <= 0 or self.lease_seconds <= 2 * self.heartbeat_seconds:
             raise ValueError("ServiceConfig.lease_seconds must exceed twice heartbeat_seconds (> 0), "
                              f"got lease {self.lease_seconds}, heartbeat {self.heartbeat_seconds}")

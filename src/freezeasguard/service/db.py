@@ -136,14 +136,27 @@ def create_key(session: Session, name: str, *, max_concurrent_jobs: int | None =
     return key, secret
 
 
-def revoke_key(session: Session, key_id: str) -> ApiKey:
+def revoke_key(session: Session, key_id: str) -> tuple[ApiKey, list[str]]:
+    """Revoke a key and cancel its unfinished jobs: queued ones at once, those being checked or trained at their
+    holder's next step (a worker stops at the next step boundary; a holder that died is ended by
+    `recovery.recover`). Returns the key and the ids of the jobs cancelled or asked to cancel."""
     key = session.get(ApiKey, key_id)
     if key is None:
         raise KeyError(f"no API key {key_id!r} (see `freezeasguard keys list`)")
+    now = time.time()
     if key.revoked_at is None:
-        key.revoked_at = time.time()
-        session.commit()
-    return key
+        key.revoked_at = now
+    unfinished = session.execute(select(Job.id, Job.status).where(Job.key_id == key_id,
+                                                                  Job.status.in_(ACTIVE))).all()
+    session.execute(update(Job).where(Job.key_id == key_id, Job.status == "queued")
+                    .values(status="cancelled", cancel_requested=True, finished_at=now))
+    session.execute(update(Job).where(Job.key_id == key_id, Job.status.in_(ACTIVE))
+                    .values(cancel_requested=True))
+    for job_id, status in unfinished:
+        add_event(session, job_id, "its API key was revoked: " + ("cancelled" if status == "queued"
+                                                                  else "cancellation requested"))
+    session.commit()
+    return key, [job_id for job_id, _ in unfinished]
 
 
 def authenticate(session: Session, secret: str) -> ApiKey | None:
@@ -225,13 +238,16 @@ def heartbeat(session: Session, job_id: str, worker_id: str, lease_seconds: floa
 
 
 def finish(session: Session, job_id: str, worker_id: str, status: str, **values: Any) -> bool:
-    """Move our running job to `status` (terminal, or back to 'queued'); False if it is no longer ours."""
+    """Move our running job to `status` (terminal, or back to 'queued'); False if it is no longer ours, or if
+    it would succeed although cancellation was asked for."""
     values = {"status": status, "lease_expires_at": None, **values}
     if status in TERMINAL:
         values.setdefault("finished_at", time.time())
     else:
         values["worker_id"] = None
-    done = session.execute(update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == "running")
-                           .values(**values)).rowcount == 1
+    ours = [Job.id == job_id, Job.worker_id == worker_id, Job.status == "running"]
+    if status == "succeeded":
+        ours.append(Job.cancel_requested.is_(False))  # a job asked to cancel is never released
+    done = session.execute(update(Job).where(*ours).values(**values)).rowcount == 1
     session.commit()
     return done

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training import TrainCallback
-from .config import ServiceConfig
+from .config import ServiceConfig, ServiceStartError
 
 LAUNCH = "launch.json"
 PROGRESS = "progress.json"
@@ -75,6 +75,34 @@ def load_base_model(model: str):  # type: ignore[no-untyped-def]
     from ..zoo import EMBEDDED, load_base
 
     return load_base() if model == EMBEDDED else DiffusionModel.from_pretrained(Path(model))
+
+
+def check_release(cfg: ServiceConfig) -> Any:
+    """The publisher's guard, checked against the model every job fine-tunes, as `finetune` checks it before
+    each job: the tensor names and shapes (the guard's fingerprint of its base) and the frozen values. Raises
+    ServiceStartError saying which does not fit, so `serve` and `worker` refuse to start rather than accept
+    jobs that would all fail."""
+    import gc
+
+    from ..guard import Guard
+
+    try:
+        guard = Guard.load(cfg.guard)
+    except (OSError, ValueError) as exc:
+        raise ServiceStartError(f"the service's guard cannot be used: {exc}") from exc
+    try:
+        model = load_base_model(cfg.model)
+    except Exception as exc:  # noqa: BLE001 - a loader raises many types; all mean the same here
+        raise ServiceStartError(f"the service's model {cfg.model} cannot be loaded: {exc}") from exc
+    try:
+        guard.check_values(model.unet)
+    except ValueError as exc:
+        raise ServiceStartError(f"the guard {cfg.guard} does not fit the model {cfg.model}, so every job would "
+                                f"fail: {exc}. Start the service with the guard made for this model.") from exc
+    finally:
+        del model  # the API never trains: it does not keep the weights
+        gc.collect()
+    return guard
 
 
 def train_job(cfg: ServiceConfig, folder: Path, hp: dict[str, Any], processes: int,

@@ -4,9 +4,11 @@ An upload is a zip of an image-caption folder (the layout `ImageCaptionFolder` r
 `metadata.jsonl` / `metadata.csv` or `.txt` sidecars). Everything that could hurt the service or fail hours
 later is refused up front with a message naming the archive member: paths that escape the folder (`..`,
 absolute, drive letters), symlinks, zip bombs (per-member and overall compression ratio, total size, member
-count, and the bytes actually inflated), files that are neither images nor captions, images that do not
-decode or exceed the pixel limit, and images without captions. Extraction goes to a fresh folder that is
-removed on any failure.
+count, and the bytes actually inflated), files that are neither images nor captions or cannot be written
+under their names, images that are not PNG/JPEG/WEBP/BMP/GIF by their content (`data.open_image`; the name
+does not matter) or do not decode, images over the pixel limit and uploads over the total pixel limit (read
+from the headers before any pixel is decoded), and images without captions. Extraction goes to a fresh folder
+that is removed on any failure.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import shutil
 import stat
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +42,10 @@ class UploadError(FreezeAsGuardError, ValueError):
         super().__init__(message)
         self.member = member
         self.status = status
+
+
+class UploadCancelled(Exception):
+    """The job was cancelled while its upload was being checked."""
 
 
 @dataclass
@@ -75,20 +82,26 @@ def _strip_common_root(names: list[str]) -> str:
     return ""
 
 
-def extract_upload(archive: Path | BinaryIO, dest: Path, cfg: ServiceConfig) -> CheckedUpload:
+def extract_upload(archive: Path | BinaryIO, dest: Path, cfg: ServiceConfig,
+                   cancelled: Callable[[], bool] | None = None) -> CheckedUpload:
     """Check `archive` (a path or a seekable binary file) and extract it into `dest` (created; removed again on
-    any failure)."""
+    any failure). `cancelled` is asked between files; when it answers True, UploadCancelled is raised."""
     if dest.exists():
         raise FileExistsError(dest)
     dest.mkdir(parents=True)
+
+    def check() -> None:
+        if cancelled is not None and cancelled():
+            raise UploadCancelled()
+
     try:
-        return _extract(archive, dest, cfg)
+        return _extract(archive, dest, cfg, check)
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
 
 
-def _extract(archive: Path | BinaryIO, dest: Path, cfg: ServiceConfig) -> CheckedUpload:
+def _extract(archive: Path | BinaryIO, dest: Path, cfg: ServiceConfig, check: Callable[[], None]) -> CheckedUpload:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -142,10 +155,11 @@ def _extract(archive: Path | BinaryIO, dest: Path, cfg: ServiceConfig) -> Checke
             if name.lower() in seen:
                 raise UploadError(f"{info.filename}: listed twice in the archive", info.filename)
             seen.add(name.lower())
+            check()
             target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
             # Count what actually inflates: the header sizes checked above are only the archive's claim.
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as out:
                     while chunk := src.read(_CHUNK):
                         written += len(chunk)
@@ -156,27 +170,54 @@ def _extract(archive: Path | BinaryIO, dest: Path, cfg: ServiceConfig) -> Checke
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
                 # a CRC or size that does not match the header, a truncated stream, an unsupported method
                 raise UploadError(f"{info.filename}: corrupt archive member ({exc})", info.filename) from exc
+            except OSError as exc:
+                # a name the filesystem refuses: too long, or a file where the archive also has a folder
+                raise UploadError(f"{info.filename}: cannot be stored under this name "
+                                  f"({exc.strerror or type(exc).__name__})", info.filename) from exc
         if not images:
             raise UploadError("the archive holds no images (" + " ".join(sorted(IMAGE_EXTENSIONS)) + ")")
+        # Sizes first, from the headers: an upload over the pixel limits costs no decoding at all.
+        total = 0
         for member, name in images:
-            _check_image(dest / name, member, cfg.max_image_pixels)
+            total += _image_pixels(dest / name, member, cfg.max_image_pixels)
+            if total > cfg.max_total_pixels:
+                raise UploadError(f"{member}: the images up to this one hold {total:,} pixels, more than the limit "
+                                  f"of {cfg.max_total_pixels:,} for one upload", member, status=413)
+        for member, name in images:
+            check()
+            _decode_image(dest / name, member)
         _check_captions(dest, len(images))
         return CheckedUpload(folder=dest, images=len(images), files=len(members), uncompressed_bytes=written)
 
 
-def _check_image(path: Path, member: str, max_pixels: int) -> None:
+def _image_pixels(path: Path, member: str, max_pixels: int) -> int:
+    """Width x height from the header (no pixel decoded), through `open_image`: only the allowed formats, known
+    by their content, are even parsed."""
     from ..data import open_image
 
     try:
         with open_image(path) as im:
-            w, h = im.size  # read from the header, before any pixel is decoded
-            if w * h > max_pixels:
-                raise UploadError(f"{member}: {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,}", member)
-            im.load()
-    except UploadError:
-        raise
+            w, h = im.size
     except Exception as exc:  # Pillow raises many types for bad input (OSError, SyntaxError, ValueError, ...)
-        raise UploadError(f"{member}: not a decodable image ({type(exc).__name__}: {exc})", member) from exc
+        raise UploadError(f"{member}: not a decodable image ({_pillow_error(exc, path, member)})", member) from exc
+    if w * h > max_pixels:
+        raise UploadError(f"{member}: {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,}", member)
+    return w * h
+
+
+def _decode_image(path: Path, member: str) -> None:
+    from ..data import open_image
+
+    try:
+        with open_image(path) as im:
+            im.load()
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise UploadError(f"{member}: not a decodable image ({_pillow_error(exc, path, member)})", member) from exc
+
+
+def _pillow_error(exc: Exception, path: Path, member: str) -> str:
+    # Pillow's messages name the file it was given by the server's path, which users never see.
+    return f"{type(exc).__name__}: {exc}".replace(str(path), member)
 
 
 def _check_captions(folder: Path, n_images: int) -> None:
@@ -186,8 +227,8 @@ def _check_captions(folder: Path, n_images: int) -> None:
 
     try:
         ds = ImageCaptionFolder(folder, ImageTransform(8))
-    except DataError as exc:
+    except (DataError, OSError, ValueError) as exc:
         msg = str(exc).replace(str(folder) + "/", "").replace(str(folder), "<upload>")
-        raise UploadError(msg) from exc
+        raise UploadError(msg if isinstance(exc, DataError) else f"the captions cannot be read: {msg}") from exc
     if len(ds) != n_images:
         raise UploadError(f"the captions cover {len(ds)} of the archive's {n_images} images")

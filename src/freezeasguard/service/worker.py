@@ -42,11 +42,14 @@ from .jobrun import (
     SAMPLES,
     STOP,
     WORKER_PID_ENV,
+    check_release,
     error_code,
     error_message,
     processes_for,
     train_job,
 )
+from .recovery import RECOVER_EVERY_S, job_lock, recover
+from .redact import redact
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST = "artifacts.json"  # name -> bytes and SHA-256 of every published file
@@ -54,27 +57,6 @@ STOP_GRACE_S = 60.0  # a launched job asked to stop gets this long to finish its
 TRAIN_LOG = "train.log"  # the launched processes' output, for the publisher (never served to users)
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def job_lock(folder: Path) -> Iterator[int | None]:
-    """An exclusive, non-blocking lock on a job folder: yields its file descriptor (which a launched child can
-    inherit to keep holding it), or None when another live process holds it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield None
-            return
-        except ImportError:  # no fcntl (Windows): the lease alone guards the job
-            pass
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def descendants(pid: int) -> list[int]:
@@ -126,6 +108,7 @@ class _Failed(Exception):
 
 class Worker:
     def __init__(self, cfg: ServiceConfig, worker_id: str | None = None) -> None:
+        check_release(cfg)  # before anything else: a worker that could not run one job must not start
         self.cfg = cfg
         self.engine = make_engine(cfg.database_url)
         self.sessions = session_factory(self.engine)
@@ -141,6 +124,7 @@ class Worker:
         self._interrupt: Callable[[], None] = self._sigint_self
         self._shutdown = False
         self._swept = float("-inf")
+        self._recovered = float("-inf")
 
     # ------------------------------------------------------------------ loop
     def run(self, *, max_jobs: int | None = None, exit_when_idle: bool = False) -> int:
@@ -156,6 +140,12 @@ class Worker:
                 if self.cfg.retention_days and time.monotonic() - self._swept >= SWEEP_EVERY_S:
                     self._swept = time.monotonic()
                     sweep_expired(self.cfg, self.sessions)
+                if time.monotonic() - self._recovered >= RECOVER_EVERY_S:
+                    self._recovered = time.monotonic()
+                    try:
+                        recover(self.cfg, self.sessions)
+                    except Exception:  # noqa: BLE001 - a database hiccup: the next round retries
+                        log.exception("worker %s: recovery failed", self.worker_id)
                 with self.sessions() as s:
                     job = claim(s, self.worker_id, self.guard_digest, self.cfg.lease_seconds)
                 if job is None:
@@ -184,7 +174,7 @@ class Worker:
 
     def event(self, job_id: str, message: str, level: str = "info") -> None:
         with self.sessions() as s:
-            add_event(s, job_id, message, level)
+            add_event(s, job_id, redact(message, self.cfg, job_id), level)
             s.commit()
 
     # ------------------------------------------------------------------ one job
@@ -236,8 +226,15 @@ class Worker:
         return "queued"
 
     def _end(self, job: Job, status: str, *, message: str | None = None, **values: Any) -> str:
+        # Stored as users will see them: no path of this server in an error or a result.
+        values = {k: redact(v, self.cfg, job.id) if k in ("error_message", "result") else v for k, v in values.items()}
         with self.sessions() as s:
             ok = finish(s, job.id, self.worker_id, status, **values)
+            if not ok and status == "succeeded" and _cancel_requested(s, job.id, self.worker_id):
+                # cancelled while it was being verified and published: the user asked for nothing to be released
+                shutil.rmtree(job_dir(self.cfg, job.id) / "artifacts", ignore_errors=True)
+                status, message, values = "cancelled", "cancelled before the result was released", {}
+                ok = finish(s, job.id, self.worker_id, status)
         if ok:
             text = message or values.get("error_message") or status
             self.event(job.id, f"{status}: {text}", "error" if status == "failed" else "info")
@@ -282,18 +279,23 @@ class Worker:
         if self._stop_reason:
             raise _Stop(self._stop_reason)
 
-        # The gate: nothing is published unless the written derivative passes the auditor.
-        guard = Guard.load(self.cfg.guard)
-        derivative = run_dir / "lora" / LORA_FILE if hp["method"] == "lora" else run_dir / "model"
-        report = verify(derivative, guard)
-        if not report.compliant:
-            shutil.rmtree(run_dir / ("lora" if hp["method"] == "lora" else "model"), ignore_errors=True)
-            return self._end(job, "failed", error_code="guard_violation",
-                             error_message="the fine-tuned model fails the guard audit; nothing is released: "
-                             + report.describe(limit=5))
-        self.event(job.id, f"verify: {report.describe()}")
-        record = read_json(run_dir / "finetune.json", "fine-tuning record")
-        self._publish(folder, run_dir, derivative, report)
+        # The release keeps the lease (a large model takes a while to verify and copy) but is never interrupted
+        # halfway: a cancel or a lost lease found meanwhile is acted on once it is done.
+        with self._heartbeat(job, run_dir, lambda: (None, None), lambda: None):
+            # The gate: nothing is published unless the written derivative passes the auditor.
+            guard = Guard.load(self.cfg.guard)
+            derivative = run_dir / "lora" / LORA_FILE if hp["method"] == "lora" else run_dir / "model"
+            report = verify(derivative, guard)
+            if not report.compliant:
+                shutil.rmtree(run_dir / ("lora" if hp["method"] == "lora" else "model"), ignore_errors=True)
+                return self._end(job, "failed", error_code="guard_violation",
+                                 error_message="the fine-tuned model fails the guard audit; nothing is released: "
+                                 + report.describe(limit=5))
+            self.event(job.id, f"verify: {report.describe()}")
+            record = read_json(run_dir / "finetune.json", "fine-tuning record")
+            self._publish(job, folder, run_dir, derivative, report)
+        if self._stop_reason in ("cancel", "lost"):
+            raise _Stop(self._stop_reason)
         metrics = record["metrics"]
         summary = savings(record, len(guard.frozen))
         summary["resumed_from_step"] = metrics["resumed_from"]
@@ -303,16 +305,18 @@ class Worker:
                          result={"savings": summary, "audit": report.to_dict(), "processes": metrics["world_size"],
                                  "step_time_s": metrics.get("step_time_s"), "device": metrics.get("device")})
 
-    def _publish(self, folder: Path, run_dir: Path, derivative: Path, report: Any) -> None:
-        from ..utils.files import atomic_directory, atomic_write_json
+    def _publish(self, job: Job, folder: Path, run_dir: Path, derivative: Path, report: Any) -> None:
+        from ..utils.files import atomic_directory, atomic_write_json, read_json
 
         with atomic_directory(folder / "artifacts", overwrite=True) as tmp:
             if derivative.is_file():
                 shutil.copy2(derivative, tmp / LORA_FILE)
             else:
                 _zip_dir(derivative, tmp / "model.zip")
-            shutil.copy2(run_dir / "finetune.json", tmp / "finetune.json")
-            atomic_write_json(tmp / "verify.json", report.to_dict())
+            # The records name files by this server's paths; users get them relative to the job.
+            atomic_write_json(tmp / "finetune.json",
+                              redact(read_json(run_dir / "finetune.json", "fine-tuning record"), self.cfg, job.id))
+            atomic_write_json(tmp / "verify.json", redact(report.to_dict(), self.cfg, job.id))
             if (run_dir / SAMPLES).is_file():
                 shutil.copy2(run_dir / SAMPLES, tmp / SAMPLES)
             files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -471,6 +475,13 @@ class _Progress(TrainCallback):
 
     def snapshot(self) -> tuple[int | None, float | None]:
         return self.step, self.loss
+
+
+def _cancel_requested(s: Any, job_id: str, worker_id: str) -> bool:
+    from sqlalchemy import select
+
+    return s.scalar(select(Job.cancel_requested).where(Job.id == job_id, Job.worker_id == worker_id,
+                                                       Job.status == "running")) is True
 
 
 def _checkpoint_step(run_dir: Path) -> int:
