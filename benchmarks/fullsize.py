@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -103,6 +102,12 @@ def stage(name: str, args: argparse.Namespace) -> dict[str, Any]:
     raise ValueError(name)
 
 
+def torch_cpu():  # type: ignore[no-untyped-def]
+    import torch
+
+    return torch.device("cpu")
+
+
 def child(name: str, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Run `name` in a fresh process; its figures plus the process's wall time and peak resident memory."""
     result = Path(args.work) / f".{name}.json"
@@ -138,7 +143,10 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.stage:
         out = stage(args.stage, args)
-        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this stage's process
+        # VmHWM, not ru_maxrss: Linux carries a parent's peak into its children across fork and exec
+        from freezeasguard.training.memory import peak_bytes
+
+        out["peak_rss_bytes"] = peak_bytes(torch_cpu())[0]
         Path(args.result).write_text(json.dumps(out))
         return 0
 

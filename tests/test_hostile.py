@@ -615,3 +615,39 @@ def test_cli_finetune_and_learn_refuse_a_foreign_out_with_exit_2(tmp_path, share
         assert result.exit_code == 2, (args, result.output)
         assert str(out) in result.output and ("not empty" in result.output or "not written by" in result.output)
     assert (out / "metrics.json").read_text() == "mine" and (out / "guard.json").read_text() == "mine"
+
+
+def test_every_file_a_user_hands_in_is_read_within_a_bound(tmp_path, record_property):
+    """A config, a names list, a model index, a caption sidecar: each larger than any real one is refused,
+    naming the file, before it is read (the files here are sparse: nothing is written or read)."""
+    from freezeasguard.cli.options import read_config_file
+    from freezeasguard.data import MAX_TEXT_BYTES, ImageCaptionFolder, ImageTransform
+    from freezeasguard.errors import DataError, ModelError
+    from freezeasguard.model import read_model_index
+    from freezeasguard.utils.files import MAX_JSON_BYTES
+
+    def huge(path: Path, size: int) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        os.truncate(path, size + 1)
+        return path
+
+    record_property("expected", "each refused, naming the file")
+    with pytest.raises(ValueError, match="config.json.*bytes at most"):
+        read_config_file(huge(tmp_path / "config.json", MAX_JSON_BYTES))
+    with pytest.raises(ModelError, match="model_index.json.*bytes at most"):
+        read_model_index(huge(tmp_path / "model" / "model_index.json", MAX_JSON_BYTES).parent)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    huge(folder / "a.txt", MAX_TEXT_BYTES)
+    with pytest.raises(DataError, match="a.txt.*bytes at most"):
+        ImageCaptionFolder(folder, ImageTransform(8))
+    result = subprocess.run([sys.executable, "-m", "freezeasguard", "guard", "names",
+                             str(huge(tmp_path / "names.txt", MAX_JSON_BYTES)), "--out", str(tmp_path / "g")],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "names.txt" in result.stderr and "bytes at most" in result.stderr, result.stderr
+    record_property("actual", "each refused, naming the file")
+    record_property("data_lost", "no")

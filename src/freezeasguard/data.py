@@ -416,9 +416,15 @@ def _sidecar_captions(root: Path, images: Mapping[str, Path]) -> dict[str, str]:
     return captions
 
 
+# A caption file or a metadata table of a dataset: far below this (a metadata table of 100,000 captions is ~20 MB).
+MAX_TEXT_BYTES = 64 << 20
+
+
 def _read_text(path: Path) -> str:
+    from .utils.files import read_bounded
+
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return read_bounded(path, "caption or metadata file", DataError, limit=MAX_TEXT_BYTES).decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not valid UTF-8 text: {e}") from e
 

@@ -118,10 +118,9 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{root}: not a directory (expected a Stable-Diffusion-format model directory)")
     if not index_path.is_file():
         raise ModelError(f"{index_path}: missing; a Stable-Diffusion-format directory starts with model_index.json")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{index_path}: not valid JSON ({exc})") from exc
+    from .utils.files import read_json
+
+    index = read_json(index_path, "model index", ModelError)
     if not isinstance(index, dict):
         raise ModelError(f"{index_path}: expected a JSON object")
     missing = [c for c in _REQUIRED if not _present(index, c)]

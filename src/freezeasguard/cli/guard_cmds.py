@@ -119,7 +119,9 @@ def guard_names(
 ) -> None:
     """Freeze exactly the listed UNet tensors."""
     Guard = _begin(out, overwrite)
-    text = names.read_text()
+    from ..utils.files import read_bounded
+
+    text = read_bounded(names, "names file").decode("utf-8")
     listed = json.loads(text) if text.lstrip().startswith("[") else [x.strip() for x in text.splitlines() if x.strip()]
     loaded = _model(model)
     guard = Guard.from_names(loaded.unet, listed,

@@ -166,10 +166,9 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
     """The JSON object in a --config file ({} without one); anything else is an error naming the file."""
     if path is None:
         return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    from ..utils.files import read_json
+
+    data = read_json(path, "--config file")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a --config file must hold a JSON object of fields, got {type(data).__name__}")
     return data

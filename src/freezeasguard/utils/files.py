@@ -114,22 +114,30 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 MAX_JSON_BYTES = 64 << 20
 
 
+def read_bounded(path: str | Path, what: str, error: type[Exception] = ValueError, *, limit: int = MAX_JSON_BYTES) -> bytes:
+    """A user's file's bytes, refused (naming the file) when larger than `limit`, before and while reading."""
+    p = Path(path)
+    size = p.stat().st_size
+    if size > limit:
+        raise error(f"{p}: {size} bytes, larger than any {what} ({limit} bytes at most)")
+    with p.open("rb") as f:  # the size may change after stat: read at most one byte past the limit
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise error(f"{p}: larger than any {what} ({limit} bytes at most)")
+    return data
+
+
 def read_json(path: str | Path, what: str, error: type[Exception] = ValueError, *, limit: int = MAX_JSON_BYTES) -> Any:
     """A user's JSON file, with errors that name the file and what it should have been; a file larger than
     `limit` is refused before it is read."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > limit:
-            raise error(f"{p}: {size} bytes, larger than any {what} ({limit} bytes at most)")
-        with p.open("rb") as f:  # the size may change after stat: read at most one byte past the limit
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise error(f"{p}: larger than any {what} ({limit} bytes at most)")
-        return json.loads(data.decode("utf-8"))
+        return json.loads(read_bounded(p, what, error, limit=limit).decode("utf-8"))
     except FileNotFoundError as exc:
         raise error(f"{p}: no such {what}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{p}: not a readable JSON {what}: not valid JSON ({exc})") from exc
+    except OSError as exc:
         raise error(f"{p}: not a readable JSON {what} ({exc})") from exc
 
 
