@@ -303,3 +303,23 @@ def test_cli_verify_refuses_a_base_that_is_not_the_guards_base(base_and_guard, t
     # the real base still serves the elementwise check
     ok = runner.invoke(app, ["verify", d, "--guard", str(tmp_path / "guard.json"), "--base", str(base), "--tolerance", "0"])
     assert ok.exit_code == 1 and guard.frozen[0] in ok.output
+
+
+def test_half_precision_frozen_tensors_stay_bit_identical_under_mixed_precision(base_and_guard, toy_data, tmp_path):
+    """A release stored in bfloat16, fine-tuned under mixed precision: the trainable tensors train in float32
+    (optimizer state in float32) and are stored back in bfloat16; the frozen ones never leave bfloat16 and end
+    bit for bit as released; the derivative verifies against the float32 guard as lower precision."""
+    base, guard = base_and_guard
+    model = DiffusionModel.from_pretrained(base).to(dtype=torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    cfg = FinetuneConfig(method="full", train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-3,
+                                                          progress=False, mixed_precision="bf16"))
+    result = finetune(model, toy_data(4), guard=guard, config=cfg, output_dir=tmp_path / "ft")
+    after = dict(model.unet.named_parameters())
+    assert all(p.dtype == torch.bfloat16 for p in after.values())
+    assert all(torch.equal(after[n], before[n]) for n in guard.frozen)
+    assert any(not torch.equal(after[n], before[n]) for n in after if n not in guard.frozen)
+    # AdamW's two moments per trainable parameter, in float32
+    assert result.train.metrics["optimizer_state_bytes"] >= 8 * result.unet.trainable_parameters
+    report = verify(tmp_path / "ft" / "model", guard)
+    assert report.compliant and {f.status for f in report.findings if f.name in guard.frozen} == {"ok_lower_precision"}

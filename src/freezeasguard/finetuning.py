@@ -229,8 +229,12 @@ def _finetune(model: DiffusionModel, data: Any, guard: Guard | None, cfg: Finetu
     out = Path(output_dir) if output_dir is not None else None
     # Made here, not left to train(), so that under torchrun this function knows which process writes.
     accelerator = accelerator or make_accelerator(cfg.train.mixed_precision)
+    stored = upcast_for_training(trainable, unet_tensors(unet)) if cfg.train.mixed_precision != "no" else {}
     result = train(objective, train_data, trainable, cfg.train, output_dir=out, accelerator=accelerator,
                    callbacks=callbacks, desc=f"finetune ({cfg.method}{', guarded' if guard is not None else ''})")
+    with torch.no_grad():  # the derivative is stored as the release was
+        for p, dtype in stored.values():
+            p.data = p.data.to(dtype)
 
     report = None
     if guard is not None:
@@ -257,6 +261,22 @@ def _finetune(model: DiffusionModel, data: Any, guard: Guard | None, cfg: Finetu
         accelerator.wait_for_everyone()
         ft.output = out / ("model" if cfg.method == "full" else "lora")
     return ft
+
+
+def upcast_for_training(trainable: dict[str, torch.nn.Parameter], unet: dict[str, torch.nn.Parameter]) \
+        -> dict[str, tuple[torch.nn.Parameter, torch.dtype]]:
+    """Upcast to float32, in place, the tensors stored in half precision that training needs in full: every
+    trainable one (diffusers' `cast_training_params`: the optimizer's steps and state in full precision while
+    autocast computes in half) and every 1-D one, frozen or not (norms run in float32 under autocast and refuse
+    half-precision weights beside a float32 input). Frozen matrices stay as stored and take half the memory.
+    Returns name -> (tensor, storage dtype); casting back is exact for the frozen ones (they never change)."""
+    stored = {}
+    with torch.no_grad():
+        for name, p in [*trainable.items(), *((f"unet.{n}", p) for n, p in unet.items() if p.dim() == 1)]:
+            if name not in stored and p.dtype in (torch.float16, torch.bfloat16):
+                stored[name] = (p, p.dtype)
+                p.data = p.data.float()
+    return stored
 
 
 def _save(model: DiffusionModel, cfg: FinetuneConfig, guard: Guard | None, out: Path) -> Path:
