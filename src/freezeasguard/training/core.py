@@ -144,9 +144,14 @@ def make_accelerator(mixed_precision: str = "no") -> Any:
     accelerate only takes the gloo CPU path when told cpu=True, so say it when there is nothing else.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     current = getattr(torch, "accelerator", None)
     has_device = current.is_available() if current is not None else torch.cuda.is_available()
+    if AcceleratorState._shared_state and str(AcceleratorState().mixed_precision) != mixed_precision:
+        # accelerate keeps one precision per process; a later run with another one (a library user's second
+        # fine-tune) would be refused. The distributed state is kept: only the precision is reset.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=not has_device)
 
 
