@@ -455,3 +455,35 @@ def test_sdxl_lora_files_in_kohya_and_peft_key_styles_are_audited(small, tmp_pat
                 "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"):
         te = _kohya_file(model.unet, tmp_path / "te.safetensors", dict(list(KOHYA_SDXL.items())[4:]), [key])
         assert [f.status for f in verify(te, guard).violations] == ["text_encoder_adapter"], key
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_publishers_and_users_commands_run_end_to_end_on_each_architecture(arch, small, tmp_path):
+    """learn, immunise, finetune (full and LoRA), verify and inspect through the CLI, a few steps each, on the
+    small fixture of each architecture: the guard learned on it, the immunised release and its guard, a user's
+    fine-tunes of that release, each verified compliant."""
+    from conftest import CAPTIONS, toy_images
+    from freezeasguard.data import write_imagefolder
+
+    illegal = write_imagefolder(tmp_path / "illegal", toy_images(4, SIDE), [CAPTIONS[i % 2] for i in range(4)])
+    legal = write_imagefolder(tmp_path / "legal", toy_images(4, SIDE), [CAPTIONS[2 + i % 2] for i in range(4)])
+
+    def run(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, (args[0], result.output)
+        return result.output
+
+    run("learn", "--model", small[arch], "--illegal", illegal, "--legal", legal, "--out", tmp_path / "learn",
+        "--mask-steps", 2, "--mask-every", 1, "--mask-batch", 2, "--batch-size", 2, "--warm-steps", 1,
+        "--warm-batch-size", 2)
+    run("immunise", "--model", small[arch], "--guard", tmp_path / "learn" / "guard.json", "--illegal", illegal,
+        "--legal", legal, "--out", tmp_path / "release", "--immunise-steps", 2)
+    release, guard = tmp_path / "release" / "model", tmp_path / "release" / "guard.json"
+    for method in ("full", "lora"):
+        run("finetune", illegal, "--model", release, "--guard", guard, "--method", method, "--steps", 2,
+            "--batch-size", 2, "--out", tmp_path / method)
+        target = tmp_path / method / ("model" if method == "full" else "lora")
+        assert "COMPLIANT" in run("verify", target, "--guard", guard)
+    assert "down_blocks" in run("inspect", guard, "--png", tmp_path / "blocks.png")
+    loaded = Guard.load(guard)
+    assert set(loaded.text_encoders) == ({"text_encoder", "text_encoder_2"} if arch == "sdxl" else {"text_encoder"})
