@@ -487,3 +487,26 @@ def test_the_publishers_and_users_commands_run_end_to_end_on_each_architecture(a
     assert "down_blocks" in run("inspect", guard, "--png", tmp_path / "blocks.png")
     loaded = Guard.load(guard)
     assert set(loaded.text_encoders) == ({"text_encoder", "text_encoder_2"} if arch == "sdxl" else {"text_encoder"})
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_service_job_runs_on_each_architecture(arch, small, tmp_path):
+    """The guarded fine-tuning service on each architecture's shape: a LoRA job is trained, audited and
+    published."""
+    from freezeasguard.service.config import ServiceConfig
+    from freezeasguard.service.worker import Worker
+    from service_helpers import Api, dataset_members, make_zip
+
+    model = DiffusionModel.from_pretrained(small[arch])
+    guard_path = Guard.random(model.unet, 0.3, seed=0).with_text_encoders(model).save(tmp_path / "guard.json")
+    cfg = ServiceConfig(model=str(small[arch]), guard=str(guard_path), data_dir=str(tmp_path / "service"),
+                        checkpoint_every=2, lease_seconds=30.0, heartbeat_seconds=0.2, poll_seconds=0.1,
+                        sample_images=1, sample_steps=2, default_steps=2, default_batch_size=2)
+    api = Api(cfg)
+    headers = api.key()
+    r = api.submit(headers, make_zip(dataset_members(side=SIDE)), method="lora", steps=2, lora_rank=2)
+    assert r.status_code == 201, r.text
+    assert Worker(cfg).run(exit_when_idle=True) == 1
+    job = api.client.get(f"/v1/fine-tunes/{r.json()['id']}", headers=headers).json()
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"]["audit"]["compliant"] is True
