@@ -158,3 +158,17 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.02) -> Any:
+    """predicate()'s first truthy value, polled until `timeout` seconds have passed (then an AssertionError
+    naming `what`)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

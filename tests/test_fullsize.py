@@ -357,29 +357,20 @@ def test_sdxl_directories_with_pickles_or_missing_parts_are_refused(small, tmp_p
     with pytest.raises(ModelError, match=r"text_encoder_2: only pickled weights \(pytorch_model.bin\)"):
         DiffusionModel.from_pretrained(pickled)
 
-    lonely = tmp_path / "lonely"
-    shutil.copytree(src, lonely)
-    index = json.loads((lonely / "model_index.json").read_text())
-    del index["tokenizer_2"]
-    (lonely / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelError, match="names text_encoder_2 but no tokenizer_2"):
-        DiffusionModel.from_pretrained(lonely)
-
-    foreign = tmp_path / "foreign"
-    shutil.copytree(src, foreign)
-    index = json.loads((foreign / "model_index.json").read_text())
-    index["text_encoder_2"] = ["some_package", "Evil"]
-    (foreign / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelError, match="component 'text_encoder_2' comes from library 'some_package'"):
-        DiffusionModel.from_pretrained(foreign)
-
-    wrong_kind = tmp_path / "wrong_kind"
-    shutil.copytree(src, wrong_kind)
-    index = json.loads((wrong_kind / "model_index.json").read_text())
-    index["tokenizer_2"] = ["transformers", "CLIPTextModel"]
-    (wrong_kind / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelError, match="component 'tokenizer_2' names transformers.CLIPTextModel, which is not"):
-        DiffusionModel.from_pretrained(wrong_kind)
+    # model_index.json edits, each refused with a message naming what is wrong
+    edits = [("lonely", lambda index: index.pop("tokenizer_2"), "names text_encoder_2 but no tokenizer_2"),
+             ("foreign", lambda index: index.update(text_encoder_2=["some_package", "Evil"]),
+              "component 'text_encoder_2' comes from library 'some_package'"),
+             ("wrong_kind", lambda index: index.update(tokenizer_2=["transformers", "CLIPTextModel"]),
+              "component 'tokenizer_2' names transformers.CLIPTextModel, which is not")]
+    for name, edit, message in edits:
+        folder = tmp_path / name
+        shutil.copytree(src, folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        edit(index)
+        (folder / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(ModelError, match=message):
+            DiffusionModel.from_pretrained(folder)
 
 
 def test_an_sdxl_unet_without_its_second_text_encoder_is_refused(small, tmp_path):

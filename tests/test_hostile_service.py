@@ -43,21 +43,13 @@ from service_helpers import (  # noqa: E402,F401
     service_config,
     start_cli,
     stop,
+    wait_for,
 )
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs fcntl locks and SIGKILL")
 
 
 # ---------------------------------------------------------------------------- helpers
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
 
 def _slow_to_check_zip(n: int = 200) -> bytes:
     """n captioned 1024 x 1024 images in a small zip (every member the same few kilobytes of PNG): within the
@@ -75,7 +67,7 @@ def _slow_to_check_zip(n: int = 200) -> bytes:
 def _being_checked(cfg: Any, known: set[str] = frozenset()) -> str:
     """The id of a job whose upload the API has started extracting (its row is validating_files by then)."""
     root = cfg.root / "jobs"
-    return _wait_for(lambda: next((p.name for p in root.glob("ftjob-*") if p.name not in known
+    return wait_for(lambda: next((p.name for p in root.glob("ftjob-*") if p.name not in known
                                    and (p / "data").is_dir()), None), 120, "an upload being checked")
 
 
@@ -239,13 +231,13 @@ def test_a_worker_killed_in_training_or_release_is_recovered_at_once(guarded_mod
         # Training: the worker holding the job dies; the other, already running, requeues it within seconds
         # (the lease would take 300 s) and resumes it from its checkpoint.
         trained = submit(method="lora", steps=30)
-        running = _wait_for(lambda: (j := job(trained))["status"] == "running" and j["step"] >= 2 and j, 120,
+        running = wait_for(lambda: (j := job(trained))["status"] == "running" and j["step"] >= 2 and j, 120,
                             "training to reach step 2")
         holder = by_pid.pop(int(_rows(cfg)[trained].worker_id.rsplit(":", 1)[1]))
         holder.kill()
         holder.wait()
         assert running["step"] < 30, "the job finished before its worker could be killed"
-        done = _wait_for(lambda: (j := job(trained))["status"] in ("succeeded", "failed", "cancelled") and j, 90,
+        done = wait_for(lambda: (j := job(trained))["status"] in ("succeeded", "failed", "cancelled") and j, 90,
                          "the surviving worker to finish the job")
         assert done["status"] == "succeeded", done["error"]
         assert done["attempts"] == 2 and done["result"]["savings"]["resumed_from_step"] >= 2
@@ -255,7 +247,7 @@ def test_a_worker_killed_in_training_or_release_is_recovered_at_once(guarded_mod
         # Release: killed after training, while the result is sampled, verified and published.
         released = submit(method="lora", steps=2)
         run = cfg.root / "jobs" / released / "run"
-        _wait_for(lambda: (run / "finetune.json").is_file(), 120, "training to end")
+        wait_for(lambda: (run / "finetune.json").is_file(), 120, "training to end")
         (survivor,) = by_pid.values()
         survivor.kill()
         survivor.wait()
@@ -321,7 +313,7 @@ def test_revoking_a_key_cancels_its_queued_and_running_jobs(service_config):
     revoked: dict[str, Any] = {}
 
     def revoke_when_running() -> None:
-        _wait_for(lambda: (j := _rows(api.cfg)[running]).status == "running" and j.step >= 2, 120, "step 2")
+        wait_for(lambda: (j := _rows(api.cfg)[running]).status == "running" and j.step >= 2, 120, "step 2")
         revoked["cli"] = subprocess.run([sys.executable, "-m", "freezeasguard", "keys", "revoke", key_id,
                                          "--data-dir", str(api.cfg.root)], env=process_env(), capture_output=True,
                                         text=True, timeout=120)

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from service_helpers import Api, guarded_model, service_config  # noqa: E402,F401
+from service_helpers import Api, guarded_model, service_config, wait_for  # noqa: E402,F401
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -36,15 +36,6 @@ def _ranks_of(folder: Path) -> list[int]:
                 found.append(int(entry.name))
     return found
 
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _status(api: Api, headers: dict[str, str], job_id: str) -> dict:
@@ -72,7 +63,7 @@ def test_two_process_job_survives_kill_9_of_its_worker_and_finishes_verified(ser
     folder = cfg.root / "jobs" / job_id
     try:
         # Progress written by the launched rank 0 reaches the job row through the worker's heartbeat.
-        job = _wait_for(lambda: (j := _status(api, headers, job_id))["step"] >= 2 and j, 180,
+        job = wait_for(lambda: (j := _status(api, headers, job_id))["step"] >= 2 and j, 180,
                         f"step 2 ({(tmp_path / 'worker.log').read_text()[-2000:]})")
         assert job["status"] == "running" and job["step"] < 30, job
         assert len(_ranks_of(folder)) == 3  # torchrun and two ranks
@@ -81,7 +72,7 @@ def test_two_process_job_survives_kill_9_of_its_worker_and_finishes_verified(ser
         # The ranks die with their worker: nothing keeps training the folder a successor will resume.
         # (Left running they would train on for seconds and finish the job unsupervised; 5 s is far longer
         # than the kernel and the ranks' watch need.)
-        _wait_for(lambda: not _ranks_of(folder), 5, "the launched processes to die with their worker")
+        wait_for(lambda: not _ranks_of(folder), 5, "the launched processes to die with their worker")
         assert not (folder / "run" / "finetune.json").exists()
     finally:
         if worker.poll() is None:
@@ -224,7 +215,7 @@ def test_kill_ends_a_launch_and_its_ranks_in_their_own_sessions():
                 "[subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True) "
                 "for _ in range(2)]; time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", launcher], start_new_session=True)
-    ranks = _wait_for(lambda: len(d := descendants(proc.pid)) == 2 and d, 30, "two ranks")
+    ranks = wait_for(lambda: len(d := descendants(proc.pid)) == 2 and d, 30, "two ranks")
 
     def gone(pid: int) -> bool:
         try:
@@ -235,7 +226,7 @@ def test_kill_ends_a_launch_and_its_ranks_in_their_own_sessions():
     try:
         _kill(proc, grace=0.5)
         assert proc.returncode == -signal.SIGKILL
-        _wait_for(lambda: all(gone(p) for p in ranks), 10, "the ranks to die")
+        wait_for(lambda: all(gone(p) for p in ranks), 10, "the ranks to die")
     finally:
         for pid in [proc.pid, *ranks]:  # they ignore SIGTERM (inherited): never leave them behind
             if not gone(pid):
