@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -305,3 +306,35 @@ def test_always_frozen_must_leave_the_mask_a_budget(toy_data):
         learn_guard(model, toy_data(2), toy_data(2), LearnConfig(ratio=0.01), always_frozen=xattn)
     with pytest.raises(ValueError, match="not UNet tensors"):
         learn_guard(model, toy_data(2), toy_data(2), LearnConfig(), always_frozen=["nope.weight"])
+
+
+def test_the_simulated_attacker_can_be_drawn_from_optimizers_and_horizons(toy_data, tmp_path):
+    """Per restart, a seeded draw of optimizer and horizon (within its bounds); the defaults restart every
+    reset_every steps with AdamW, as before the draws existed."""
+    from freezeasguard.protections.immunise import attacker_at_restart
+
+    cfg = ImmuniseConfig(steps=40, reset_every=2, reset_every_max=8, batch_size=2, text_subspace=0,
+                         attack_optimizers=("adamw", "sgd"))
+    draws = [attacker_at_restart(cfg, 0, step) for step in range(40)]
+    assert draws == [attacker_at_restart(cfg, 0, step) for step in range(40)]  # seeded
+    assert {o for _, o, _ in draws} == {"adamw", "sgd"} and all(2 <= h <= 8 for _, _, h in draws)
+    assert len({h for _, _, h in draws}) > 2
+    assert {attacker_at_restart(ImmuniseConfig(), 0, s) for s in range(10)} == {(1e-4, "adamw", 25)}
+
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    model = build_tiny_model(TinySpec(), seed=0)
+    short = dataclasses.replace(cfg, steps=12)
+    immunise_frozen(model, _frozen_names(model), illegal, legal, short, seed=0, output_dir=tmp_path, progress=False)
+    history = json.loads((tmp_path / "immunise.json").read_text())["history"]
+    restarts = [h["step"] - 1 for h in history if h["restarted"]]
+    assert restarts[0] == 0
+    for a, b in zip(restarts, restarts[1:]):  # each restart comes after its own drawn horizon
+        assert b - a == attacker_at_restart(short, 0, a)[2]
+    for h in history:
+        start = max(r for r in restarts if r <= h["step"] - 1)
+        assert h["attack_optimizer"] == attacker_at_restart(short, 0, start)[1]
+    with pytest.raises(ValueError, match="attack_optimizers"):
+        ImmuniseConfig(attack_optimizers=("adam-w",))
+    with pytest.raises(ValueError, match="reset_every_max"):
+        ImmuniseConfig(reset_every=25, reset_every_max=10)
+    assert ImmuniseConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

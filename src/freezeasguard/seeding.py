@@ -43,6 +43,8 @@ STREAM_PROTECTION_BATCHES = 77  # batches a protection draws from the publisher'
 STREAM_ATTACK_RATE = 91  # immunisation's simulated attacker's learning rate per restart
 STREAM_ATTACK_WORDS = 92  # an attack's made-up names for the protected concepts
 STREAM_ATTACK_DATA = 93  # which of its images an attack with a data share keeps
+STREAM_ATTACK_HORIZON = 94  # immunisation's simulated attacker's steps before its next restart
+STREAM_ATTACK_OPTIMIZER = 95  # immunisation's simulated attacker's optimizer per restart
 
 
 def streams() -> dict[str, int]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..configs import strict_from_dict
-from ..seeding import STREAM_ATTACK_RATE, derive_seed
+from ..seeding import STREAM_ATTACK_HORIZON, STREAM_ATTACK_OPTIMIZER, STREAM_ATTACK_RATE, derive_seed
 from .components import component_names, reads_text
 from .registry import Release, ReleaseContext, register
 
@@ -54,6 +54,14 @@ class ImmuniseConfig:
     # (seeded), so the values are not tuned to one rate: a user at 5x the rate relearned 61% against 35%.
     attack_lr_spread: float = 1.0
     reset_every: int = 25  # attacker steps before it restarts from the release
+    # > reset_every: each restart draws its horizon log-uniformly in [reset_every, reset_every_max] (seeded), so
+    # the values meet attackers far into a relearn, not only its first steps. 0: every horizon is reset_every.
+    reset_every_max: int = 0
+    # The simulated attacker's optimizer, drawn per restart from this list (seeded): "adamw" at the drawn rate,
+    # "sgd" (momentum 0.9, no weight decay) at the drawn rate x sgd_lr_scale (SGD needs larger steps: the
+    # battery's SGD attacker runs at 100x the default AdamW rate).
+    attack_optimizers: tuple[str, ...] = ("adamw",)
+    sgd_lr_scale: float = 100.0
     batch_size: int = 16
     legal_weight: float = 1.0  # the defender's objective: -L_illegal + legal_weight * L_legal
     max_change: float = 1.0  # per frozen tensor: |released - original| <= max_change * |original|
@@ -83,17 +91,58 @@ class ImmuniseConfig:
                 raise ValueError(f"ImmuniseConfig.{name} must be > 0, got {getattr(self, name)}")
         if not self.attack_lr_spread >= 1.0:
             raise ValueError(f"ImmuniseConfig.attack_lr_spread must be >= 1, got {self.attack_lr_spread}")
+        if self.reset_every_max and self.reset_every_max < self.reset_every:
+            raise ValueError(f"ImmuniseConfig.reset_every_max must be 0 or >= reset_every ({self.reset_every}), "
+                             f"got {self.reset_every_max}")
+        self.attack_optimizers = tuple(self.attack_optimizers)
+        bad = [o for o in self.attack_optimizers if o not in ATTACK_OPTIMIZERS]
+        if not self.attack_optimizers or bad:
+            raise ValueError(f"ImmuniseConfig.attack_optimizers must name one or more of {ATTACK_OPTIMIZERS}, "
+                             f"got {list(self.attack_optimizers)}")
+        if not self.sgd_lr_scale > 0:
+            raise ValueError(f"ImmuniseConfig.sgd_lr_scale must be > 0, got {self.sgd_lr_scale}")
         if self.legal_at not in ("attacked", "user"):
             raise ValueError(f"ImmuniseConfig.legal_at must be 'attacked' or 'user', got {self.legal_at!r}")
         if self.legal_weight < 0:
             raise ValueError(f"ImmuniseConfig.legal_weight must be >= 0, got {self.legal_weight}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["attack_optimizers"] = list(self.attack_optimizers)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImmuniseConfig:
         return strict_from_dict(cls, data)
+
+
+ATTACK_OPTIMIZERS = ("adamw", "sgd")
+
+
+def _draw(seed: int, stream: int, step: int) -> float:
+    """A uniform number in [0, 1): the draw of restart `step` on `stream`, a function of (seed, stream, step)."""
+    return float(torch.rand((), generator=torch.Generator().manual_seed(derive_seed(seed, stream, step))))
+
+
+def attacker_at_restart(cfg: ImmuniseConfig, seed: int, step: int) -> tuple[float, str, int]:
+    """(learning rate, optimizer, horizon) of the simulated attacker that restarts at `step` (see the config)."""
+    rate = cfg.attack_lr
+    if cfg.attack_lr_spread > 1.0:
+        rate = cfg.attack_lr * cfg.attack_lr_spread ** _draw(seed, STREAM_ATTACK_RATE, step)
+    optimizer = cfg.attack_optimizers[0]
+    if len(cfg.attack_optimizers) > 1:
+        optimizer = cfg.attack_optimizers[int(_draw(seed, STREAM_ATTACK_OPTIMIZER, step) * len(cfg.attack_optimizers))]
+    horizon = cfg.reset_every
+    if cfg.reset_every_max > cfg.reset_every:
+        u = _draw(seed, STREAM_ATTACK_HORIZON, step)
+        horizon = int(round(cfg.reset_every * (cfg.reset_every_max / cfg.reset_every) ** u))
+    return rate, optimizer, horizon
+
+
+def _attack_optimizer(name: str, params: list[torch.nn.Parameter], rate: float, cfg: ImmuniseConfig) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=rate * cfg.sgd_lr_scale, momentum=0.9)
+    return torch.optim.AdamW(params, lr=rate)
 
 
 def _set_grads(params: list[torch.Tensor], loss: torch.Tensor) -> None:
@@ -220,17 +269,16 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
         for p, t in zip(rest, state):
             p.data = t
 
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
+    next_restart = 0
     for step in tqdm(range(n), desc="immunise frozen values", disable=not progress, dynamic_ncols=True):
-        if step % cfg.reset_every == 0:
+        if step == next_restart:
             with torch.no_grad():
                 for t, r in zip(attacker_rest + user_rest, release_rest + release_rest):
                     t.copy_(r)
-            rate = cfg.attack_lr
-            if cfg.attack_lr_spread > 1.0:
-                u = torch.rand((), generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_ATTACK_RATE, step)))
-                rate = cfg.attack_lr * cfg.attack_lr_spread ** float(u)
-            attacker = torch.optim.AdamW(rest, lr=rate)
+            rate, optimizer_name, horizon = attacker_at_restart(cfg, seed, step)
+            restart_step, next_restart = step, step + horizon
+            attacker = _attack_optimizer(optimizer_name, rest, rate, cfg)
             legal_user = torch.optim.AdamW(rest, lr=rate) if by_user else None
         for p in rest:
             p.requires_grad_(True)
@@ -273,7 +321,8 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
                 for v, o in zip(values, origins):
                     v.copy_(o + (v - o) @ proj)
         pull_into_trust_region_(values, origins, cfg.max_change)
-        history.append({"step": step + 1, "attack_lr": rate, "attack_loss": float(attack_loss.detach()),
+        history.append({"step": step + 1, "attack_lr": rate, "attack_optimizer": optimizer_name,
+                        "restarted": step == restart_step, "attack_loss": float(attack_loss.detach()),
                         "illegal_loss": float(l_ill.detach()), "legal_loss": float(l_leg.detach())})
     use(attacker_rest)
     with torch.no_grad():
