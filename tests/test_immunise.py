@@ -338,3 +338,19 @@ def test_the_simulated_attacker_can_be_drawn_from_optimizers_and_horizons(toy_da
     with pytest.raises(ValueError, match="reset_every_max"):
         ImmuniseConfig(reset_every=25, reset_every_max=10)
     assert ImmuniseConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_an_attacker_that_diverges_restarts_and_never_reaches_the_values(toy_data, tmp_path):
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    model = build_tiny_model(TinySpec(), seed=0)
+    cfg = ImmuniseConfig(steps=6, reset_every=3, batch_size=2, text_subspace=0, attack_optimizers=("sgd",),
+                         sgd_lr_scale=1e9)
+    immunise_frozen(model, _frozen_names(model), illegal, legal, cfg, seed=0, output_dir=tmp_path, progress=False)
+    history = json.loads((tmp_path / "immunise.json").read_text())["history"]
+    assert any(h.get("diverged") for h in history)
+    assert all(torch.isfinite(p).all() for p in model.unet.parameters())
+    # with the path's clipping the same attacker stays finite at a sane scale
+    clipped = dataclasses.replace(cfg, sgd_lr_scale=100.0, attack_max_grad_norm=1.0)
+    immunise_frozen(build_tiny_model(TinySpec(), seed=0), _frozen_names(model), illegal, legal, clipped, seed=0,
+                    output_dir=tmp_path / "clipped", progress=False)
+    assert not any(h.get("diverged") for h in json.loads((tmp_path / "clipped" / "immunise.json").read_text())["history"])

@@ -62,6 +62,9 @@ class ImmuniseConfig:
     # battery's SGD attacker runs at 100x the default AdamW rate).
     attack_optimizers: tuple[str, ...] = ("adamw",)
     sgd_lr_scale: float = 100.0
+    # Clip the simulated attacker's gradient norm, as the guarded path clips every user's (TrainConfig's
+    # max_grad_norm, 1.0 by default); None: no clipping (the setting every recorded immunised release used).
+    attack_max_grad_norm: float | None = None
     batch_size: int = 16
     legal_weight: float = 1.0  # the defender's objective: -L_illegal + legal_weight * L_legal
     max_change: float = 1.0  # per frozen tensor: |released - original| <= max_change * |original|
@@ -99,6 +102,8 @@ class ImmuniseConfig:
         if not self.attack_optimizers or bad:
             raise ValueError(f"ImmuniseConfig.attack_optimizers must name one or more of {ATTACK_OPTIMIZERS}, "
                              f"got {list(self.attack_optimizers)}")
+        if self.attack_max_grad_norm is not None and not self.attack_max_grad_norm > 0:
+            raise ValueError(f"ImmuniseConfig.attack_max_grad_norm must be > 0 or None, got {self.attack_max_grad_norm}")
         if not self.sgd_lr_scale > 0:
             raise ValueError(f"ImmuniseConfig.sgd_lr_scale must be > 0, got {self.sgd_lr_scale}")
         if self.legal_at not in ("attacked", "user"):
@@ -285,11 +290,23 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
         for v in values:
             v.requires_grad_(False)
         attack_loss = objective(attack_batches[step])
-        _set_grads(rest, attack_loss)
-        attacker.step()
+        diverged = not bool(torch.isfinite(attack_loss))
+        if not diverged:
+            _set_grads(rest, attack_loss)
+            if cfg.attack_max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(rest, cfg.attack_max_grad_norm)
+            attacker.step()
         attacker.zero_grad(set_to_none=True)
         for p in rest:
             p.requires_grad_(False)
+        if diverged or not all(bool(torch.isfinite(p).all()) for p in rest):
+            # An attacker that diverged threatens nothing (a real one would lower its rate): it restarts at the
+            # next step, and the values take no step from a model that is not one.
+            next_restart = step + 1
+            history.append({"step": step + 1, "attack_lr": rate, "attack_optimizer": optimizer_name,
+                            "restarted": step == restart_step, "diverged": True,
+                            "attack_loss": float(attack_loss.detach())})
+            continue
         for v in values:
             v.requires_grad_(True)
         l_ill = objective(defend_batches[step])
@@ -314,7 +331,8 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
         else:
             l_leg = objective(legal_batches[step])
             _set_grads(values, -l_ill + cfg.legal_weight * l_leg)
-        defender.step()
+        if all(bool(torch.isfinite(v.grad).all()) for v in values):  # a non-finite step must not reach the values
+            defender.step()
         defender.zero_grad(set_to_none=True)
         if proj is not None:
             with torch.no_grad():
