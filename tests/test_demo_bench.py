@@ -472,6 +472,16 @@ def test_cells_of_another_run_are_reused_only_under_the_same_settings(tmp_path):
                        [tmp_path / "a"]) == []
     with pytest.raises(ValueError, match="not a bench output directory"):
         reuse_cells(tmp_path / "d", profile, [tmp_path])
+    # a report's results.json (what docs/ keeps between sittings) gives its cells but not its models, and a
+    # cell recorded with other settings stays out
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    results["cells"]["figures-seed0-none"]["settings"]["steps"] = 999
+    (tmp_path / "recorded.json").write_text(json.dumps(results))
+    copied = reuse_cells(tmp_path / "e", profile, [tmp_path / "recorded.json"])
+    assert sorted(copied) == ["figures-seed0-base", "figures-seed0-freeze-time-embedding"]
+    assert not (tmp_path / "e" / "relearn").exists()
+    assert (json.loads((tmp_path / "e" / "cells" / "figures-seed0-base.json").read_text())
+            == results["cells"]["figures-seed0-base"])
 
 
 def test_a_report_over_several_runs_reads_former_names_and_computes_nothing(tmp_path):

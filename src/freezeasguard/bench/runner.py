@@ -73,8 +73,11 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
     copied = []
     for src in sources:
         src = Path(src)
+        if src.is_file():
+            copied += _reuse_recorded_cells(cells_dir, profile, src)
+            continue
         if not (src / "cells").is_dir():
-            raise ValueError(f"--reuse {src}: not a bench output directory (no cells/ folder)")
+            raise ValueError(f"--reuse {src}: not a bench output directory (no cells/ folder) nor a results.json")
         for seed in profile.seeds:
             for name in profile.scenarios:
                 base_name, form = scenario_form(name)
@@ -98,6 +101,30 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
                     atomic_write_json(mine, cell)
                     copied.append(key)
                     log.info("bench: reused %s from %s", key, src)
+    return copied
+
+
+def _reuse_recorded_cells(cells_dir: Path, profile: BenchProfile, results: Path) -> list[str]:
+    """The cells of a results.json (a bench's report, such as the one committed in docs/) that this profile
+    plans, that the run lacks and whose settings are this profile's. Only the measured cells come across: the
+    relearn models and the releases are rebuilt from their recipes where a cell still to compute needs them.
+    This is what lets a battery too long for one sitting on a fresh machine continue from its recorded cells."""
+    theirs, _ = read_cells(results)
+    copied = []
+    for seed in profile.seeds:
+        for name in profile.scenarios:
+            for key, (method, _, _, attack) in _planned_keys(profile, name, seed).items():
+                mine = cells_dir / f"{key}.json"
+                if mine.exists() or key not in theirs:
+                    continue
+                wanted = cell_settings(profile, method, attack)
+                recorded = theirs[key].get("settings") or {}
+                if not recorded or any(recorded.get(k) != v for k, v in wanted.items()):
+                    log.info("bench: not reusing %s from %s: recorded with other settings", key, results)
+                    continue
+                atomic_write_json(mine, theirs[key])
+                copied.append(key)
+                log.info("bench: reused %s from %s", key, results)
     return copied
 
 

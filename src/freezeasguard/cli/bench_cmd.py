@@ -27,7 +27,7 @@ def bench(
     n_samples: Annotated[int | None, typer.Option(help="Samples per domain at the budgets instead of the profile's.", min=1)] = None,
     curve: Annotated[list[str] | None, typer.Option(help="Replace the profile's curve cells (repeat): METHOD or METHOD@RATIO.")] = None,
     skip_void: Annotated[bool | None, typer.Option("--skip-void/--no-skip-void", help="Skip the method cells of a setting whose validity checks failed (known after its base cell and full fine-tuning). Default: the profile's (on).")] = None,
-    reuse: Annotated[list[Path] | None, typer.Option("--reuse", help="Another bench output directory whose cells this run copies where it lacks them and their settings are this profile's (repeat).", exists=True, file_okay=False)] = None,
+    reuse: Annotated[list[Path] | None, typer.Option("--reuse", help="Another bench output directory, or a results.json (such as docs/attacks-results.json), whose cells this run copies where it lacks them and their settings are this profile's (repeat).", exists=True)] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Compute nothing: report the cached cells and list the missing ones.")] = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved profile as JSON (a --config file) and exit.")] = False,
     overwrite: OverwriteOpt = False,
