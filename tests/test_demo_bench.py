@@ -537,3 +537,22 @@ def test_the_battery_runs_every_attack_on_one_release_per_protection(tmp_path):
     assert summary["battery"]["rows"] == [] or all(r["attack"] in profile.attacks for r in summary["battery"]["rows"])
     inversion = json.loads((tmp_path / "cells" / "figures-seed0-freeze-time-embedding--textual-inversion.json").read_text())
     assert all("<concept-" in p for p in inversion["prompts_sample"]) and "legal_near" not in inversion["domains"]
+
+
+def test_a_config_field_added_since_a_cell_was_recorded_keeps_the_cell_only_at_its_default():
+    import copy
+
+    from freezeasguard.bench.cells import cell_settings, settings_differ
+
+    profile = _profile(methods=["none", "freeze-cross-attention+immunise"], curve_cells=["none"])
+    wanted = cell_settings(profile, "freeze-cross-attention+immunise")
+    older = copy.deepcopy(wanted)
+    del older["protection"]["immunise"]["reset_every_max"]  # recorded before the field existed
+    assert settings_differ(older, wanted) == []
+    changed = copy.deepcopy(wanted)
+    changed["protection"]["immunise"]["reset_every_max"] = 400
+    assert settings_differ(older, changed) == ["protection.immunise"]
+    unknown = copy.deepcopy(wanted)
+    unknown["protection"]["immunise"]["retired_field"] = 1
+    assert settings_differ(unknown, wanted) == ["protection.immunise"]
+    assert settings_differ({**wanted, "steps": 9}, wanted) == ["steps"]

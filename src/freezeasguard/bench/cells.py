@@ -137,13 +137,34 @@ def profile_attack(profile: BenchProfile, attack: str) -> Any:
                                                 batch_size=profile.batch_size)
 
 
+def settings_differ(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The settings in which a cell recorded with `recorded` is not one made with `wanted`. A field that a
+    protection stage's config gained after the cell was recorded counts as equal when `wanted` holds its
+    default: a new config field must default to the behaviour before it (so measured cells stay valid)."""
+    from ..protections import PROTECTIONS, config_dict
+
+    diff = []
+    for key, value in wanted.items():
+        theirs = recorded.get(key)
+        if key == "protection" and isinstance(theirs, dict) and isinstance(value, dict) and set(theirs) == set(value):
+            for stage, cfg in value.items():
+                default = json.loads(json.dumps(config_dict(PROTECTIONS[stage].config(None))))
+                rec = theirs[stage]
+                if not isinstance(rec, dict) or set(rec) - set(cfg) or any(
+                        rec.get(f, default.get(f)) != v for f, v in cfg.items()):
+                    diff.append(f"protection.{stage}")
+        elif theirs != value:
+            diff.append(key)
+    return sorted(diff)
+
+
 def load_cell(path: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """A cached cell, if it was made with `settings` (a cell may record more settings than its method reads:
     cells written before settings were per method recorded every section)."""
     cell = json.loads(path.read_text())
     theirs = cell.get("settings") or {}
-    if any(theirs.get(k) != v for k, v in settings.items()) or not theirs:
-        diff = sorted(k for k in settings if settings.get(k) != theirs.get(k))
+    if not theirs or settings_differ(theirs, settings):
+        diff = settings_differ(theirs, settings)
         raise ValueError(f"{path}: cached with other settings ({', '.join(diff) or 'none recorded'}); "
                          f"use another --out directory, or delete {path.name} (and, for a protection's cell, the "
                          f"folder work/{path.stem.split('--')[0]}, which its attacks share) to recompute it")

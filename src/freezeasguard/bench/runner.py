@@ -17,7 +17,16 @@ from typing import Any
 
 from ..utils.files import atomic_write_json, atomic_write_text
 from .battery import plot_battery
-from .cells import cell_settings, describe_cell, load_cell, prepare_setting, run_attack_cell, run_base_cell, run_cell
+from .cells import (
+    cell_settings,
+    describe_cell,
+    load_cell,
+    prepare_setting,
+    run_attack_cell,
+    run_base_cell,
+    run_cell,
+    settings_differ,
+)
 from .profiles import FORMER_NAMES, BenchProfile, cell_key, planned_attack_cells, planned_cells
 from .report import markdown, plot_curves, plot_frontier
 from .summary import VALIDITY_METHODS, setting_is_void, summarise
@@ -117,9 +126,8 @@ def _reuse_recorded_cells(cells_dir: Path, profile: BenchProfile, results: Path)
                 mine = cells_dir / f"{key}.json"
                 if mine.exists() or key not in theirs:
                     continue
-                wanted = cell_settings(profile, method, attack)
                 recorded = theirs[key].get("settings") or {}
-                if not recorded or any(recorded.get(k) != v for k, v in wanted.items()):
+                if not recorded or settings_differ(recorded, cell_settings(profile, method, attack)):
                     log.info("bench: not reusing %s from %s: recorded with other settings", key, results)
                     continue
                 atomic_write_json(mine, theirs[key])
