@@ -259,7 +259,9 @@ def report(r: dict[str, Any]) -> None:
         print(f"guard learning (2 mask steps, the user on {lr_['optimizer']}): peak RSS {lr_['peak_rss_bytes'] / mib:.0f} "
               f"MiB = {lr_['peak_rss_bytes'] / lr_['unet_bytes']:.1f}x the UNet ({lr_['unet_bytes'] / mib:.0f} MiB); "
               f"{lr_['seconds']:.0f} s")
-    if "immunise" in r:
+    if "immunise" in r and "failed" in r["immunise"]:
+        print(f"immunise: {r['immunise']['failed']} after {r['immunise']['process_seconds']:.0f} s")
+    elif "immunise" in r:
         im = r["immunise"]
         print(f"immunise (all cross-attention, {im['steps']} steps at batch 1, with encoding the 8 images and "
               f"captions): {im['seconds']:.1f} s; peak RSS {im['peak_rss_bytes'] / mib:.0f} MiB")
