@@ -354,3 +354,50 @@ def test_an_attacker_that_diverges_restarts_and_never_reaches_the_values(toy_dat
     immunise_frozen(build_tiny_model(TinySpec(), seed=0), _frozen_names(model), illegal, legal, clipped, seed=0,
                     output_dir=tmp_path / "clipped", progress=False)
     assert not any(h.get("diverged") for h in json.loads((tmp_path / "clipped" / "immunise.json").read_text())["history"])
+
+
+def test_random_attacker_captions_never_use_a_publisher_word_and_are_seeded():
+    import re
+
+    from freezeasguard.protections.immunise import random_captions
+
+    captions = ["a photo of a dancer", "a drawing of a dancer", "a photo of a judge"]
+    forbidden = captions + ["a cat in the snow"]
+    names = random_captions(captions, forbidden, seed=0, restart=0, words=2)
+    assert set(names) == set(captions) and len(set(names.values())) == len(captions)
+    publisher = {w for c in forbidden for w in re.findall(r"\w+", c)}
+    for made_up in names.values():
+        words = made_up.split()
+        assert len(words) == 2 and not set(words) & publisher
+        assert not any(w in " ".join(forbidden) for w in words)  # not even inside a publisher word
+    assert names == random_captions(captions, forbidden, seed=0, restart=0, words=2)
+    assert names != random_captions(captions, forbidden, seed=0, restart=25, words=2)  # new words per restart
+    assert names != random_captions(captions, forbidden, seed=1, restart=0, words=2)
+
+
+def test_an_attacker_on_random_captions_trains_on_them_and_moves_only_the_frozen_tensors(toy_data, tmp_path):
+    from freezeasguard.protections.immunise import random_captions, recaptioned
+
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    model = build_tiny_model(TinySpec(), seed=0)
+    ill = _encoded(model, illegal)
+    names = random_captions(ill.captions, ill.unique_captions, seed=0, restart=0, words=2)
+    renamed = recaptioned(model, ill, names)
+    for i in range(len(ill)):  # the same images under the new words, encoded by the model's text encoder
+        a, b = ill.example(i, 5), renamed.example(i, 5)
+        assert torch.equal(a["latent_mean"], b["latent_mean"]) and b["caption"] == names[a["caption"]]
+        assert torch.equal(b["encoder_hidden_states"], model.encode_text([b["caption"]]).hidden[0].cpu())
+    frozen = _frozen_names(model)
+    before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    cfg = ImmuniseConfig(steps=6, reset_every=3, batch_size=2, lr=1e-2, text_subspace=0, attack_captions="random")
+    immunise_frozen(model, frozen, illegal, legal, cfg, seed=0, output_dir=tmp_path, progress=False)
+    after = dict(model.unet.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= set(frozen)
+    # the words matter: the same run on the publisher's captions releases other values
+    given = build_tiny_model(TinySpec(), seed=0)
+    immunise_frozen(given, frozen, illegal, legal, dataclasses.replace(cfg, attack_captions="given"), seed=0,
+                    progress=False)
+    assert any(not torch.equal(after[n], dict(given.unet.named_parameters())[n]) for n in frozen)
+    with pytest.raises(ValueError, match="attack_captions"):
+        ImmuniseConfig(attack_captions="renamed")

@@ -25,18 +25,20 @@ def encoded(model: Any, data: Any) -> Any:
         return EncodedDataset(model, data)
 
 
+def seeded_batch(data: Any, b: int, batch_size: int, seed: int, stream: int = 0) -> dict[str, Any]:
+    """Collated batch `b`, every sample a function of (seed, stream, batch, position) alone."""
+    examples = []
+    for i in range(batch_size):
+        s = derive_seed(seed, STREAM_PROTECTION_BATCHES, stream, b, i)
+        ex = dict(data.example(s % len(data), s))
+        ex["seeds"] = s
+        examples.append(ex)
+    return data.collate(examples)
+
+
 def seeded_batches(data: Any, n_batches: int, batch_size: int, seed: int, stream: int = 0) -> list[dict[str, Any]]:
-    """`n_batches` collated batches, every sample a function of (seed, stream, batch, position) alone."""
-    out = []
-    for b in range(n_batches):
-        examples = []
-        for i in range(batch_size):
-            s = derive_seed(seed, STREAM_PROTECTION_BATCHES, stream, b, i)
-            ex = dict(data.example(s % len(data), s))
-            ex["seeds"] = s
-            examples.append(ex)
-        out.append(data.collate(examples))
-    return out
+    """`n_batches` collated batches (`seeded_batch` 0 .. n_batches - 1)."""
+    return [seeded_batch(data, b, batch_size, seed, stream) for b in range(n_batches)]
 
 
 def joined(prior: Release | None, model: Any, guard: Guard, *, method: str) -> Guard:

@@ -25,7 +25,9 @@ rest's release values (and the legal user's copy).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,13 @@ from typing import Any
 import torch
 
 from ..configs import strict_from_dict
-from ..seeding import STREAM_ATTACK_HORIZON, STREAM_ATTACK_OPTIMIZER, STREAM_ATTACK_RATE, derive_seed
+from ..seeding import (
+    STREAM_ATTACK_CAPTIONS,
+    STREAM_ATTACK_HORIZON,
+    STREAM_ATTACK_OPTIMIZER,
+    STREAM_ATTACK_RATE,
+    derive_seed,
+)
 from .components import component_names, reads_text
 from .registry import Release, ReleaseContext, register
 
@@ -65,6 +73,13 @@ class ImmuniseConfig:
     # Clip the simulated attacker's gradient norm, as the guarded path clips every user's (TrainConfig's
     # max_grad_norm, 1.0 by default); None: no clipping (the setting every recorded immunised release used).
     attack_max_grad_norm: float | None = None
+    # What the simulated attacker calls the protected images. "given": the publisher's captions. "random": at each
+    # restart every distinct illegal caption becomes `random_caption_words` made-up words that no publisher caption
+    # contains (seeded), in the attacker's training batches and in the defender's illegal loss alike, so that
+    # what is immunised is what the UNet needs to draw the protected images, not what the publisher's words
+    # point at (a renamed-caption attacker walks past values tuned to those words).
+    attack_captions: str = "given"
+    random_caption_words: int = 2
     batch_size: int = 16
     legal_weight: float = 1.0  # the defender's objective: -L_illegal + legal_weight * L_legal
     max_change: float = 1.0  # per frozen tensor: |released - original| <= max_change * |original|
@@ -106,6 +121,11 @@ class ImmuniseConfig:
             raise ValueError(f"ImmuniseConfig.attack_max_grad_norm must be > 0 or None, got {self.attack_max_grad_norm}")
         if not self.sgd_lr_scale > 0:
             raise ValueError(f"ImmuniseConfig.sgd_lr_scale must be > 0, got {self.sgd_lr_scale}")
+        if self.attack_captions not in ATTACK_CAPTIONS:
+            raise ValueError(f"ImmuniseConfig.attack_captions must be one of {ATTACK_CAPTIONS}, "
+                             f"got {self.attack_captions!r}")
+        if self.random_caption_words < 1:
+            raise ValueError(f"ImmuniseConfig.random_caption_words must be >= 1, got {self.random_caption_words}")
         if self.legal_at not in ("attacked", "user"):
             raise ValueError(f"ImmuniseConfig.legal_at must be 'attacked' or 'user', got {self.legal_at!r}")
         if self.legal_weight < 0:
@@ -122,6 +142,7 @@ class ImmuniseConfig:
 
 
 ATTACK_OPTIMIZERS = ("adamw", "sgd")
+ATTACK_CAPTIONS = ("given", "random")
 
 
 def _draw(seed: int, stream: int, step: int) -> float:
@@ -142,6 +163,43 @@ def attacker_at_restart(cfg: ImmuniseConfig, seed: int, step: int) -> tuple[floa
         u = _draw(seed, STREAM_ATTACK_HORIZON, step)
         horizon = int(round(cfg.reset_every * (cfg.reset_every_max / cfg.reset_every) ** u))
     return rate, optimizer, horizon
+
+
+def random_captions(captions: list[str], forbidden: list[str], seed: int, restart: int, words: int) -> dict[str, str]:
+    """Each distinct caption of `captions` -> `words` made-up words, a function of (seed, restart), none of
+    them a word of a `forbidden` caption (the publisher's)."""
+    from ..attacks.captions import made_up_word
+
+    banned = {w for c in forbidden for w in re.findall(r"\w+", c.lower())}
+    text = " ".join(sorted(banned))
+    base = derive_seed(seed, STREAM_ATTACK_CAPTIONS, restart)
+    out, used = {}, set()
+    for i, caption in enumerate(sorted(set(captions))):
+        chosen: list[str] = []
+        attempt = 0
+        while len(chosen) < words:
+            word = made_up_word(base, i * 1000 + attempt, text)
+            attempt += 1
+            if word not in banned and word not in used:
+                chosen.append(word)
+                used.add(word)
+        out[caption] = " ".join(chosen)
+    return out
+
+
+def recaptioned(model: Any, data: Any, names: dict[str, str]) -> Any:
+    """`data` (an EncodedDataset) with each caption replaced by `names[caption]`, its text embeddings encoded
+    again; the latents are shared, so the same seeds draw the same images."""
+    new = copy.copy(data)
+    new.captions = [names[c] for c in data.captions]
+    new.unique_captions = sorted(set(new.captions))
+    position = {c: i for i, c in enumerate(new.unique_captions)}
+    new.caption_index = [position[c] for c in new.captions]
+    with torch.no_grad():
+        enc = model.encode_text(new.unique_captions)
+    new.embeddings = enc.hidden.to("cpu")
+    new.pooled = enc.pooled.to("cpu") if enc.pooled is not None else None
+    return new
 
 
 def _attack_optimizer(name: str, params: list[torch.nn.Parameter], rate: float, cfg: ImmuniseConfig) -> torch.optim.Optimizer:
@@ -217,7 +275,7 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
 
     from ..guard import unet_tensors
     from ..utils.files import atomic_write_json
-    from .common import encoded, objective_of, seeded_batches
+    from .common import encoded, objective_of, seeded_batch, seeded_batches
 
     cfg = config or ImmuniseConfig()
     tensors = unet_tensors(model.unet)
@@ -258,8 +316,8 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     values = [params[n] for n in moving]
     origins = [v.detach().clone() for v in values]
     n = cfg.steps if values else 0
-    attack_batches = seeded_batches(ill, n, cfg.batch_size, seed, STREAM_ATTACK)
-    defend_batches = seeded_batches(ill, n, cfg.batch_size, seed, STREAM_DEFEND)
+    attacker_data = ill  # the illegal images under the attacker's captions of the current restart
+    publisher_words = list(ill.unique_captions) + list(leg.unique_captions)
     legal_batches = seeded_batches(leg, n, cfg.batch_size, seed, STREAM_LEGAL)
     defender = torch.optim.Adam(values, lr=cfg.lr) if values else None
     attacker: torch.optim.Optimizer | None = None
@@ -282,6 +340,9 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
                 for t, r in zip(attacker_rest + user_rest, release_rest + release_rest):
                     t.copy_(r)
             rate, optimizer_name, horizon = attacker_at_restart(cfg, seed, step)
+            if cfg.attack_captions == "random":
+                attacker_data = recaptioned(model, ill, random_captions(
+                    ill.captions, publisher_words, seed, step, cfg.random_caption_words))
             restart_step, next_restart = step, step + horizon
             attacker = _attack_optimizer(optimizer_name, rest, rate, cfg)
             legal_user = torch.optim.AdamW(rest, lr=rate) if by_user else None
@@ -289,7 +350,7 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             p.requires_grad_(True)
         for v in values:
             v.requires_grad_(False)
-        attack_loss = objective(attack_batches[step])
+        attack_loss = objective(seeded_batch(attacker_data, step, cfg.batch_size, seed, STREAM_ATTACK))
         diverged = not bool(torch.isfinite(attack_loss))
         if not diverged:
             _set_grads(rest, attack_loss)
@@ -309,7 +370,7 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             continue
         for v in values:
             v.requires_grad_(True)
-        l_ill = objective(defend_batches[step])
+        l_ill = objective(seeded_batch(attacker_data, step, cfg.batch_size, seed, STREAM_DEFEND))
         if by_user:
             # Backward of L_illegal before the rest's tensors are swapped under its graph.
             ill_grads = torch.autograd.grad(-l_ill, values)
