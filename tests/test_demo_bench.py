@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,6 +397,29 @@ def test_demo_is_one_run_of_the_bench_cells(tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "demo" / "cells").iterdir()}
     run_demo(tmp_path / "demo", cfg, model_loader=_loader(), recogniser=_recogniser())
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "demo" / "cells").iterdir()} == mtimes
+
+
+def test_the_demo_measures_a_release_beside_the_guard_and_quotes_the_battery_as_recorded(tmp_path):
+    cfg = DemoConfig(steps=2, legal_steps=2, batch_size=2, n_samples=2, curve_steps=[2], learn=_learn(),
+                     relearn=_relearn(), sampling=FAST, grid_columns=2, release="freeze-time-embedding")
+    result = run_demo(tmp_path / "demo", cfg, model_loader=_loader(), recogniser=_recogniser())
+    cell = json.loads((tmp_path / "demo" / "cells" / f"{cell_key('figures', 0, 'freeze-time-embedding', None)}.json")
+                      .read_text())
+    assert result["release"]["domains"] == cell["domains"]
+    assert set(result["release"]["derived"]) == set(result["derived"])
+    text = (tmp_path / "demo" / "report" / "report.md").read_text()
+    assert "## What protects" in text and "freeze-time-embedding fine-tune" in text
+    assert "Recorded, not measured by this run" in text and "`lr-x10`" in text  # the shipped record, labelled
+
+
+def test_the_shipped_battery_record_is_the_committed_battery_results():
+    """The demo quotes the package's record; it must be what docs/attacks-results.json says (regenerate it with
+    bench-report --battery-record when the battery grows)."""
+    from freezeasguard.bench.battery import recorded_battery, recorded_worst_cases
+
+    docs = json.loads((Path(__file__).parents[1] / "docs" / "attacks-results.json").read_text())
+    assert recorded_battery() == json.loads(json.dumps(recorded_worst_cases(docs, "docs/attacks-results.json")))
+    assert any(w["method"] == "freeze-cross-attention+immunise" for w in recorded_battery()["worst_case"])
 
 
 def test_bench_rejects_unknown_methods_and_curve_cells(tmp_path):

@@ -3,6 +3,7 @@ per-attack plot. The figures themselves are `summary.battery_summary`'s."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,40 @@ def plot_battery(battery: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+#: The battery's worst cases as the package ships them, for reports that cannot run the battery (the demo):
+#: derived from the committed battery results by `recorded_worst_cases` (regenerate with
+#: `freezeasguard bench-report docs/attacks-results.json --battery-record src/freezeasguard/bench/recorded-battery.json`).
+RECORDED_BATTERY = Path(__file__).with_name("recorded-battery.json")
+
+
+def recorded_worst_cases(results: dict[str, Any], source: str) -> dict[str, Any]:
+    """What a report quotes of a bench's battery without running it: per protection the default attacker's and
+    the worst case's mitigation, the attack behind the worst, and how much of the battery they rest on."""
+    battery = results["summary"]["battery"]
+    profile = results.get("profile") or {}
+    seeds = sorted({c["seed"] for c in results["cells"].values()})
+    attacks = [a for a in profile.get("attacks", []) if a != "default"]
+    return {"source": source, "seeds": seeds, "battery_attacks": len(attacks),
+            "worst_case": [{k: w[k] for k in ("scenario", "method", "ratio", "default_mitigation", "worst_mitigation",
+                                              "worst_attack", "attacks_measured")} for w in battery["worst_case"]]}
+
+
+def recorded_battery() -> dict[str, Any]:
+    """The shipped record (`RECORDED_BATTERY`)."""
+    return json.loads(RECORDED_BATTERY.read_text())
+
+
+def recorded_lines(record: dict[str, Any], methods: list[tuple[str, float | None]] | None = None) -> list[str]:
+    """Markdown lines quoting the shipped record, labelled as recorded (not measured by the run quoting it)."""
+    rows = [w for w in record["worst_case"] if methods is None or (w["method"], w["ratio"]) in methods]
+    if not rows:
+        return []
+    lines = [f"Recorded, not measured by this run: the attack battery (`freezeasguard bench --profile attacks`, "
+             f"{record['source']}, seed(s) {', '.join(map(str, record['seeds']))}; each protection's figures rest on "
+             f"the attacks measured so far of the battery's {record['battery_attacks']}).", "",
+             "| protection | default attacker | worst case | worst attack | attacks measured |", "|---|---|---|---|---|"]
+    lines += [f"| {_label(w['method'], w['ratio'])} | {_p(w['default_mitigation'])} | **{_p(w['worst_mitigation'])}** | "
+              f"`{w['worst_attack']}` | {w['attacks_measured']} |" for w in rows]
+    return lines + [""]

@@ -23,8 +23,9 @@ from ..configs import RATIO_BY_DEFAULT
 from ..learn import LearnConfig
 from ..utils.files import atomic_write_json, atomic_write_text
 from ..utils.images import save_grid
+from .battery import recorded_battery, recorded_lines
 from .evaluate import SamplingConfig
-from .profiles import BenchProfile, cell_key
+from .profiles import STRONGEST_RELEASE, BenchProfile, cell_key
 from .relearn import RelearnConfig
 from .report import plot_curves
 from .runner import run_bench
@@ -46,13 +47,17 @@ class DemoConfig:
     relearn: RelearnConfig = field(default_factory=RelearnConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     grid_columns: int = 8
+    # A release measured beside the guard (no learning curve), e.g. STRONGEST_RELEASE; None: only the guard is
+    # measured and the strongest release is quoted from the shipped battery record.
+    release: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def profile(self) -> BenchProfile:
         """The bench profile this demo runs: full fine-tuning and the guard at the demo's ratio, with curves."""
-        return BenchProfile("demo", [self.scenario], ["none", "guard"], [self.ratio], [self.seed], steps=self.steps,
+        methods = ["none", "guard"] + ([self.release] if self.release else [])
+        return BenchProfile("demo", [self.scenario], methods, [self.ratio], [self.seed], steps=self.steps,
                             legal_steps=self.legal_steps, batch_size=self.batch_size, lr=self.lr,
                             n_samples=self.n_samples, curve_cells=["none", f"guard@{self.ratio:g}"],
                             curve_steps=list(self.curve_steps), legal_curve_steps=[], curve_samples=self.n_samples,
@@ -96,6 +101,14 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, *, model_loader:
                     "guard_release": guarded.get("release_seconds")},
         "grids": _grids(out, cfg, key),
     }
+    if cfg.release:
+        cell = cells[key(cfg.release)]
+        release_row = next((r for r in summary["table"] if r["method"] == cfg.release), None)
+        result["release"] = {"method": cfg.release, "derived": _derived(release_row),
+                             "verdict": (release_row or {}).get("verdict"), "domains": cell["domains"]}
+        result["seconds"].update({f"release:{u}": s for u, s in cell.get("finetune_seconds", {}).items()})
+        result["seconds"]["release"] = cell.get("release_seconds")
+    result["recorded_battery"] = recorded_battery()
     atomic_write_json(report / "metrics.json", result)
     atomic_write_text(report / "report.md", _markdown(result, cfg))
     return result
@@ -137,6 +150,8 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     rows = []
     groups = [(f"base: {which}", doms) for which, doms in result["models"]["base"].items()]
     groups += [("full fine-tune", result["models"]["full"]), ("guarded fine-tune", result["models"]["guarded"])]
+    if "release" in result:
+        groups.append((f"{result['release']['method']} fine-tune", result["release"]["domains"]))
     for model, doms in groups:
         for domain, m in doms.items():
             lo, hi = m["rate_ci95"]
@@ -167,6 +182,7 @@ def _markdown(result: dict[str, Any], cfg: DemoConfig) -> str:
         f"- benchmark valid: **{'yes' if result['valid'] else 'NO (see the checks; no derived figure is reported)'}**",
         "- goals: " + ("n/a" if not result.get("verdict") else "met" if result["verdict"]["met"]
                        else "not met (" + "; ".join(result["verdict"]["reasons"]) + ")"),
+        *_release_lines(result, cfg),
         "", "| model | domain | recognition [95% CI] | mean prob. | FD (recogniser features) |", "|---|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {e} | {f} |" for a, b, c, e, f in table_rows(result)]
     lines += ["", "## Learning curves (illegal user)", "", "| steps | full | guarded |", "|---|---|---|"]
@@ -182,3 +198,19 @@ def _markdown(result: dict[str, Any], cfg: DemoConfig) -> str:
     lines += ["", "## Time (seconds, this machine)", ""]
     lines += [f"- {k}: {v:.0f}" for k, v in result["seconds"].items() if v is not None]
     return "\n".join(lines) + "\n"
+
+
+def _release_lines(result: dict[str, Any], cfg: DemoConfig) -> list[str]:
+    """What protects: the release measured beside the guard (if any), and the battery's recorded worst cases of
+    the guard and the strongest release, labelled as recorded."""
+    lines = ["", "## What protects", ""]
+    if "release" in result:
+        d = result["release"]["derived"]
+        lines += [f"Measured by this run, against the same default attacker: `{result['release']['method']}` mitigates "
+                  f"**{_pct(d['mitigation'])}** at a legal impact of {_pct(d['legal_impact_near'])} (near) and "
+                  f"{_pct(d['legal_impact_far'])} (far); the guard above {_pct(result['derived']['mitigation'])}.", ""]
+    else:
+        lines += [f"This run measured the paper's guard only; `freezeasguard demo --release` also measures the "
+                  f"project's strongest release (`{STRONGEST_RELEASE}`) beside it.", ""]
+    wanted = [("guard", cfg.ratio), (STRONGEST_RELEASE, None)] + ([(cfg.release, None)] if cfg.release else [])
+    return lines + (recorded_lines(result["recorded_battery"], wanted) or ["No battery figure is recorded for these protections.", ""])

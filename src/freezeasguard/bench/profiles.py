@@ -150,6 +150,10 @@ ALL_METHODS = ["none", "random", "importance-change", "importance-grad", "import
                "freeze-cross-attention", "freeze-resnets", "freeze-time-embedding", "guard", "uce+guard"]
 FRONTIER_METHODS = ["none", "random", "importance-ratio", "freeze-cross-attention", "freeze-resnets",
                     "freeze-time-embedding", "guard"]
+# The project's strongest release so far (by the default attacker's mitigation and the battery's worst case,
+# docs/results.md): every cross-attention projection frozen, with token-selective immunised values.
+STRONGEST_RELEASE = "freeze-cross-attention+immunise"
+
 PROFILES = {
     # quick: the relearn scenarios sized for a 2-core CPU (each setting: the taught base and its release, then up
     # to 12 cells of 400 illegal + 800 legal user steps): the frontier at 0.3 and 0.5 for the guard, random and
@@ -181,8 +185,8 @@ PROFILES = {
     # full fine-tuning, random freezing at 0.3 (the floor), the paper's learned guard at 0.3, and the project's
     # best release (all cross-attention with token-selective immunised values).
     "attacks": BenchProfile("attacks", ["figures"],
-                            ["none", "random@0.3", "guard@0.3", "freeze-cross-attention+immunise"], [0.3], [0, 1],
-                            legal_steps=800, n_samples=200, curve_cells=["none", "freeze-cross-attention+immunise"],
+                            ["none", "random@0.3", "guard@0.3", STRONGEST_RELEASE], [0.3], [0, 1],
+                            legal_steps=800, n_samples=200, curve_cells=["none", STRONGEST_RELEASE],
                             curve_steps=[25, 50, 100, 200, 400], legal_curve_steps=[200, 400],
                             options=default_options(), attacks=list(_battery())),
 }

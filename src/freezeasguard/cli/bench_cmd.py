@@ -69,6 +69,7 @@ def bench_report(
     sources: Annotated[list[str], typer.Argument(help="Bench output directories or results.json files; PATH=LABEL reports that run's protections under LABEL (variants side by side).")],
     out: OutOpt = Path("runs/report"),
     config: Annotated[Path | None, typer.Option("--config", help="The profile whose names and budgets the report states (default: the first source's).", exists=True, dir_okay=False)] = None,
+    battery_record: Annotated[Path | None, typer.Option("--battery-record", help="Also write the battery's worst cases as the package ships them for the demo (src/freezeasguard/bench/recorded-battery.json).", dir_okay=False)] = None,
     debug: DebugOpt = False,
 ) -> None:
     """One report (results.md, results.json, frontier.png, curves.png) over the cells of several bench runs,
@@ -86,6 +87,15 @@ def bench_report(
                 raise ValueError(f"{spec}: no such file or directory")
         report_runs(list(sources), out, profile=BenchProfile.load(config) if config else None,
                     command="freezeasguard " + " ".join(sys.argv[1:]))
+        if battery_record is not None:
+            import json
+
+            from ..bench.battery import recorded_worst_cases
+            from ..utils.files import atomic_write_json, read_json
+
+            results = read_json(out / "results.json", "bench results")
+            atomic_write_json(battery_record, recorded_worst_cases(results, " + ".join(sources)))
+            typer.echo(f"wrote {battery_record}: {json.dumps(results['summary']['battery']['best_worst_case'])}")
     except (ValueError, OSError, KeyError) as exc:
         raise _fail(exc) from exc
     typer.echo(f"wrote {out / 'results.md'}")

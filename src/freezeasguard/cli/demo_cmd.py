@@ -26,6 +26,7 @@ def demo(
     lr: LrOpt = 1e-4,
     batch_size: BatchSizeOpt = 32,
     n_samples: Annotated[int, typer.Option(help="Samples per model and domain.", min=1)] = 100,
+    release: Annotated[bool, typer.Option("--release/--no-release", help="Also measure the project's strongest release (all cross-attention frozen with token-selective immunised values) beside the guard, against the same users (an immunisation, one illegal and one legal fine-tune more). Without it, its figures are quoted from the battery record shipped with the package, labelled as recorded.")] = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -35,12 +36,14 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
+    from ..bench.battery import recorded_lines
     from ..bench.demo import DemoConfig, run_demo, table_rows
+    from ..bench.profiles import STRONGEST_RELEASE
 
     t0 = time.perf_counter()
     try:
         cfg = DemoConfig(scenario=scenario, ratio=ratio, ratio_by=ratio_by, seed=seed, steps=steps, legal_steps=legal_steps, lr=lr,
-                         batch_size=batch_size, n_samples=n_samples)
+                         batch_size=batch_size, n_samples=n_samples, release=STRONGEST_RELEASE if release else None)
         result = run_demo(out, cfg, overwrite=overwrite)
     except (ValueError, OSError) as exc:
         raise _fail(exc) from exc
@@ -59,4 +62,10 @@ def demo(
     console.print(f"mitigation {pct(d['mitigation'])} (prob {pct(d['mitigation_prob'])}); legal impact near "
                   f"{pct(d['legal_impact_near'])}, far {pct(d['legal_impact_far'])}; benchmark valid: "
                   f"{'yes' if result['valid'] else 'NO'}")
+    if "release" in result:
+        r = result["release"]["derived"]
+        console.print(f"{STRONGEST_RELEASE}: mitigation {pct(r['mitigation'])}; legal impact near "
+                      f"{pct(r['legal_impact_near'])}, far {pct(r['legal_impact_far'])}")
+    for line in recorded_lines(result["recorded_battery"], [("guard", ratio), (STRONGEST_RELEASE, None)]):
+        console.print(line, markup=False, highlight=False)
     console.print(f"report: {out / 'report' / 'report.md'}   elapsed {time.perf_counter() - t0:.0f} s")
