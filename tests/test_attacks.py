@@ -158,7 +158,7 @@ def _cell(seed, method, attack, illegal, ratio=None):
 
 
 def test_worst_case_and_void_bookkeeping_on_hand_set_numbers():
-    from freezeasguard.bench.battery import headline
+    from freezeasguard.bench.battery import battery_lines, headline
     from freezeasguard.bench.profiles import cell_key
     from freezeasguard.bench.summary import battery_summary
 
@@ -183,6 +183,14 @@ def test_worst_case_and_void_bookkeeping_on_hand_set_numbers():
     assert worst["attacks_void"] == ["benign"] and worst["default_mitigation"] == rows["default"]["mitigation"]
     text = headline(battery)
     assert "m@0.3" in text and "35.0%" in text and "below the 60% goal" in text
+    # the legal user measured under an attack that changes its recipe: its impact in its own table
+    for seed in (0, 1):
+        cells[cell_key("figures", seed, "none", None, "lr-x10")]["domains"]["legal_far"] = {"rate": 0.8}
+        cells[cell_key("figures", seed, "m", 0.3, "lr-x10")]["domains"]["legal_far"] = {"rate": 0.6}
+    lines = battery_lines(battery_summary(cells, set()))
+    start = next(i for i, line in enumerate(lines) if line.startswith("Legal impact under"))
+    assert next(line for line in lines[start:] if line.startswith("| `lr-x10`")) == "| `lr-x10` | n/a / 25.0% |"
+    assert not any(line.startswith("| `renamed` |") for line in lines[start:start + 6])  # no legal user there
 
 
 # ---------------------------------------------------------------------------- the red-teaming command

@@ -62,6 +62,20 @@ def battery_lines(battery: dict[str, Any]) -> list[str]:
         reference = any(r["reference"] for r in battery["rows"] if r["attack"] == attack)
         label = f"`{attack}` (reference, outside the path)" if reference else f"`{attack}`"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_p(full)} |")
+    changed = [r for r in battery["rows"] if r["attack"] != "default"
+               and (r["legal_impact_near"] is not None or r["legal_impact_far"] is not None)]
+    if changed:
+        lines += ["", "Legal impact under the attacks that change what a legal user would do (its rate, optimizer or "
+                  "LoRA): the release's legal user against full fine-tuning's, both with that recipe, near / far "
+                  f"(the goals: at most {GOALS.legal_near:.0%} / {GOALS.legal_far:.0%}):", "",
+                  "| attack | " + " | ".join(f"{sc}: {_label(m, q)}" for sc, m, q in methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        for attack in dict.fromkeys(r["attack"] for r in changed):
+            cells = []
+            for sc, m, q in methods:
+                r = next((r for r in changed if (r["scenario"], r["method"], r["ratio"], r["attack"]) == (sc, m, q, attack)), None)
+                cells.append("" if r is None else f"{_p(r['legal_impact_near'])} / {_p(r['legal_impact_far'])}")
+            lines.append(f"| `{attack}` | " + " | ".join(cells) + " |")
     lines += ["", "Worst case per protection (the lowest mean mitigation over the attacks of the publisher's path that "
               "are not void; a reference attack such as textual inversion, which a UNet guard cannot stop by design, "
               "is shown above and left out of it):", "",
