@@ -12,7 +12,7 @@ import torch
 
 from freezeasguard.bench import emoji
 from freezeasguard.bench.cells import cell_settings, user_budgets
-from freezeasguard.bench.demo import DemoConfig, run_demo
+from freezeasguard.bench.demo import DemoConfig, run_demo, summary_lines
 from freezeasguard.bench.evaluate import SamplingConfig, validity_checks
 from freezeasguard.bench.profiles import BenchProfile, cell_key, parse_cell, planned_cells, scenario_form
 from freezeasguard.bench.recogniser import Recogniser, RecogniserConfig
@@ -410,6 +410,9 @@ def test_the_demo_measures_a_release_beside_the_guard_and_quotes_the_battery_as_
     text = (tmp_path / "demo" / "report" / "report.md").read_text()
     assert "## What protects" in text and "freeze-time-embedding fine-tune" in text
     assert "Recorded, not measured by this run" in text and "`lr-x10`" in text  # the shipped record, labelled
+    printed = summary_lines(result, cfg)  # what the command prints under its table
+    assert printed[0].startswith("guard: mitigation") and printed[1].startswith("freeze-time-embedding: mitigation")
+    assert any(line.startswith("Recorded, not measured by this run") for line in printed)
 
 
 def test_the_shipped_battery_record_is_the_committed_battery_results():

@@ -212,5 +212,25 @@ def _release_lines(result: dict[str, Any], cfg: DemoConfig) -> list[str]:
     else:
         lines += [f"This run measured the paper's guard only; `freezeasguard demo --release` also measures the "
                   f"project's strongest release (`{STRONGEST_RELEASE}`) beside it.", ""]
-    wanted = [("guard", cfg.ratio), (STRONGEST_RELEASE, None)] + ([(cfg.release, None)] if cfg.release else [])
-    return lines + (recorded_lines(result["recorded_battery"], wanted) or ["No battery figure is recorded for these protections.", ""])
+    return lines + (recorded_lines(result["recorded_battery"], _quoted(cfg))
+                    or ["No battery figure is recorded for these protections.", ""])
+
+
+def _quoted(cfg: DemoConfig) -> list[tuple[str, float | None]]:
+    """The protections whose recorded battery figures the demo quotes: its guard, the strongest release, and
+    the release it measured."""
+    return [("guard", cfg.ratio), (STRONGEST_RELEASE, None)] + ([(cfg.release, None)] if cfg.release else [])
+
+
+def summary_lines(result: dict[str, Any], cfg: DemoConfig) -> list[str]:
+    """What `freezeasguard demo` prints under its table: the guard's derived figures, the release's if it was
+    measured, and the battery's recorded worst cases (labelled as recorded)."""
+    d = result["derived"]
+    lines = [f"guard: mitigation {_pct(d['mitigation'])} (prob {_pct(d['mitigation_prob'])}); legal impact near "
+             f"{_pct(d['legal_impact_near'])}, far {_pct(d['legal_impact_far'])}; benchmark valid: "
+             f"{'yes' if result['valid'] else 'NO'}"]
+    if "release" in result:
+        r = result["release"]["derived"]
+        lines.append(f"{result['release']['method']}: mitigation {_pct(r['mitigation'])}; legal impact near "
+                     f"{_pct(r['legal_impact_near'])}, far {_pct(r['legal_impact_far'])}")
+    return lines + [line for line in recorded_lines(result["recorded_battery"], _quoted(cfg)) if line]

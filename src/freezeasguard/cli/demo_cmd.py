@@ -36,8 +36,7 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from ..bench.battery import recorded_lines
-    from ..bench.demo import DemoConfig, run_demo, table_rows
+    from ..bench.demo import DemoConfig, run_demo, summary_lines, table_rows
     from ..bench.profiles import STRONGEST_RELEASE
 
     t0 = time.perf_counter()
@@ -54,18 +53,6 @@ def demo(
         table.add_row(*row)
     console = Console()
     console.print(table)
-    d = result["derived"]
-
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
-    console.print(f"mitigation {pct(d['mitigation'])} (prob {pct(d['mitigation_prob'])}); legal impact near "
-                  f"{pct(d['legal_impact_near'])}, far {pct(d['legal_impact_far'])}; benchmark valid: "
-                  f"{'yes' if result['valid'] else 'NO'}")
-    if "release" in result:
-        r = result["release"]["derived"]
-        console.print(f"{STRONGEST_RELEASE}: mitigation {pct(r['mitigation'])}; legal impact near "
-                      f"{pct(r['legal_impact_near'])}, far {pct(r['legal_impact_far'])}")
-    for line in recorded_lines(result["recorded_battery"], [("guard", ratio), (STRONGEST_RELEASE, None)]):
+    for line in summary_lines(result, cfg):
         console.print(line, markup=False, highlight=False)
     console.print(f"report: {out / 'report' / 'report.md'}   elapsed {time.perf_counter() - t0:.0f} s")
