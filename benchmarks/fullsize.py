@@ -157,6 +157,10 @@ def main() -> int:
         from freezeasguard.training.memory import peak_bytes
 
         out["peak_rss_bytes"] = peak_bytes(torch_cpu())[0]
+        if args.device.startswith("cuda"):  # on a GPU the stage's memory is the device's, not the process's
+            import torch
+
+            out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         Path(args.result).write_text(json.dumps(out))
         return 0
 
@@ -209,7 +213,8 @@ def main() -> int:
             # beside the learner's buffers, do not fit 24 GB at SD 1.5 size
             text, seconds = run_script("mask_step.py", ["--model", str(work / "model"), "--batch-size", "2",
                                                         "--repeats", str(args.mask_repeats),
-                                                        "--threads", str(args.threads), "--no-former", "--optimizer", "sgd"])
+                                                        "--threads", str(args.threads), "--no-former", "--optimizer", "sgd",
+                                                        "--device", args.device])
             results[name] = {"printed": text, "seconds": seconds}
         else:
             results[name] = child(name, args, argv)
@@ -256,15 +261,17 @@ def report(r: dict[str, Any]) -> None:
         if "failed" in lr_:
             print(f"guard learning ({key}): {lr_['failed']} after {lr_['process_seconds']:.0f} s")
             continue
-        print(f"guard learning (2 mask steps, the user on {lr_['optimizer']}): peak RSS {lr_['peak_rss_bytes'] / mib:.0f} "
-              f"MiB = {lr_['peak_rss_bytes'] / lr_['unet_bytes']:.1f}x the UNet ({lr_['unet_bytes'] / mib:.0f} MiB); "
+        kind, peak = ("GPU", lr_["peak_gpu_bytes"]) if "peak_gpu_bytes" in lr_ else ("RSS", lr_["peak_rss_bytes"])
+        print(f"guard learning (2 mask steps, the user on {lr_['optimizer']}): peak {kind} {peak / mib:.0f} "
+              f"MiB = {peak / lr_['unet_bytes']:.1f}x the UNet ({lr_['unet_bytes'] / mib:.0f} MiB); "
               f"{lr_['seconds']:.0f} s")
     if "immunise" in r and "failed" in r["immunise"]:
         print(f"immunise: {r['immunise']['failed']} after {r['immunise']['process_seconds']:.0f} s")
     elif "immunise" in r:
         im = r["immunise"]
         print(f"immunise (all cross-attention, {im['steps']} steps at batch 1, with encoding the 8 images and "
-              f"captions): {im['seconds']:.1f} s; peak RSS {im['peak_rss_bytes'] / mib:.0f} MiB")
+              f"captions): {im['seconds']:.1f} s; peak RSS {im['peak_rss_bytes'] / mib:.0f} MiB"
+              + (f", peak GPU {im['peak_gpu_bytes'] / mib:.0f} MiB" if "peak_gpu_bytes" in im else ""))
 
 
 if __name__ == "__main__":

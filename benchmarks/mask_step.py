@@ -60,6 +60,7 @@ def main() -> None:
                         "24 GB machine it does not fit)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                    help="the user's optimizer in both steps (sgd: no optimizer state, for models that fill memory)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings then wait for the GPU to finish each step)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -94,9 +95,16 @@ def main() -> None:
         imgs = [Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)) for _ in range(16)]
         ill = ImageCaptionList(imgs, ["a red cat"] * 16, ImageTransform(side))
         leg = ImageCaptionList(imgs, ["a blue dog"] * 16, ImageTransform(side))
+    model.to(args.device)
     with torch.no_grad():
         ill, leg = EncodedDataset(model, ill), EncodedDataset(model, leg)
     objective = DenoisingObjective(model)
+
+    def now() -> float:  # a GPU runs asynchronously: a step's time is known once it has finished
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     params = {f"unet.{n}": p for n, p in model.unet.named_parameters()}
     for p_ in objective.parameters():
         p_.requires_grad_(False)
@@ -130,17 +138,17 @@ def main() -> None:
 
     def plain(step: int) -> float:
         b = batch(step)
-        t0 = time.perf_counter()
+        t0 = now()
         loss = objective(b)
         backward(loss)
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return now() - t0
 
     def user(step: int) -> float:
         b = batch(step)
-        t0 = time.perf_counter()
+        t0 = now()
         loss = objective(b)
         backward(loss)
         learner.on_before_optimizer_step(ctx)
@@ -149,12 +157,12 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         ctx.step = 1  # odd, so on_step_end only swaps back; the mask step is timed on its own
         learner.on_step_end(ctx)
-        return time.perf_counter() - t0
+        return now() - t0
 
     def mask(step: int) -> float:
-        t0 = time.perf_counter()
+        t0 = now()
         learner.mask_step(ctx)
-        return time.perf_counter() - t0
+        return now() - t0
 
     def mask_before(step: int) -> float:
         with former_mask_step(learner):
@@ -185,7 +193,7 @@ def main() -> None:
     base = statistics.median(times["plain fine-tuning step"])
     n_params = sum(p_.numel() for p_ in params.values())
     model_bytes = sum(p_.numel() * p_.element_size() for p_ in params.values())
-    print(f"model: {args.model}; UNet {len(params)} tensors, {n_params:,} parameters ({model_bytes / 2**20:.1f} MiB); "
+    print(f"model: {args.model} on {args.device}; UNet {len(params)} tensors, {n_params:,} parameters ({model_bytes / 2**20:.1f} MiB); "
           f"batch {args.batch_size}; {args.repeats} interleaved repeats, medians; peak = bytes allocated by the step")
     print(f"{'':<26} {'time':>10} {'vs plain':>9} {'step peak':>11} {'after backward, beyond gradients':>34}")
     for name, ts in times.items():
