@@ -561,6 +561,7 @@ def test_the_battery_runs_every_attack_on_one_release_per_protection(tmp_path):
     # one release per protection, kept, for the default cell and every attack
     assert (tmp_path / "work" / "figures-seed0-freeze-time-embedding" / "release" / "info.json").is_file()
     assert (tmp_path / "attacks.png").is_file() and "## The attack battery" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "worst-case.png").is_file()
     assert summary["battery"]["rows"] == [] or all(r["attack"] in profile.attacks for r in summary["battery"]["rows"])
     inversion = json.loads((tmp_path / "cells" / "figures-seed0-freeze-time-embedding--textual-inversion.json").read_text())
     assert all("<concept-" in p for p in inversion["prompts_sample"]) and "legal_near" not in inversion["domains"]

@@ -85,7 +85,10 @@ def battery_lines(battery: dict[str, Any]) -> list[str]:
         lines.append(f"| {w['scenario']} | {_label(w['method'], w['ratio'])} | {_p(w['default_mitigation'])} | "
                      f"**{_p(w['worst_mitigation'])}** | `{w['worst_attack']}` | {_p(w['worst_per_seed'])} | "
                      f"{', '.join(w['attacks_void']) or 'none'} |")
-    return lines + ["", "![mitigation per attack](attacks.png)", ""]
+    return lines + ["", "![mitigation per attack](attacks.png)", "",
+                    "Where each protection stands: its default attacker's mitigation (hollow) and its worst case over the "
+                    "battery (filled), against its legal user's impact under the default attacker; the goal is the "
+                    "shaded box.", "", "![worst case against the default attacker](worst-case.png)", ""]
 
 
 def plot_battery(battery: dict[str, Any], path: Path) -> None:
@@ -158,3 +161,42 @@ def recorded_lines(record: dict[str, Any], methods: list[tuple[str, float | None
     lines += [f"| {_label(w['method'], w['ratio'])} | {_p(w['default_mitigation'])} | **{_p(w['worst_mitigation'])}** | "
               f"`{w['worst_attack']}` | {w['attacks_measured']} |" for w in rows]
     return lines + [""]
+
+
+def plot_worst_case_frontier(summary: dict[str, Any], path: Path) -> None:
+    """Mitigation against legal impact (near, far), a protection per colour: the default attacker's point
+    (hollow) joined to the battery's worst case (filled, labelled with its attack); the goal box shaded."""
+    from .report import _axes_grid
+
+    worst = [w for w in summary["battery"]["worst_case"] if w["worst_mitigation"] is not None]
+    table = {(r["scenario"], r["method"], r["ratio"]): r for r in summary["table"]}
+    plt, fig, axes = _axes_grid(1, 2, (6.0, 4.6))
+    colours = plt.get_cmap("tab10")
+    for col, (impact, goal, label) in enumerate((("legal_impact_near", GOALS.legal_near, "legal-near"),
+                                                 ("legal_impact_far", GOALS.legal_far, "legal-far"))):
+        ax = axes[0][col]
+        for i, w in enumerate(worst):
+            row = table.get((w["scenario"], w["method"], w["ratio"]))
+            x = None if row is None else row.get(impact)
+            if x is None or w["default_mitigation"] is None:
+                continue
+            c = colours(i % 10)
+            name = f"{w['scenario']}: {_label(w['method'], w['ratio'])}"
+            ax.plot([x, x], [w["default_mitigation"], w["worst_mitigation"]], color=c, lw=1.2)
+            ax.plot([x], [w["default_mitigation"]], marker="o", mfc="none", color=c, label=f"{name} (default)")
+            ax.plot([x], [w["worst_mitigation"]], marker="o", color=c, label=f"{name} (worst)")
+            ax.annotate(w["worst_attack"], (x, w["worst_mitigation"]), fontsize=7, xytext=(4, -8),
+                        textcoords="offset points")
+        lo_x = min(-0.1, ax.get_xlim()[0])
+        ax.fill_between([lo_x, goal], GOALS.mitigation, 1.0, color="green", alpha=0.12, label="goal")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlim(lo_x, max(0.5, ax.get_xlim()[1]))
+        ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
+        ax.set_xlabel(f"legal impact on {label}, default attacker (lower is better)")
+        ax.set_ylabel("mitigation (higher is better)")
+        ax.set_title(f"default attacker vs worst case: {label}")
+        if col == 0:
+            ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.files import atomic_write_json, atomic_write_text
-from .battery import plot_battery
+from .battery import plot_battery, plot_worst_case_frontier
 from .cells import (
     cell_settings,
     describe_cell,
@@ -34,7 +34,7 @@ from .summary import VALIDITY_METHODS, setting_is_void, summarise
 log = logging.getLogger(__name__)
 
 BENCH_PRODUCTS = ("cells", "work", "relearn", "results.json", "results.md", "frontier.png", "curves.png",
-                  "attacks.png")
+                  "attacks.png", "worst-case.png")
 
 
 def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = None, recogniser: Any = None,
@@ -210,6 +210,7 @@ def write_report(out: Path, profile: BenchProfile, cells: dict[str, Any], summar
     plot_frontier(summary, out / "frontier.png")
     plot_curves(summary, out / "curves.png")
     plot_battery(summary["battery"], out / "attacks.png")
+    plot_worst_case_frontier(summary, out / "worst-case.png")
     atomic_write_text(out / "results.md", markdown(summary, cells, profile, command))
 
 
