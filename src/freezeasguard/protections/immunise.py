@@ -16,11 +16,18 @@ One round, `steps` times:
 The trainable rest is restored to the release at the end: only F changes, and the guard records F's new
 values.
 
+With `unroll_steps=k` the defender looks ahead: L_illegal is taken after k further attacker steps from the
+attacker's current state, each differentiated through (second order), so the values learn to make the
+attacker's next updates useless and not only its current loss high (the meta-learning form of MLAC / TAR;
+sound here because the user cannot move the frozen set back). The unrolled steps are Adam-like in size: each
+moves every trainable tensor by `unroll_lr` times its gradient over the gradient's root mean square.
+
 With `legal_at="user"` a simulated legal user (its own copy of the rest, its own AdamW, reset with the
 attacker) takes a step on a legal batch each round, and L_legal is taken at its model instead.
 
 Cost: three forward/backward passes of the UNet per step (four with a legal user), no model copy beyond the
-rest's release values (and the legal user's copy).
+rest's release values (and the legal user's copy); with `unroll_steps=k`, k + 1 more forward passes whose
+graphs are kept and differentiated twice (about 3k more passes' time, and k copies of the rest in memory).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +54,7 @@ from .components import component_names, reads_text
 from .registry import Release, ReleaseContext, register
 
 # The three batch streams of one immunisation (seeded_batches' `stream`).
-STREAM_ATTACK, STREAM_DEFEND, STREAM_LEGAL = 0, 1, 2
+STREAM_ATTACK, STREAM_DEFEND, STREAM_LEGAL, STREAM_UNROLL = 0, 1, 2, 3
 
 
 @dataclass
@@ -80,6 +88,10 @@ class ImmuniseConfig:
     # point at (a renamed-caption attacker walks past values tuned to those words).
     attack_captions: str = "given"
     random_caption_words: int = 2
+    # > 0: the defender's illegal loss is taken after this many unrolled attacker steps, differentiated through
+    # (see the module doc); each unrolled step moves a tensor by unroll_lr x its gradient / the gradient's RMS.
+    unroll_steps: int = 0
+    unroll_lr: float = 1e-3
     batch_size: int = 16
     legal_weight: float = 1.0  # the defender's objective: -L_illegal + legal_weight * L_legal
     max_change: float = 1.0  # per frozen tensor: |released - original| <= max_change * |original|
@@ -126,6 +138,11 @@ class ImmuniseConfig:
                              f"got {self.attack_captions!r}")
         if self.random_caption_words < 1:
             raise ValueError(f"ImmuniseConfig.random_caption_words must be >= 1, got {self.random_caption_words}")
+        if self.unroll_steps < 0 or not self.unroll_lr > 0:
+            raise ValueError(f"ImmuniseConfig.unroll_steps must be >= 0 and unroll_lr > 0, got {self.unroll_steps} "
+                             f"and {self.unroll_lr}")
+        if self.unroll_steps and self.legal_at == "user":
+            raise ValueError("ImmuniseConfig.unroll_steps needs legal_at='attacked' (the legal user is not unrolled)")
         if self.legal_at not in ("attacked", "user"):
             raise ValueError(f"ImmuniseConfig.legal_at must be 'attacked' or 'user', got {self.legal_at!r}")
         if self.legal_weight < 0:
@@ -200,6 +217,19 @@ def recaptioned(model: Any, data: Any, names: dict[str, str]) -> Any:
     new.embeddings = enc.hidden.to("cpu")
     new.pooled = enc.pooled.to("cpu") if enc.pooled is not None else None
     return new
+
+
+def unrolled_loss(loss: Callable[[dict[str, torch.Tensor], Any], torch.Tensor], start: dict[str, torch.Tensor],
+                  batches: list[Any], final: Any, lr: float) -> torch.Tensor:
+    """loss(theta_k, final) after k = len(batches) attacker steps from `start`, each
+    theta <- theta - lr * g / rms(g) per tensor (g the gradient of loss(theta, batch)), kept in the graph, so
+    that the result differentiates, through every step, in whatever `loss` reads besides theta (the frozen
+    values). `loss(params, batch)`: the loss with the trainable tensors `params` substituted."""
+    theta = {n: t.detach().requires_grad_(True) for n, t in start.items()}
+    for batch in batches:
+        grads = torch.autograd.grad(loss(theta, batch), list(theta.values()), create_graph=True)
+        theta = {n: t - lr * g / (g.pow(2).mean().sqrt() + 1e-12) for (n, t), g in zip(theta.items(), grads)}
+    return loss(theta, final)
 
 
 def _attack_optimizer(name: str, params: list[torch.nn.Parameter], rate: float, cfg: ImmuniseConfig) -> torch.optim.Optimizer:
@@ -287,11 +317,16 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     fset = set(frozen)
     names = sorted(fset)
     params = dict(model.unet.named_parameters())
-    rest = [p for n, p in params.items() if n not in fset]
+    rest_names = [n for n in params if n not in fset]
+    rest = [params[n] for n in rest_names]
     release_rest = [p.detach().clone() for p in rest]
     objective = objective_of(model)
     for p in objective.parameters():
         p.requires_grad_(False)
+
+    def substituted(theta: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """The illegal loss with the UNet's trainable tensors replaced by `theta` (UNet names)."""
+        return torch.func.functional_call(objective, {f"unet.{n}": t for n, t in theta.items()}, (batch,))
     ill, leg = encoded(model, illegal), encoded(model, legal)
     subspace_info: dict[str, Any] | None = None
     proj: torch.Tensor | None = None
@@ -370,7 +405,17 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             continue
         for v in values:
             v.requires_grad_(True)
-        l_ill = objective(seeded_batch(attacker_data, step, cfg.batch_size, seed, STREAM_DEFEND))
+        defend = seeded_batch(attacker_data, step, cfg.batch_size, seed, STREAM_DEFEND)
+        if cfg.unroll_steps:
+            ahead = [seeded_batch(attacker_data, step * cfg.unroll_steps + j, cfg.batch_size, seed, STREAM_UNROLL)
+                     for j in range(cfg.unroll_steps)]
+            # the fused attention kernels have no second derivative: the unrolled graph uses the plain one
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                l_ill = unrolled_loss(substituted, dict(zip(rest_names, rest)), ahead, defend, cfg.unroll_lr)
+        else:
+            l_ill = objective(defend)
         if by_user:
             # Backward of L_illegal before the rest's tensors are swapped under its graph.
             ill_grads = torch.autograd.grad(-l_ill, values)
