@@ -89,9 +89,10 @@ class ImmuniseConfig:
     attack_captions: str = "given"
     random_caption_words: int = 2
     # > 0: the defender's illegal loss is taken after this many unrolled attacker steps, differentiated through
-    # (see the module doc); each unrolled step moves a tensor by unroll_lr x its gradient / the gradient's RMS.
+    # (see the module doc); each unrolled step moves a tensor by unroll_lr x its gradient / the gradient's RMS
+    # (None: the simulated attacker's own rate at this restart, the size of an AdamW step at that rate).
     unroll_steps: int = 0
-    unroll_lr: float = 1e-3
+    unroll_lr: float | None = None
     batch_size: int = 16
     legal_weight: float = 1.0  # the defender's objective: -L_illegal + legal_weight * L_legal
     max_change: float = 1.0  # per frozen tensor: |released - original| <= max_change * |original|
@@ -138,7 +139,7 @@ class ImmuniseConfig:
                              f"got {self.attack_captions!r}")
         if self.random_caption_words < 1:
             raise ValueError(f"ImmuniseConfig.random_caption_words must be >= 1, got {self.random_caption_words}")
-        if self.unroll_steps < 0 or not self.unroll_lr > 0:
+        if self.unroll_steps < 0 or (self.unroll_lr is not None and not self.unroll_lr > 0):
             raise ValueError(f"ImmuniseConfig.unroll_steps must be >= 0 and unroll_lr > 0, got {self.unroll_steps} "
                              f"and {self.unroll_lr}")
         if self.unroll_steps and self.legal_at == "user":
@@ -413,7 +414,8 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel(SDPBackend.MATH):
-                l_ill = unrolled_loss(substituted, dict(zip(rest_names, rest)), ahead, defend, cfg.unroll_lr)
+                l_ill = unrolled_loss(substituted, dict(zip(rest_names, rest)), ahead, defend,
+                                      rate if cfg.unroll_lr is None else cfg.unroll_lr)
         else:
             l_ill = objective(defend)
         if by_user:
