@@ -166,11 +166,11 @@ def recorded_lines(record: dict[str, Any], methods: list[tuple[str, float | None
 def plot_worst_case_frontier(summary: dict[str, Any], path: Path) -> None:
     """Mitigation against legal impact (near, far), a protection per colour: the default attacker's point
     (hollow) joined to the battery's worst case (filled, labelled with its attack); the goal box shaded."""
-    from .report import _axes_grid
+    from ..utils.plots import axes_grid
 
     worst = [w for w in summary["battery"]["worst_case"] if w["worst_mitigation"] is not None]
     table = {(r["scenario"], r["method"], r["ratio"]): r for r in summary["table"]}
-    plt, fig, axes = _axes_grid(1, 2, (6.0, 4.6))
+    plt, fig, axes = axes_grid(1, 2, (6.0, 4.6))
     colours = plt.get_cmap("tab10")
     for col, (impact, goal, label) in enumerate((("legal_impact_near", GOALS.legal_near, "legal-near"),
                                                  ("legal_impact_far", GOALS.legal_far, "legal-far"))):

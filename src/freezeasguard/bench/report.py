@@ -6,24 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..utils.plots import axes_grid
 from .goals import GOALS
 from .profiles import FORMS, BenchProfile
-
-
-def _axes_grid(n_rows: int, n_cols: int, size: tuple[float, float]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size[0] * n_cols, size[1] * n_rows), squeeze=False)
-    return plt, fig, axes
 
 
 def plot_frontier(summary: dict[str, Any], path: Path) -> None:
     """Mitigation vs legal impact (near and far), a line per method over the ratios, the goal box shaded."""
     scenarios = sorted({r["scenario"] for r in summary["table"]}) or ["(no valid setting)"]
-    plt, fig, axes = _axes_grid(2, len(scenarios), (6.0, 4.6))
+    plt, fig, axes = axes_grid(2, len(scenarios), (6.0, 4.6))
     methods = list(dict.fromkeys(r["method"] for r in summary["table"]))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     for col, sc in enumerate(scenarios):
@@ -65,7 +56,7 @@ def _cell_label(row: dict[str, Any]) -> str:
 def plot_curves(summary: dict[str, Any], path: Path) -> None:
     """Recognition vs user steps for every curve cell (illegal user; legal users beside), one row per scenario."""
     scenarios = sorted({r["scenario"] for r in summary["curves"]}) or ["(no curve cells)"]
-    plt, fig, axes = _axes_grid(len(scenarios), 3, (5.0, 3.8))
+    plt, fig, axes = axes_grid(len(scenarios), 3, (5.0, 3.8))
     labels = list(dict.fromkeys(_cell_label(r) for r in summary["curves"]))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(labels)}
     seeds = sorted({r["seed"] for r in summary["curves"]})

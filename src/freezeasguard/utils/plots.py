@@ -10,6 +10,17 @@ from ..configs import RATIO_BY_DEFAULT
 from .files import atomic_write_bytes
 
 
+def axes_grid(n_rows: int, n_cols: int, size: tuple[float, float]) -> Any:
+    """(pyplot, figure, axes[row][col]) on the file-only backend, each panel `size` inches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size[0] * n_cols, size[1] * n_rows), squeeze=False)
+    return plt, fig, axes
+
+
 def plot_blocks(rows: list[dict[str, Any]], path: str | Path, *, title: str) -> Path:
     """Horizontal bars per block: frozen fraction by tensor count and by parameter count."""
     import matplotlib
