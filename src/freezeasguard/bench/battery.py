@@ -166,7 +166,7 @@ def recorded_lines(record: dict[str, Any], methods: list[tuple[str, float | None
 def plot_worst_case_frontier(summary: dict[str, Any], path: Path) -> None:
     """Mitigation against legal impact (near, far), a protection per colour: the default attacker's point
     (hollow) joined to the battery's worst case (filled, labelled with its attack); the goal box shaded."""
-    from ..utils.plots import axes_grid
+    from ..utils.plots import axes_grid, goal_panel
 
     worst = [w for w in summary["battery"]["worst_case"] if w["worst_mitigation"] is not None]
     table = {(r["scenario"], r["method"], r["ratio"]): r for r in summary["table"]}
@@ -187,14 +187,9 @@ def plot_worst_case_frontier(summary: dict[str, Any], path: Path) -> None:
             ax.plot([x], [w["worst_mitigation"]], marker="o", color=c, label=f"{name} (worst)")
             ax.annotate(w["worst_attack"], (x, w["worst_mitigation"]), fontsize=7, xytext=(4, -8),
                         textcoords="offset points")
-        lo_x = min(-0.1, ax.get_xlim()[0])
-        ax.fill_between([lo_x, goal], GOALS.mitigation, 1.0, color="green", alpha=0.12, label="goal")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xlim(lo_x, max(0.5, ax.get_xlim()[1]))
-        ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
-        ax.set_xlabel(f"legal impact on {label}, default attacker (lower is better)")
-        ax.set_ylabel("mitigation (higher is better)")
-        ax.set_title(f"default attacker vs worst case: {label}")
+        goal_panel(ax, goal_x=goal, goal_y=GOALS.mitigation, x_max=0.5,
+                   xlabel=f"legal impact on {label}, default attacker (lower is better)",
+                   title=f"default attacker vs worst case: {label}")
         if col == 0:
             ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..utils.plots import axes_grid
+from ..utils.plots import axes_grid, goal_panel
 from .goals import GOALS
 from .profiles import FORMS, BenchProfile
 
@@ -32,15 +32,8 @@ def plot_frontier(summary: dict[str, Any], path: Path) -> None:
                 for x, y, q in pts:
                     if q is not None:
                         ax.annotate(f"{q:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            lo_x = min(-0.1, ax.get_xlim()[0])
-            ax.fill_between([lo_x, goal], GOALS.mitigation, 1.0, color="green", alpha=0.12, label="goal")
-            ax.axhline(0, color="grey", lw=0.5)
-            ax.axvline(0, color="grey", lw=0.5)
-            ax.set_xlim(lo_x, max(1.0, ax.get_xlim()[1]))
-            ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
-            ax.set_xlabel(f"legal impact on {label} (lower is better)")
-            ax.set_ylabel("mitigation (higher is better)")
-            ax.set_title(f"{sc}: mitigation vs {label} impact")
+            goal_panel(ax, goal_x=goal, goal_y=GOALS.mitigation, x_max=1.0,
+                       xlabel=f"legal impact on {label} (lower is better)", title=f"{sc}: mitigation vs {label} impact")
             if row == 0 and col == 0:
                 ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
