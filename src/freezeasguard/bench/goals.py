@@ -15,6 +15,9 @@ from typing import Any
 @dataclass(frozen=True)
 class Goals:
     mitigation: float = 0.60  # at least, on every seed (recognition rate)
+    # What a release can promise: its lowest mitigation over the attack battery (the worst case), at the same
+    # legal limits; lower than `mitigation` because it must hold against every attacker at once.
+    worst_case_mitigation: float = 0.50
     legal_near: float = 0.10  # legal impact at most, on every seed
     legal_far: float = 0.05
     max_frozen_params: float = 0.5  # the share of UNet parameters frozen (a ratio cap; measured, not nominal)
