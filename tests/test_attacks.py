@@ -287,3 +287,22 @@ def test_a_battery_row_without_its_reference_is_missing_not_void():
     rows = {r["attack"]: r for r in battery_summary(cells, set())["rows"]}
     assert rows["lr-x5"]["mitigation"] is None and not rows["lr-x5"]["void"] and rows["lr-x5"]["missing_seeds"] == [0]
     assert rows["default"]["mitigation"] == pytest.approx(1 - 0.2 / 0.9)
+
+
+def test_a_variant_screened_under_the_default_attacker_alone_is_plotted_as_an_upper_bound(tmp_path):
+    from freezeasguard.bench.battery import default_attacker_only, plot_worst_case_frontier
+
+    worst = {"scenario": "figures", "method": "m", "ratio": 0.3, "worst_mitigation": 0.2, "worst_attack": "lr-x10",
+             "default_mitigation": 0.6}
+    table = [{"scenario": "figures", "method": "none", "ratio": None, "mitigation": 0.0,
+              "legal_impact_near": 0.0, "legal_impact_far": 0.0},
+             {"scenario": "figures", "method": "m", "ratio": 0.3, "mitigation": 0.6,
+              "legal_impact_near": 0.02, "legal_impact_far": 0.04},
+             {"scenario": "figures", "method": "screened", "ratio": None, "mitigation": 0.08,
+              "legal_impact_near": -0.1, "legal_impact_far": 0.01},
+             {"scenario": "figures", "method": "void-setting", "ratio": None, "mitigation": None,
+              "legal_impact_near": None, "legal_impact_far": None}]
+    summary = {"table": table, "battery": {"worst_case": [worst]}}
+    assert [r["method"] for r in default_attacker_only(summary)] == ["screened"]
+    plot_worst_case_frontier(summary, tmp_path / "worst-case.png")
+    assert (tmp_path / "worst-case.png").stat().st_size > 0

@@ -21,11 +21,12 @@ def axes_grid(n_rows: int, n_cols: int, size: tuple[float, float]) -> Any:
     return plt, fig, axes
 
 
-def goal_panel(ax: Any, *, goal_x: float, goal_y: float, x_max: float, xlabel: str, title: str) -> None:
+def goal_panel(ax: Any, *, goal_x: float, goal_y: float, x_max: float, xlabel: str, title: str,
+               goal_label: str = "goal") -> None:
     """A mitigation-against-legal-impact panel: the goal box (impact <= goal_x, mitigation >= goal_y) shaded,
     the zero lines, the limits and the labels."""
     lo_x = min(-0.1, ax.get_xlim()[0])
-    ax.fill_between([lo_x, goal_x], goal_y, 1.0, color="green", alpha=0.12, label="goal")
+    ax.fill_between([lo_x, goal_x], goal_y, 1.0, color="green", alpha=0.12, label=goal_label)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlim(lo_x, max(x_max, ax.get_xlim()[1]))
