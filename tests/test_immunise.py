@@ -446,3 +446,76 @@ def test_an_unrolled_defender_moves_only_the_frozen_tensors_and_is_seeded(toy_da
     assert any(not torch.equal(runs[0][n], dict(first_order.unet.named_parameters())[n]) for n in frozen)
     with pytest.raises(ValueError, match="unroll_steps"):
         ImmuniseConfig(unroll_steps=2, legal_at="user")
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"legal_at": "user"},
+    {"attack_captions": "random", "attack_optimizers": ("adamw", "sgd"), "reset_every": 2, "reset_every_max": 5},
+    {"unroll_steps": 2},
+], ids=["attacked", "legal-user", "random-captions-sgd-horizons", "unrolled"])
+def test_an_interrupted_immunisation_resumes_bit_identically(changes, toy_data, tmp_path):
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    cfg = dataclasses.replace(ImmuniseConfig(steps=6, reset_every=3, batch_size=2, lr=1e-2, text_subspace=0),
+                              **changes)
+
+    def run(out, on_checkpoint=None, perturb=False):
+        model = build_tiny_model(TinySpec(), seed=0)
+        frozen = _frozen_names(model)
+        try:
+            immunise_frozen(model, frozen, illegal, legal, cfg, seed=2, output_dir=out, progress=False,
+                            checkpoint_every=2, on_checkpoint=on_checkpoint)
+        except _Stop:
+            return None
+        return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+    reference = run(tmp_path / "straight")
+
+    def stop_at_4(step):
+        if step == 4:
+            raise _Stop
+
+    assert run(tmp_path / "run", stop_at_4) is None
+    state = json.loads((tmp_path / "run" / "immunise-checkpoint" / "state.json").read_text())
+    assert state["step"] == 4 and len(state["history"]) == 4
+    resumed = run(tmp_path / "run")
+    assert all(torch.equal(reference[n], resumed[n]) for n in reference)  # values and the restored rest
+    straight = json.loads((tmp_path / "straight" / "immunise.json").read_text())
+    again = json.loads((tmp_path / "run" / "immunise.json").read_text())
+    assert again["history"] == straight["history"]
+    assert not (tmp_path / "run" / "immunise-checkpoint").exists()  # removed once the release is recorded
+
+
+def test_a_checkpoint_of_another_immunisation_is_refused(toy_data, tmp_path):
+    illegal, legal = toy_data(4), toy_data(4, random_flip=False)
+    cfg = ImmuniseConfig(steps=6, reset_every=3, batch_size=2, lr=1e-2, text_subspace=0)
+
+    def stop(step):
+        raise _Stop
+
+    model = build_tiny_model(TinySpec(), seed=0)
+    with pytest.raises(_Stop):
+        immunise_frozen(model, _frozen_names(model), illegal, legal, cfg, seed=2, output_dir=tmp_path,
+                        progress=False, checkpoint_every=2, on_checkpoint=stop)
+    model = build_tiny_model(TinySpec(), seed=0)
+    with pytest.raises(ValueError, match="another immunisation.*config"):
+        immunise_frozen(model, _frozen_names(model), illegal, legal, dataclasses.replace(cfg, lr=2e-2), seed=2,
+                        output_dir=tmp_path, progress=False, checkpoint_every=2)
+    other = build_tiny_model(TinySpec(), seed=1)  # another model: its released values differ
+    with pytest.raises(ValueError, match="origins_sha256"):
+        immunise_frozen(other, _frozen_names(model), illegal, legal, cfg, seed=2, output_dir=tmp_path,
+                        progress=False, checkpoint_every=2)
+    (tmp_path / "immunise-checkpoint" / "state.safetensors").write_bytes(b"\0" * 10)
+    model = build_tiny_model(TinySpec(), seed=0)
+    with pytest.raises(ValueError, match="unreadable checkpoint"):
+        immunise_frozen(model, _frozen_names(model), illegal, legal, cfg, seed=2, output_dir=tmp_path,
+                        progress=False, checkpoint_every=2)
+    from freezeasguard.protections.immunise import discard_other_checkpoint
+
+    assert not discard_other_checkpoint(tmp_path, cfg)  # its own recipe's checkpoint is kept
+    assert discard_other_checkpoint(tmp_path, dataclasses.replace(cfg, lr=2e-2))
+    assert not (tmp_path / "immunise-checkpoint").exists()

@@ -211,6 +211,7 @@ def released(setting: Setting, profile: BenchProfile, method: str, ratio: float 
     from ..guard import Guard
     from ..model import DiffusionModel
     from ..protections import ReleaseContext, protect
+    from ..protections.registry import configs_for, stages
     from ..utils.files import atomic_write_json, read_json
 
     kept = work / "release"
@@ -225,6 +226,11 @@ def released(setting: Setting, profile: BenchProfile, method: str, ratio: float 
         guard = Guard.load(kept / "guard.json") if (kept / "guard.json").is_file() else None
         log.info("  the release of %s is kept from an earlier cell (%s)", method, kept)
         return model, guard, record["info"], record["seconds"]
+    if "immunise" in stages(method):  # an unfinished immunisation of another recipe is of no use to this one
+        from ..protections.immunise import discard_other_checkpoint
+
+        if discard_other_checkpoint(work, configs_for(method, profile.typed_options())["immunise"]):
+            log.info("  an unfinished immunisation in %s had other settings: starting it again", work)
     t0 = time.perf_counter()
     log.info("  releasing with %s%s", method, "" if ratio is None else f" at ratio {ratio:g}")
     ctx = ReleaseContext(setting.load_release(), setting.publisher_illegal, setting.publisher_legal, ratio or 0.0,

@@ -69,7 +69,8 @@ def immunise(
     The values are optimised so that fine-tuning the trainable rest on the illegal samples fails while legal
     fine-tuning works (docs/method.md); only what the guard freezes changes, so a user of the guarded
     fine-tuning path cannot undo it. Writes OUT/model (the model to release), OUT/guard.json (its guard: the
-    fingerprint is of the new values, so release the two together) and OUT/immunise.json (the run's history)."""
+    fingerprint is of the new values, so release the two together) and OUT/immunise.json (the run's history).
+    Interrupted, the same command continues from its last checkpoint (OUT/immunise-checkpoint, every 25 steps)."""
     _offline()
     from ..guard import Guard
     from ..protections.immunise import ImmuniseConfig, immunised_release

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -299,9 +300,98 @@ def illegal_text_subspace(illegal_embeddings: torch.Tensor, legal_embeddings: to
     return proj.float(), info
 
 
+#: Where an immunisation in progress keeps its state (under its output directory); removed once it completes.
+CHECKPOINT_DIR = "immunise-checkpoint"
+_CHECKPOINT_FORMAT, _CHECKPOINT_VERSION = "freezeasguard-immunise-checkpoint", 1
+
+
+def _checkpoint_identity(cfg: ImmuniseConfig, seed: int, moving: list[str], rest_names: list[str],
+                         origins: list[torch.Tensor]) -> dict[str, Any]:
+    """What a checkpoint must match to be continued: the config, the seed, which tensors move and which train,
+    and the released values it started from (a checkpoint of another model's immunisation is refused)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in zip(moving, origins):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    identity = {"config": cfg.to_dict(), "seed": seed, "moving": list(moving), "rest": list(rest_names),
+                "origins_sha256": h.hexdigest()}
+    return json.loads(json.dumps(identity))  # as state.json will hold it (tuples become lists)
+
+
+def _save_checkpoint(path: Path, step: int, identity: dict[str, Any], tensors: dict[str, list[torch.Tensor]],
+                     optimizers: dict[str, torch.optim.Optimizer | None], loop: dict[str, Any]) -> None:
+    """The whole loop state after `step` steps, as safetensors + JSON (atomic: a crash mid-write keeps the
+    previous checkpoint)."""
+    from safetensors.torch import save_file
+
+    from ..training.state import flatten
+    from ..utils.files import atomic_directory, atomic_write_json
+
+    flat = {f"{group}.{i}": t.detach().cpu().contiguous() for group, ts in tensors.items() for i, t in enumerate(ts)}
+    trees = {}
+    for name, opt in optimizers.items():
+        if opt is not None:
+            t, trees[name] = flatten(opt.state_dict(), f"opt.{name}")
+            flat.update(t)
+    with atomic_directory(path, overwrite=True) as tmp:
+        save_file(flat, str(tmp / "state.safetensors"))
+        atomic_write_json(tmp / "state.json", {"format": _CHECKPOINT_FORMAT, "version": _CHECKPOINT_VERSION,
+                                               "step": step, "identity": identity, "optimizers": trees, **loop})
+
+
+def discard_other_checkpoint(output_dir: str | Path, config: ImmuniseConfig) -> bool:
+    """Remove an unfinished immunisation's checkpoint in `output_dir` made with another config (True if one
+    was): for an owner of the directory whose recipe changed (the bench), where `immunise_frozen` would refuse it."""
+    import shutil
+
+    path = Path(output_dir) / CHECKPOINT_DIR
+    if not (path / "state.json").is_file():
+        return False
+    try:
+        theirs = json.loads((path / "state.json").read_text()).get("identity", {}).get("config")
+    except (OSError, ValueError, AttributeError):
+        theirs = None
+    if theirs == json.loads(json.dumps(config.to_dict())):
+        return False
+    shutil.rmtree(path)
+    return True
+
+
+def _load_checkpoint(path: Path, identity: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """(state.json, tensors) of the checkpoint at `path`, None if there is none; one of another immunisation
+    (config, seed, tensors or starting values) is refused with what differs."""
+    from safetensors.torch import load_file
+
+    from ..utils.files import read_json
+
+    if not (path / "state.json").is_file():
+        return None
+    meta = read_json(path / "state.json", "immunise checkpoint")
+    if meta.get("format") != _CHECKPOINT_FORMAT or meta.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: not a {_CHECKPOINT_FORMAT} v{_CHECKPOINT_VERSION} checkpoint; delete it to start over")
+    theirs = meta.get("identity", {})
+    differs = sorted(k for k in identity if theirs.get(k) != identity[k])
+    if differs:
+        raise ValueError(f"{path}: a checkpoint of another immunisation (its {', '.join(differs)} differ from this "
+                         "run's); delete it to start over, or use another output directory")
+    try:
+        tensors = load_file(str(path / "state.safetensors"))
+    except Exception as exc:  # a truncated or foreign file: say which, do not guess
+        raise ValueError(f"{path / 'state.safetensors'}: unreadable checkpoint ({exc}); delete it to start over") from exc
+    return meta, tensors
+
+
 def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, config: ImmuniseConfig | None = None,
-                    *, seed: int = 0, output_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Optimise the values of the UNet tensors `frozen` in place (see the module doc); returns what it did."""
+                    *, seed: int = 0, output_dir: str | Path | None = None, progress: bool = True,
+                    checkpoint_every: int = 25, on_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Optimise the values of the UNet tensors `frozen` in place (see the module doc); returns what it did.
+
+    With `output_dir`, the loop's whole state is checkpointed there every `checkpoint_every` steps
+    (CHECKPOINT_DIR) and a rerun with the same model, tensors, config and seed continues from it, bit for bit as
+    if never stopped; `on_checkpoint(step)` runs after each checkpoint (a caller may stop there). The checkpoint
+    is removed once immunise.json is written."""
     from tqdm.auto import tqdm
 
     from ..guard import unet_tensors
@@ -369,8 +459,31 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             p.data = t
 
     history: list[dict[str, Any]] = []
-    next_restart = 0
-    for step in tqdm(range(n), desc="immunise frozen values", disable=not progress, dynamic_ncols=True):
+    next_restart = start = 0
+    ckpt = Path(output_dir) / CHECKPOINT_DIR if output_dir is not None and checkpoint_every > 0 else None
+    identity = _checkpoint_identity(cfg, seed, moving, rest_names, origins) if ckpt is not None else {}
+    found = _load_checkpoint(ckpt, identity) if ckpt is not None else None
+    if found is not None:
+        from ..training.state import unflatten
+
+        meta, saved = found
+        start, restart_step, next_restart, history = meta["step"], meta["restart_step"], meta["next_restart"], meta["history"]
+        with torch.no_grad():
+            for group, ts in (("values", values), ("attacker", attacker_rest), ("user", user_rest)):
+                for i, t in enumerate(ts):
+                    t.copy_(saved[f"{group}.{i}"])
+        # the restart's attacker as it was drawn, then its optimizer's moments
+        rate, optimizer_name, horizon = attacker_at_restart(cfg, seed, restart_step)
+        if cfg.attack_captions == "random":
+            attacker_data = recaptioned(model, ill, random_captions(
+                ill.captions, publisher_words, seed, restart_step, cfg.random_caption_words))
+        attacker = _attack_optimizer(optimizer_name, rest, rate, cfg)
+        legal_user = torch.optim.AdamW(rest, lr=rate) if by_user else None
+        for name, opt in (("defender", defender), ("attacker", attacker), ("legal_user", legal_user)):
+            if opt is not None and name in meta["optimizers"]:
+                opt.load_state_dict(unflatten(meta["optimizers"][name], saved))
+    for step in tqdm(range(start, n), desc="immunise frozen values", disable=not progress, dynamic_ncols=True,
+                     initial=start, total=n):
         if step == next_restart:
             with torch.no_grad():
                 for t, r in zip(attacker_rest + user_rest, release_rest + release_rest):
@@ -450,6 +563,12 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
         history.append({"step": step + 1, "attack_lr": rate, "attack_optimizer": optimizer_name,
                         "restarted": step == restart_step, "attack_loss": float(attack_loss.detach()),
                         "illegal_loss": float(l_ill.detach()), "legal_loss": float(l_leg.detach())})
+        if ckpt is not None and (step + 1) % checkpoint_every == 0 and step + 1 < n:
+            _save_checkpoint(ckpt, step + 1, identity, {"values": values, "attacker": attacker_rest, "user": user_rest},
+                             {"defender": defender, "attacker": attacker, "legal_user": legal_user},
+                             {"restart_step": restart_step, "next_restart": next_restart, "history": history})
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1)
     use(attacker_rest)
     with torch.no_grad():
         for p, r in zip(rest, release_rest):
@@ -464,6 +583,10 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(output_dir) / "immunise.json", {**info, "history": history, "relative_change": change})
+    if ckpt is not None and ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)  # done: the release and immunise.json are the record
     return info
 
 
