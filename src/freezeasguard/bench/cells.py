@@ -218,7 +218,9 @@ def released(setting: Setting, profile: BenchProfile, method: str, ratio: float 
     settings = json.loads(json.dumps(cell_settings(profile, method)))
     if (kept / "info.json").is_file():
         record = read_json(kept / "info.json", "kept release")
-        if record.get("settings") != settings:  # made with another recipe (or before releases recorded one)
+        # made with another recipe, or before releases recorded one (a config field added since, at its default,
+        # is the same recipe: as for cells)
+        if not record.get("settings") or settings_differ(record["settings"], settings):
             log.info("  the kept release in %s was made with other settings: making it again", kept)
             shutil.rmtree(kept)
     if (kept / "info.json").is_file():
