@@ -472,7 +472,7 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             for group, ts in (("values", values), ("attacker", attacker_rest), ("user", user_rest)):
                 for i, t in enumerate(ts):
                     t.copy_(saved[f"{group}.{i}"])
-        # the restart's attacker as it was drawn, then its optimizer's moments
+        # a restart's attacker is a function of (seed, restart step): drawn again, not stored; its moments are
         rate, optimizer_name, horizon = attacker_at_restart(cfg, seed, restart_step)
         if cfg.attack_captions == "random":
             attacker_data = recaptioned(model, ill, random_captions(
