@@ -46,6 +46,7 @@ STREAM_ATTACK_DATA = 93  # which of its images an attack with a data share keeps
 STREAM_ATTACK_HORIZON = 94  # immunisation's simulated attacker's steps before its next restart
 STREAM_ATTACK_OPTIMIZER = 95  # immunisation's simulated attacker's optimizer per restart
 STREAM_ATTACK_CAPTIONS = 96  # immunisation's simulated attacker's made-up captions per restart
+STREAM_SELECT_RATE = 97  # immunise-select's simulated attackers' learning rates
 
 
 def streams() -> dict[str, int]:

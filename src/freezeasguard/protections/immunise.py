@@ -111,6 +111,10 @@ class ImmuniseConfig:
     # Token-selective only: keep the subspace orthogonal to the empty prompt's directions, so the unconditional
     # branch of guided sampling stays as released (False: measured worse, docs/results.md).
     hold_empty_prompt: bool = True
+    # Token-selective only: True also moves the frozen tensors outside cross-attention, freely within the trust
+    # region (the image-side tensors a selection such as `immunise-select` added to the frozen set); False keeps
+    # them as released. Cross-attention's queries and outputs stay as released either way.
+    free_tensors: bool = False
 
     def __post_init__(self) -> None:
         if self.text_subspace < 0:
@@ -422,6 +426,7 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     subspace_info: dict[str, Any] | None = None
     proj: torch.Tensor | None = None
     moving = names  # the frozen tensors whose values are optimised; the others keep their released values
+    selective: list[str] = []  # the K/V among them, confined to the text subspace
     if cfg.text_subspace:
         with torch.no_grad():
             # the states the K/V projections read, in the same space as the cached embeddings (SDXL: both text
@@ -430,7 +435,11 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
         proj, subspace_info = illegal_text_subspace(ill.embeddings, leg.embeddings, cfg.text_subspace,
                                                     keep=empty if cfg.hold_empty_prompt else None)
         width = proj.shape[0]
-        moving = [n for n in names if reads_text(n) and params[n].dim() == 2 and params[n].shape[1] == width]
+        selective = [n for n in names if reads_text(n) and params[n].dim() == 2 and params[n].shape[1] == width]
+        moving = selective
+        if cfg.free_tensors:  # the rest of cross-attention stays as released: token-selective is about the text side
+            text_side = set(component_names(model.unet, "freeze-cross-attention"))
+            moving = selective + [n for n in names if n not in text_side]
         if not moving:
             # A frozen set without K/V cannot carry token-selective values: release it as it is, and say so
             # (a bench cell of a small random set must not fail for it).
@@ -441,6 +450,7 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
             subspace_info["note"] = "no cross-attention K/V in the frozen set: nothing immunised"
     values = [params[n] for n in moving]
     origins = [v.detach().clone() for v in values]
+    in_subspace = [n in set(selective) for n in moving]
     n = cfg.steps if values else 0
     attacker_data = ill  # the illegal images under the attacker's captions of the current restart
     publisher_words = list(ill.unique_captions) + list(leg.unique_captions)
@@ -557,8 +567,9 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
         defender.zero_grad(set_to_none=True)
         if proj is not None:
             with torch.no_grad():
-                for v, o in zip(values, origins):
-                    v.copy_(o + (v - o) @ proj)
+                for v, o, confined in zip(values, origins, in_subspace):
+                    if confined:
+                        v.copy_(o + (v - o) @ proj)
         pull_into_trust_region_(values, origins, cfg.max_change)
         history.append({"step": step + 1, "attack_lr": rate, "attack_optimizer": optimizer_name,
                         "restarted": step == restart_step, "attack_loss": float(attack_loss.detach()),
