@@ -83,6 +83,8 @@ def test_free_tensors_move_the_image_side_freely_and_key_values_only_in_the_text
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert set(image_side) <= changed and changed <= set(xattn + image_side)
     assert all(".to_q." not in n and ".to_out." not in n for n in changed)  # text-side, only K/V move
+    for n in image_side:  # the image side within its own, tighter trust region
+        assert float((after[n] - before[n]).norm()) <= cfg.free_max_change * float(before[n].norm()) * (1 + 1e-5)
     with torch.no_grad():
         empty = model.encode_prompts([""])
     proj, _ = illegal_text_subspace(*(_enc(model, d) for d in (illegal, legal)), 2, keep=empty)

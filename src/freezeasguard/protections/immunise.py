@@ -111,10 +111,16 @@ class ImmuniseConfig:
     # Token-selective only: keep the subspace orthogonal to the empty prompt's directions, so the unconditional
     # branch of guided sampling stays as released (False: measured worse, docs/results.md).
     hold_empty_prompt: bool = True
-    # Token-selective only: True also moves the frozen tensors outside cross-attention, freely within the trust
-    # region (the image-side tensors a selection such as `immunise-select` added to the frozen set); False keeps
-    # them as released. Cross-attention's queries and outputs stay as released either way.
+    # Token-selective only: True also moves the frozen tensors outside cross-attention, freely, at their own
+    # step size and trust region (the image-side tensors a selection such as `immunise-select` added to the frozen
+    # set); False keeps them as released. Cross-attention's queries and outputs stay as released either way.
     free_tensors: bool = False
+    # A free tensor moves in every direction, not in a few: `lr` (sized for the text subspace) at
+    # max_change 1.0 wrecks the model (measured: a denoising loss of 4-22 against 0.1 at the first user's steps).
+    # The unrestricted game's measured settings were 1e-3 and 0.3; the trust region here is tighter, since these
+    # tensors also carry legal learning.
+    free_lr: float = 1e-3
+    free_max_change: float = 0.05
 
     def __post_init__(self) -> None:
         if self.text_subspace < 0:
@@ -122,7 +128,7 @@ class ImmuniseConfig:
         for name in ("steps", "reset_every", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ImmuniseConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "attack_lr", "max_change"):
+        for name in ("lr", "attack_lr", "max_change", "free_lr", "free_max_change"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ImmuniseConfig.{name} must be > 0, got {getattr(self, name)}")
         if not self.attack_lr_spread >= 1.0:
@@ -455,7 +461,10 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
     attacker_data = ill  # the illegal images under the attacker's captions of the current restart
     publisher_words = list(ill.unique_captions) + list(leg.unique_captions)
     legal_batches = seeded_batches(leg, n, cfg.batch_size, seed, STREAM_LEGAL)
-    defender = torch.optim.Adam(values, lr=cfg.lr) if values else None
+    is_free = [proj is not None and not confined for confined in in_subspace]  # free_tensors' image side
+    groups = [{"params": [v for v, f in zip(values, is_free) if not f], "lr": cfg.lr},
+              {"params": [v for v, f in zip(values, is_free) if f], "lr": cfg.free_lr}]
+    defender = torch.optim.Adam([g for g in groups if g["params"]]) if values else None
     attacker: torch.optim.Optimizer | None = None
     legal_user: torch.optim.Optimizer | None = None
     by_user = cfg.legal_at == "user"
@@ -570,7 +579,9 @@ def immunise_frozen(model: Any, frozen: list[str], illegal: Any, legal: Any, con
                 for v, o, confined in zip(values, origins, in_subspace):
                     if confined:
                         v.copy_(o + (v - o) @ proj)
-        pull_into_trust_region_(values, origins, cfg.max_change)
+        for free, limit in ((False, cfg.max_change), (True, cfg.free_max_change)):
+            pull_into_trust_region_([v for v, f in zip(values, is_free) if f == free],
+                                    [o for o, f in zip(origins, is_free) if f == free], limit)
         history.append({"step": step + 1, "attack_lr": rate, "attack_optimizer": optimizer_name,
                         "restarted": step == restart_step, "attack_loss": float(attack_loss.detach()),
                         "illegal_loss": float(l_ill.detach()), "legal_loss": float(l_leg.detach())})
