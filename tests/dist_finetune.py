@@ -41,4 +41,9 @@ def main(out: str, record_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    from freezeasguard.training import release_process_group
+
+    try:
+        main(sys.argv[1], sys.argv[2])
+    finally:
+        release_process_group()  # before interpreter exit: gloo aborts a rank left to it

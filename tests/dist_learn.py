@@ -35,4 +35,9 @@ def main(out: str, batch_size: int, accumulation: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    from freezeasguard.training import release_process_group
+
+    try:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    finally:
+        release_process_group()  # before interpreter exit: gloo aborts a rank left to it

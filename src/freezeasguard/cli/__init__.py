@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -196,7 +197,13 @@ def tiny(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        if "torch.distributed" in sys.modules:  # a command run under torchrun (finetune); --help never imports torch
+            from ..training import release_process_group
+
+            release_process_group()
 
 
 # Commands defined in sibling modules register themselves on `app` (their heavy imports stay inside them).

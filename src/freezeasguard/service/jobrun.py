@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         outcome = {"status": "failed", "code": error_code(exc), "message": error_message(exc)}
     if rank == 0 or outcome["status"] == "failed":
         atomic_write_json(folder / OUTCOME.format(rank=rank), outcome)
+    from ..training import release_process_group
+
+    release_process_group()
     return 1 if outcome["status"] == "failed" else 0
 
 

@@ -8,8 +8,9 @@ from .core import (
            latest_checkpoint,
            make_accelerator,
            optimizer_state_bytes,
+           release_process_group,
            train,
 )
 
 __all__ = ["TrainCallback", "TrainConfig", "TrainContext", "TrainResult", "latest_checkpoint", "make_accelerator",
-           "optimizer_state_bytes", "train"]
+           "optimizer_state_bytes", "release_process_group", "train"]

@@ -186,6 +186,16 @@ def _check_trainable(objective: torch.nn.Module, trainable: Mapping[str, torch.n
     return dict(sorted(trainable.items()))
 
 
+def release_process_group() -> None:
+    """Tear down the process group (torchrun's) while the interpreter is whole. Left to interpreter exit, gloo's
+    worker threads may abort the process with SIGABRT ("terminate called without an active exception") after
+    the work is done, and torchrun then reports the rank as failed. A no-op outside a distributed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
