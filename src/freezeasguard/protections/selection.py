@@ -19,14 +19,13 @@ rest fill the ratio's parameter budget greedily by score. Only the frozen set ch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..configs import JsonConfig
-from ..guard import Guard, unet_tensors
+from ..guard import Guard, select_top, unet_tensors
 from ..seeding import STREAM_SELECT_RATE, derive_seed
 from .common import encoded, objective_of, seeded_batch
 from .registry import Release, ReleaseContext, register
@@ -118,19 +117,17 @@ def immunise_select(ctx: ReleaseContext, config: SelectConfig, prior: Release | 
     before = set(prior.guard.frozen) if prior is not None and prior.guard is not None else set()
     model = prior.model if prior is not None else ctx.model
     table = immunise_scores(model, before, ctx.illegal, ctx.legal, config, seed=ctx.seed)
-    top = max((t["score"] for t in table.values()), default=0.0)
-    above = math.nextafter(top, math.inf) * 2 + 1.0  # the earlier stages' tensors first: they stay frozen
+    above = 2 * max((t["score"] for t in table.values()), default=0.0) + 1.0  # earlier stages' tensors first
     scores = {n: above for n in before} | {n: t["score"] for n, t in table.items()}
-    guard = Guard.from_scores(model.unet, scores, ctx.ratio, ratio_by=ctx.ratio_by, method="immunise-select",
-                              provenance={"immunise_select": config.to_dict()})
-    missing = before - set(guard.frozen)
-    if missing:
+    sizes = {n: p.numel() for n, p in unet_tensors(model.unet).items()}
+    frozen = set(select_top(scores, sizes, ctx.ratio, ratio_by=ctx.ratio_by))
+    if before - frozen:
         raise ValueError(f"immunise-select: ratio {ctx.ratio:g} ({ctx.ratio_by}) is below what the stages before it "
-                         f"froze ({len(missing)} of their tensors would thaw); raise the ratio")
-    guard = Guard.from_names(model.unet, sorted(guard.frozen), method="immunise-select", scores=scores,
+                         f"froze ({len(before - frozen)} of their tensors would thaw); raise the ratio")
+    selected = len(frozen - before)
+    guard = Guard.from_names(model.unet, sorted(frozen), method="immunise-select", scores=scores,
                              provenance={**(prior.guard.provenance if prior and prior.guard else {}),
-                                         "immunise_select": config.to_dict(),
-                                         "selected": len(set(guard.frozen) - before)})
-    info = dict(prior.info) if prior is not None else {}
-    info["immunise_select"] = {"selected": len(set(guard.frozen) - before), "kept_from_before": len(before)}
+                                         "immunise_select": config.to_dict(), "selected": selected})
+    info = {**(prior.info if prior is not None else {}),
+            "immunise_select": {"selected": selected, "kept_from_before": len(before)}}
     return Release(model, guard, info)
