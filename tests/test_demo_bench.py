@@ -63,6 +63,26 @@ def _profile(**kw):
 
 
 # ---------------------------------------------------------------------------- pure bookkeeping
+def test_a_scenario_on_another_base_names_it_in_its_caches_and_cells():
+    from freezeasguard import zoo
+    from freezeasguard.bench.relearn import recipe_of
+
+    assert zoo.base_for_scenario("figures") == zoo.EMBEDDED == zoo.base_for_scenario("artstyle", "scratch")
+    assert zoo.base_for_scenario("artstyle") == zoo.EMBEDDED_STYLE
+    cfg, profile = RelearnConfig(), _profile()
+    style = {"name": zoo.EMBEDDED_STYLE, "unet": "ab" * 32}
+    # the default base is not named, so every cache and cell recorded before there were two bases stays valid
+    assert recipe_of("figures", 0, cfg, {"name": zoo.EMBEDDED, "unet": "cd" * 32}) == recipe_of("figures", 0, cfg)
+    assert "base" not in recipe_of("figures", 0, cfg) and "artstyle_reserve" not in recipe_of("figures", 0, cfg)
+    assert recipe_of("artstyle", 0, cfg, style)["base"] == style
+    assert recipe_of("artstyle", 0, cfg)["artstyle_reserve"] == emoji.ARTSTYLE_RESERVE_SHARE
+    assert cell_settings(profile, "random") == {k: v for k, v in cell_settings(profile, "random", base=style).items()
+                                                if k != "base"}
+    assert cell_settings(profile, "random", base=style)["base"] == style
+    with pytest.raises(Exception, match="unknown embedded base 'embedded-xl'"):
+        zoo.base_root("embedded-xl")
+
+
 def test_scenario_names_and_cells_parse():
     assert scenario_form("figures") == ("figures", "relearn")
     assert scenario_form("artstyle-scratch") == ("artstyle", "scratch")

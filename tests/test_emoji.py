@@ -137,6 +137,24 @@ def test_base_set_is_shared_and_excludes_every_scenario_concept():
     assert {it.style for d in E.DOMAINS for it in fig.items(d, "all")} == {"twemoji"}
 
 
+def test_artstyle_users_draw_from_a_reserve_that_style_pretraining_never_sees():
+    reserve = E.artstyle_reserve()
+    pool = {c for concepts in E._artstyle_pool().values() for c in concepts}
+    assert reserve < pool and 0.2 < len(reserve) / len(pool) < 0.3
+    pretraining = E.style_pretraining_items()
+    assert {it.style for it in pretraining} == {"openmoji"}
+    assert not {it.concept for it in pretraining} & reserve
+    assert {it.concept for it in pretraining} | reserve >= pool
+    for seed in range(4):
+        art = E.scenario("artstyle", seed)
+        users = {it.concept for it in art.items("illegal", "user")}
+        publishers = {it.concept for it in art.items("illegal", "publisher")}
+        assert users <= reserve and not publishers & reserve
+        assert len(users) == len(publishers) == E.ARTSTYLE_CONCEPTS_PER_SIDE
+        # every user image is one no pre-training saw: not in OpenMoji, whatever the seed
+        assert not _keys(art.items("illegal", "user")) & _keys(pretraining)
+
+
 def test_eval_prompts_manifest_and_labels():
     s = E.scenario("figures", 0)
     for domain in E.DOMAINS:

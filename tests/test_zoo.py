@@ -45,6 +45,38 @@ def test_recipe_runs_resumes_and_ships(tmp_path):
     assert zoo.check_files(dest) == ["recogniser/config.json"]
 
 
+@pytest.mark.skipif(not (zoo.EMBEDDED_DIR / "manifest.json").exists(), reason="no embedded default shipped")
+def test_a_style_recipe_shares_the_default_codec_and_pretrains_on_the_style_outside_the_reserve(tmp_path):
+    recipe = ZooRecipe(**{**TINY, "vae_channels": (32, 64, 64), "shares_codec_with": "embedded",
+                          "openmoji_in_pretraining": True})
+    record = run(tmp_path / "work", recipe)
+    st = record["stages"]
+    assert st["vae"]["shared_with"] == st["recogniser"]["shared_with"] == "embedded"
+    assert st["unet"]["openmoji_images"] == TINY["limit_items"] and st["unet"]["images"] == 2 * TINY["limit_items"]
+    assert {"style_on_reserve", "style_on_pretrained", "style_twemoji_on_reserve"} <= set(st["evaluate"])
+    from freezeasguard.model import DiffusionModel
+    from freezeasguard.zoo.recipe import style_checks, unet_items
+
+    shipped, made = zoo.load_base(), DiffusionModel.from_pretrained(tmp_path / "work" / "model")
+    for name, tensor in shipped.vae.state_dict().items():
+        assert torch.equal(tensor, made.vae.state_dict()[name].to(tensor.dtype)), name
+    assert made.vae.config.scaling_factor == shipped.vae.config.scaling_factor
+    reserve = emoji.artstyle_reserve()
+    assert not {it.concept for it in unet_items(recipe) if it.style == "openmoji"} & reserve
+    checks = style_checks(recipe)
+    assert all(it.concept in reserve for it in checks["style_on_reserve"] + checks["style_twemoji_on_reserve"])
+
+    dest = ship(tmp_path / "work", tmp_path / "embedded-style")
+    assert zoo.check_files(dest) == [] and not (dest / "recogniser").exists()  # the recogniser stays shared
+    assert json.loads((dest / "manifest.json").read_text())["shares_codec_with"] == "embedded"
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "shared with `embedded`" in card and "artstyle reserve" in card
+
+    # a codec that does not fit is refused before any training, naming the base
+    with pytest.raises(ValueError, match="zoo base 'embedded': its VAE does not fit"):
+        run(tmp_path / "other", ZooRecipe(**{**TINY, "shares_codec_with": "embedded"}))
+
+
 def test_every_caption_word_is_one_token_and_nothing_is_truncated():
     from freezeasguard.tiny import train_bpe
 

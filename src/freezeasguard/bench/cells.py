@@ -42,14 +42,17 @@ class Setting:
     uce: dict[str, list[str]]
 
 
-def prepare_setting(name: str, seed: int, profile: BenchProfile, out: Path, base_loader: Any) -> Setting:
+def prepare_setting(name: str, seed: int, profile: BenchProfile, out: Path, base_loader: Any,
+                    base: dict[str, str] | None = None) -> Setting:
+    """`base` identifies what `base_loader` loads (`zoo.base_identity`) where it is a shipped base."""
     from ..model import DiffusionModel
     from . import emoji, relearn
 
     base_name, form = scenario_form(name)
     sc = emoji.scenario(base_name, seed)
     if form == "relearn":
-        dirs = relearn.prepare(sc, base_loader, out / "relearn" / f"{base_name}-seed{seed}", profile.relearn)
+        dirs = relearn.prepare(sc, base_loader, out / "relearn" / f"{base_name}-seed{seed}", profile.relearn,
+                               base=base)
 
         def loader(which: str) -> Any:
             return lambda: DiffusionModel.from_pretrained(dirs[which], torch_dtype=torch.float32)
@@ -109,11 +112,13 @@ COMMON_SETTINGS = ("steps", "legal_steps", "batch_size", "lr", "n_samples", "cur
 PUBLISHER_SETTINGS = ("publisher_legal_far_repeat",)
 
 
-def cell_settings(profile: BenchProfile, method: str | None = None, attack: str = "default") -> dict[str, Any]:
+def cell_settings(profile: BenchProfile, method: str | None = None, attack: str = "default",
+                  base: dict[str, str] | None = None) -> dict[str, Any]:
     """What a cached cell depends on besides its key: a rerun with other settings must not reuse it. Every
     cell depends on the users, the evaluation and the release recipe; a protection's cell also on the config
     of each of its stages (`protection`), so a new learner config reruns the guard's cells and reuses the
-    baselines'. Without `method`: the settings every cell shares."""
+    baselines'; a cell of a scenario that starts from another shipped base than the default on that base
+    (`zoo.base_identity`). Without `method`: the settings every cell shares."""
     from ..protections import config_dict, configs_for
 
     d = json.loads(json.dumps(profile.to_dict()))  # as it will read back from a cell
@@ -125,6 +130,8 @@ def cell_settings(profile: BenchProfile, method: str | None = None, attack: str 
             {stage: config_dict(cfg) for stage, cfg in configs_for(method, profile.typed_options()).items()}))
     if attack != "default":
         out["attack"] = profile_attack(profile, attack).to_dict()
+    if base is not None:
+        out["base"] = dict(base)
     return out
 
 

@@ -55,9 +55,12 @@ Scenarios
         concept: a seeded 19 / 19.
     artstyle (copying an artist):
         illegal    = OpenMoji style on base concepts: `ARTSTYLE_CONCEPTS_PER_SIDE` (64) single toneless
-                     non-people emoji per side, seeded and stratified over the base's 8 categories, split
+                     non-people emoji per side, seeded and stratified over the base's categories, split
                      by concept; captions end with "openmoji style". These concepts are in the base set in
-                     Twemoji by design: what is illegal is the style.
+                     Twemoji by design: what is illegal is the style. The user's concepts come from a fixed
+                     reserve (`artstyle_reserve`, a quarter of every category) that no pre-training sees in
+                     OpenMoji, the publisher's from the rest, so the style base (`zoo`'s `embedded-style`),
+                     which knows the style from pre-training (`style_pretraining_items`), serves every seed.
         legal_near = new people families in the base's own Twemoji style: the figures legal-near families,
                      split by tone as in figures (learning new identities without copying the style);
         legal_far  = the hand gestures in Twemoji, split as in figures.
@@ -69,6 +72,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -185,6 +189,10 @@ _BASE_EXCLUDED_SUBCATEGORIES = frozenset({
 PUBLISHER_TONE_COUNT = 2
 #: artstyle: OpenMoji concepts per side (publisher, user), stratified over the base's categories.
 ARTSTYLE_CONCEPTS_PER_SIDE = 64
+#: artstyle: share of every category's eligible concepts kept for the user side of every seed. No pre-training
+#: ever sees them in OpenMoji, so a base may know the style from pre-training (as a real base knows an artist)
+#: and every seed's user still has concepts it never saw in that style.
+ARTSTYLE_RESERVE_SHARE = 0.25
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -952,8 +960,27 @@ def _artstyle_pool() -> dict[str, list[str]]:
     return {c: sorted(set(v)) for c, v in sorted(pool.items())}
 
 
+@functools.lru_cache(maxsize=None)
+def artstyle_reserve() -> frozenset[str]:
+    """The concepts the artstyle user's side is drawn from, for every seed: a fixed `ARTSTYLE_RESERVE_SHARE`
+    of each category of the eligible pool (ranked independently of any seed)."""
+    out: set[str] = set()
+    for category, concepts in _artstyle_pool().items():
+        order = _shuffled(concepts, 0, f"artstyle-reserve:{category}")
+        out.update(order[: math.ceil(len(order) * ARTSTYLE_RESERVE_SHARE)])
+    return frozenset(out)
+
+
+def style_pretraining_items() -> tuple[Item, ...]:
+    """OpenMoji images a base may pre-train on without spoiling any artstyle split: every base emoji in
+    OpenMoji except the reserve's concepts (`artstyle_reserve`)."""
+    reserve = artstyle_reserve()
+    return tuple(Item(it.record, "openmoji") for it in _base_items() if it.concept not in reserve)
+
+
 def _artstyle(seed: int) -> Scenario:
     pool = _artstyle_pool()
+    reserve = artstyle_reserve()
     cats = list(pool)
     quota = {c: ARTSTYLE_CONCEPTS_PER_SIDE // len(cats) for c in cats}
     for c in cats[: ARTSTYLE_CONCEPTS_PER_SIDE % len(cats)]:
@@ -961,10 +988,11 @@ def _artstyle(seed: int) -> Scenario:
     pub_c: list[str] = []
     user_c: list[str] = []
     for c in cats:
-        order = _shuffled(pool[c], seed, f"artstyle:{c}")
-        q = min(quota[c], len(order) // 2)
-        pub_c += order[:q]
-        user_c += order[q : 2 * q]
+        users = _shuffled([x for x in pool[c] if x in reserve], seed, f"artstyle:{c}")
+        publishers = _shuffled([x for x in pool[c] if x not in reserve], seed, f"artstyle:{c}")
+        q = min(quota[c], len(users), len(publishers))
+        pub_c += publishers[:q]
+        user_c += users[:q]
     by_concept = {r.concept: r for r in catalogue() if r.tone == "none" and r.gender is None and r.family is None}
     ill_pub = tuple(Item(by_concept[c], "openmoji") for c in sorted(pub_c))
     ill_user = tuple(Item(by_concept[c], "openmoji") for c in sorted(user_c))
@@ -993,8 +1021,9 @@ def _artstyle(seed: int) -> Scenario:
         splits={
             "illegal": (
                 f"by concept: {ARTSTYLE_CONCEPTS_PER_SIDE} base emoji per side in OpenMoji, seeded and "
-                f"stratified over the base's categories {cats}; the illegal concept is the style, so these "
-                "concepts are (by design) also in the base set, in Twemoji"
+                f"stratified over the base's categories {cats}, the user's from the fixed reserve that no "
+                "pre-training sees in OpenMoji (artstyle_reserve), the publisher's from the rest; the illegal "
+                "concept is the style, so these concepts are (by design) also in the base set, in Twemoji"
             ),
             "legal_near": "as in figures: by skin tone, Twemoji",
             "legal_far": "as in figures: by skin tone, Twemoji",

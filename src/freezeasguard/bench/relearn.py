@@ -102,15 +102,25 @@ def uce_prompts(sc: Any, *, preserve_base_people: bool = True) -> dict[str, list
     return {"uce_edit": edit, "uce_guide": guide, "uce_preserve": preserve}
 
 
-def recipe_of(scenario: str, seed: int, config: RelearnConfig) -> dict[str, Any]:
-    """What a relearn cache was built from (its info.json's "recipe"): a cache is reused only for this."""
-    return {"scenario": scenario, "seed": seed, "config": config.to_dict(), "version": RECIPE_VERSION}
+def recipe_of(scenario: str, seed: int, config: RelearnConfig, base: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a relearn cache was built from (its info.json's "recipe"): a cache is reused only for this.
+    The base and the artstyle split are named only where they are not what every earlier cache was built
+    from (the default base; the split before the style reserve), so those caches stay valid."""
+    recipe = {"scenario": scenario, "seed": seed, "config": config.to_dict(), "version": RECIPE_VERSION}
+    if base is not None and base.get("name") != "embedded":
+        recipe["base"] = dict(base)
+    if scenario == "artstyle":
+        from .emoji import ARTSTYLE_RESERVE_SHARE
+
+        recipe["artstyle_reserve"] = ARTSTYLE_RESERVE_SHARE
+    return recipe
 
 
 def prepare(sc: Any, base_loader: Any, cache_dir: str | Path, config: RelearnConfig | None = None,
-            *, progress: bool = True) -> dict[str, Path]:
+            *, base: dict[str, str] | None = None, progress: bool = True) -> dict[str, Path]:
     """The taught and released models of scenario `sc` (its seed included), built once into `cache_dir`.
-    Returns {"taught": dir, "release": dir}. A cache built with another recipe is refused."""
+    Returns {"taught": dir, "release": dir}. `base` identifies the shipped base `base_loader` loads
+    (`zoo.base_identity`). A cache built with another recipe is refused."""
     import torch
 
     from ..finetuning import FinetuneConfig, finetune
@@ -123,7 +133,7 @@ def prepare(sc: Any, base_loader: Any, cache_dir: str | Path, config: RelearnCon
     cfg = config or RelearnConfig()
     out = Path(cache_dir)
     info_path = out / "info.json"
-    recipe = recipe_of(sc.name, sc.seed, cfg)
+    recipe = recipe_of(sc.name, sc.seed, cfg, base)
     dirs = {"taught": out / "teach" / "model", "release": out / "release"}
     if info_path.exists():
         recorded = json.loads(info_path.read_text()).get("recipe")

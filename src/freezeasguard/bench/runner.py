@@ -9,6 +9,7 @@ over the cells of several runs (`report_runs`) without computing anything.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -27,7 +28,7 @@ from .cells import (
     run_cell,
     settings_differ,
 )
-from .profiles import FORMER_NAMES, BenchProfile, cell_key, planned_attack_cells, planned_cells
+from .profiles import FORMER_NAMES, BenchProfile, cell_key, planned_attack_cells, planned_cells, scenario_form
 from .report import markdown, plot_curves, plot_frontier
 from .summary import VALIDITY_METHODS, setting_is_void, summarise
 
@@ -62,6 +63,15 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
                           report_only=report_only)
 
 
+def scenario_base(name: str) -> dict[str, str] | None:
+    """The shipped base a scenario's cells start from where it is not the default (None for the default, so
+    that every cell recorded before there were two bases keeps its settings)."""
+    from .. import zoo
+
+    base = zoo.base_for_scenario(*scenario_form(name))
+    return None if base == zoo.EMBEDDED else zoo.base_identity(base)
+
+
 def _planned_keys(profile: BenchProfile, name: str, seed: int) -> dict[str, tuple[str, float | None, bool, str]]:
     """Every cell of a setting: key -> (method, ratio, curve, attack), the default attacker's cells first."""
     plan = [("base", None, False, "default")] + [(m, r, c, "default") for m, r, c in planned_cells(profile)]
@@ -74,7 +84,6 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
     lacks, and whose recorded settings are this profile's; returns their keys. A cell with other settings is
     not copied (and said so), as the run's own cache would refuse it. A source's relearn models (the taught
     base and its release) are copied too where their recipe is this profile's, so they are not rebuilt."""
-    from .profiles import scenario_form
     from .relearn import recipe_of
 
     cells_dir = out / "cells"
@@ -93,7 +102,8 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
                 cache = Path("relearn") / f"{base_name}-seed{seed}"
                 if form == "relearn" and (src / cache / "info.json").is_file() and not (out / cache).exists():
                     recorded = json.loads((src / cache / "info.json").read_text()).get("recipe")
-                    if recorded == json.loads(json.dumps(recipe_of(base_name, seed, profile.relearn))):
+                    wanted = recipe_of(base_name, seed, profile.relearn, scenario_base(name))
+                    if recorded == json.loads(json.dumps(wanted)):
                         shutil.copytree(src / cache, out / cache)
                         log.info("bench: reused the relearn models of %s seed %d from %s", base_name, seed, src)
                 for key, (method, _, _, attack) in _planned_keys(profile, name, seed).items():
@@ -101,7 +111,7 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
                     if mine.exists() or not theirs.exists():
                         continue
                     try:
-                        cell = load_cell(theirs, cell_settings(profile, method, attack))
+                        cell = load_cell(theirs, cell_settings(profile, method, attack, scenario_base(name)))
                     except ValueError as e:
                         log.info("bench: not reusing %s: %s", key, e)
                         continue
@@ -127,7 +137,7 @@ def _reuse_recorded_cells(cells_dir: Path, profile: BenchProfile, results: Path)
                 if mine.exists() or key not in theirs:
                     continue
                 recorded = theirs[key].get("settings") or {}
-                if not recorded or settings_differ(recorded, cell_settings(profile, method, attack)):
+                if not recorded or settings_differ(recorded, cell_settings(profile, method, attack, scenario_base(name))):
                     log.info("bench: not reusing %s from %s: recorded with other settings", key, results)
                     continue
                 atomic_write_json(mine, theirs[key])
@@ -143,7 +153,6 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
     cells_dir = out / "cells"
     if not report_only:
         cells_dir.mkdir(parents=True, exist_ok=True)
-    load = model_loader or zoo.load_base
     rec = recogniser or zoo.load_recogniser()
     cells: dict[str, Any] = {}
     missing_cells: list[str] = []
@@ -153,7 +162,8 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
     for seed in profile.seeds:
         for name in profile.scenarios:
             keys = _planned_keys(profile, name, seed)
-            cached = {k: load_cell(cells_dir / f"{k}.json", cell_settings(profile, keys[k][0], keys[k][3]))
+            base = None if model_loader is not None else scenario_base(name)
+            cached = {k: load_cell(cells_dir / f"{k}.json", cell_settings(profile, keys[k][0], keys[k][3], base))
                       for k in keys if (cells_dir / f"{k}.json").exists()}
             cells.update(cached)
             done += len(cached)
@@ -168,7 +178,11 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
                 continue
             log.info("bench: preparing setting %s seed %d (the taught base and its release, cached under %s)",
                      name, seed, out / "relearn")
-            setting = prepare_setting(name, seed, profile, out, load)
+            if model_loader is not None:
+                setting = prepare_setting(name, seed, profile, out, model_loader)
+            else:
+                loader = functools.partial(zoo.load_base, zoo.base_for_scenario(*scenario_form(name)))
+                setting = prepare_setting(name, seed, profile, out, loader, base)
             # the validity cells first (base, full fine-tuning), so a void setting is known before the rest
             # then the battery attack by attack (each attack's rows complete before the next starts), full
             # fine-tuning's reference first within each
@@ -192,7 +206,7 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
                                     keep_images=profile.keep_images)
                 else:
                     cell = run_attack_cell(setting, profile, method, ratio, attack, rec, work)
-                cell["settings"] = cell_settings(profile, method, attack)
+                cell["settings"] = cell_settings(profile, method, attack, base)
                 atomic_write_json(cells_dir / f"{key}.json", cell)
                 cells[key] = cell
                 log.info("bench: %s done: %s", key, describe_cell(cell))

@@ -174,16 +174,17 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
     return data
 
 
-def config_from(ctx: typer.Context, path: Path | None, fields: Iterable[tuple[str, str]], cls: Any) -> Any:
-    """The configuration a command runs with: `cls`'s defaults, then the --config file's fields, then the
-    options given on the command line.
+def config_from(ctx: typer.Context, path: Path | None, fields: Iterable[tuple[str, str]], cls: Any,
+                base: Any = None) -> Any:
+    """The configuration a command runs with: `cls`'s defaults (or `base`, a `cls` instance such as a named
+    recipe), then the --config file's fields, then the options given on the command line.
 
     Merged as nested dicts before `cls` is built, so a file or an option that sets one field of a nested
     config (`{"user": {"batch_size": 2}}`, `--lr`) keeps the other fields at `cls`'s defaults rather than at
     the nested class's own. `fields` pairs an option's parameter name with the field it sets
     ("user.learning_rate" when nested). An option left at its default does not override the file; its default
     equals `cls`'s (a test checks). An unknown field is an error naming the field and the file."""
-    data = merge_nested(cls().to_dict(), read_config_file(path))
+    data = merge_nested((base if base is not None else cls()).to_dict(), read_config_file(path))
     for param, dotted in fields:
         source = ctx.get_parameter_source(param)
         if source is None or source.name == "DEFAULT":

