@@ -102,15 +102,16 @@ def frozen_shares(guard) -> str:  # type: ignore[no-untyped-def]
 
 
 def load_model_arg(model: str | Path):  # type: ignore[no-untyped-def]
-    """The model a command names: 'embedded' or a Stable-Diffusion-format directory."""
+    """The model a command names: a shipped base ('embedded', 'embedded-style') or a Stable-Diffusion-format
+    directory."""
     _offline()
     from ..errors import FreezeAsGuardError
     from ..model import DiffusionModel
-    from ..zoo import EMBEDDED, load_base
+    from ..zoo import BASES, load_base
 
     try:
-        if str(model) == EMBEDDED:
-            return load_base()
+        if str(model) in BASES:
+            return load_base(str(model))
         return DiffusionModel.from_pretrained(Path(model))
     except FreezeAsGuardError as exc:
         raise _fail(exc) from exc

@@ -122,8 +122,8 @@ RATIO_BY = RATIO_UNITS
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m",
-    help="'embedded' (the shipped tiny default) or a Stable-Diffusion-format model directory "
-         "(model_index.json, unet/, ...).")]
+    help="'embedded' (the shipped tiny default), 'embedded-style' (the shipped base that knows the OpenMoji "
+         "style) or a Stable-Diffusion-format model directory (model_index.json, unet/, ...).")]
 GuardOpt = Annotated[Path, typer.Option(
     "--guard", "-g", help="Guard JSON file (guard.json, as written by `learn` or `guard`).", dir_okay=False)]
 MaybeGuardOpt = Annotated[Path | None, typer.Option(

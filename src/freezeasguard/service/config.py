@@ -25,7 +25,7 @@ class ServiceConfig:
     within the limits below; the model, the guard and the LoRA targets are the publisher's.
     """
 
-    model: str = "embedded"  # 'embedded' or a Stable-Diffusion-format directory
+    model: str = "embedded"  # a shipped base ('embedded', 'embedded-style') or a Stable-Diffusion-format directory
     guard: str = ""  # the guard JSON every job runs under (required)
     data_dir: str = "service-data"  # uploads, job folders, artefacts, the SQLite database
     database: str = ""  # any SQLAlchemy URL; empty: SQLite (WAL) at <data_dir>/service.db

@@ -72,9 +72,9 @@ def processes_for(batch_size: int, wanted: int) -> int:
 
 def load_base_model(model: str):  # type: ignore[no-untyped-def]
     from ..model import DiffusionModel
-    from ..zoo import EMBEDDED, load_base
+    from ..zoo import BASES, load_base
 
-    return load_base() if model == EMBEDDED else DiffusionModel.from_pretrained(Path(model))
+    return load_base(model) if model in BASES else DiffusionModel.from_pretrained(Path(model))
 
 
 def check_release(cfg: ServiceConfig) -> Any:
