@@ -68,7 +68,7 @@ def test_a_scenario_on_another_base_names_it_in_its_caches_and_cells():
     from freezeasguard.bench.relearn import recipe_of
 
     assert zoo.base_for_scenario("figures") == zoo.EMBEDDED == zoo.base_for_scenario("artstyle", "scratch")
-    assert zoo.base_for_scenario("artstyle") == zoo.EMBEDDED_STYLE
+    assert set(zoo.SCENARIO_BASES.values()) <= set(zoo.BASES)
     cfg, profile = RelearnConfig(), _profile()
     style = {"name": zoo.EMBEDDED_STYLE, "unet": "ab" * 32}
     # the default base is not named, so every cache and cell recorded before there were two bases stays valid
@@ -81,6 +81,9 @@ def test_a_scenario_on_another_base_names_it_in_its_caches_and_cells():
     assert cell_settings(profile, "random", base=style)["base"] == style
     with pytest.raises(Exception, match="unknown embedded base 'embedded-xl'"):
         zoo.base_root("embedded-xl")
+    if not (zoo.base_root(zoo.EMBEDDED_STYLE) / "manifest.json").exists():
+        with pytest.raises(Exception, match="zoo pretrain --recipe embedded-style --ship"):
+            zoo.load_base(zoo.EMBEDDED_STYLE)
 
 
 def test_scenario_names_and_cells_parse():
