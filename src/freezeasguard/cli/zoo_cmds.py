@@ -71,18 +71,19 @@ def ship_cmd(
 
 @zoo_app.command("check")
 def check(
-    base: Annotated[str, typer.Option(help="The shipped base to check (embedded, embedded-style).")] = "embedded",
+    base: Annotated[str, typer.Argument(help="The shipped base to check (embedded, embedded-style).")] = "embedded",
     debug: DebugOpt = False,
 ) -> None:
     """Verify the shipped files against the hashes in their manifest: exit 0 when all match, 1 otherwise."""
     from ..errors import ModelError
-    from ..zoo import base_root, check_files
+    from ..zoo import base_dir, base_root, check_files
 
     try:
+        base_dir(base)  # shipped at all?
         root = base_root(base)
         bad = check_files(root)
     except ModelError as e:
-        raise typer.BadParameter(str(e), param_hint="--base") from e
+        raise typer.BadParameter(str(e), param_hint="BASE") from e
     if bad:
         typer.echo(f"{len(bad)} shipped file(s) differ from the manifest: {bad}")
         raise typer.Exit(code=1)
