@@ -114,7 +114,9 @@ def plot_battery(battery: dict[str, Any], path: Path) -> None:
                 ax.text(x, 0.01, "v", ha="center", fontsize=6, color="grey")
             elif r["mitigation"] is not None:
                 ax.bar(x, r["mitigation"], width, color=cmap(j % 20), label=attack if i == 0 else None)
-    ax.axhline(GOALS.mitigation, color="green", lw=0.8, ls="--", label=f"goal ({GOALS.mitigation:.0%})")
+    ax.axhline(GOALS.mitigation, color="green", lw=0.8, ls="--", label=f"default-attacker goal ({GOALS.mitigation:.0%})")
+    ax.axhline(GOALS.worst_case_mitigation, color="green", lw=0.8, ls=":",
+               label=f"worst-case goal ({GOALS.worst_case_mitigation:.0%})")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xticks(range(len(methods)), [f"{sc}\n{_label(m, q)}" for sc, m, q in methods], fontsize=7)
     ax.set_ylabel("mitigation (vs full fine-tuning, same attack)")
