@@ -86,6 +86,18 @@ def test_a_scenario_on_another_base_names_it_in_its_caches_and_cells():
             zoo.load_base(zoo.EMBEDDED_STYLE)
 
 
+def test_every_builtin_profile_validates_and_round_trips_as_json():
+    from freezeasguard.bench.profiles import PROFILES, profile_json
+
+    for name, profile in PROFILES.items():
+        profile.validate()
+        assert BenchProfile.from_dict(json.loads(profile_json(profile))) == profile, name
+    # the style scenario's profile is the battery's, moved to that scenario and nothing else
+    art, fig = PROFILES["artstyle"].to_dict(), PROFILES["attacks"].to_dict()
+    assert art.pop("scenarios") == ["artstyle"] and fig.pop("scenarios") == ["figures"]
+    assert {k: v for k, v in art.items() if k != "name"} == {k: v for k, v in fig.items() if k != "name"}
+
+
 def test_scenario_names_and_cells_parse():
     assert scenario_form("figures") == ("figures", "relearn")
     assert scenario_form("artstyle-scratch") == ("artstyle", "scratch")

@@ -156,3 +156,27 @@ def test_shipped_recogniser_record_is_reproduced_on_the_whole_held_out_set():
     assert acc["identity"] == pytest.approx(recorded["identity"], abs=1e-6)
     assert acc["style"] == pytest.approx(recorded["style"], abs=1e-6)
     assert acc["identity"] >= RECOGNISER_GOAL and acc["style"] >= RECOGNISER_GOAL
+
+
+style_shipped = pytest.mark.skipif(not (zoo.base_root(zoo.EMBEDDED_STYLE) / "manifest.json").exists(),
+                                   reason="the style base is not shipped")
+
+
+@style_shipped
+def test_shipped_style_base_is_intact_loads_offline_and_judges_with_the_default_recogniser():
+    root = zoo.base_root(zoo.EMBEDDED_STYLE)
+    assert zoo.check_files(root) == []
+    man = zoo.manifest(root)
+    assert man["shares_codec_with"] == zoo.EMBEDDED and not (root / "recogniser").exists()
+    style, default = zoo.load_base(zoo.EMBEDDED_STYLE), zoo.load_base()
+    for name, tensor in default.vae.state_dict().items():  # one codec, so one recogniser judges both
+        assert torch.equal(tensor, style.vae.state_dict()[name]), name
+    assert sum(p.numel() for p in style.unet.parameters()) > 3 * sum(p.numel() for p in default.unet.parameters())
+    mine, theirs = zoo.load_recogniser(zoo.EMBEDDED_STYLE), zoo.load_recogniser()
+    assert mine.config == theirs.config
+    for name, tensor in theirs.state_dict().items():
+        assert torch.equal(tensor, mine.state_dict()[name]), name
+    # the recipe's own record: the base knows the style on concepts it never saw in it (the artstyle reserve)
+    checks = man["record"]["stages"]["evaluate"]
+    assert checks["style_on_reserve"]["rate"] >= 0.8 and checks["style_twemoji_on_reserve"]["rate"] <= 0.2, checks
+    assert zoo.base_identity(zoo.EMBEDDED_STYLE)["unet"] == man["files"]["base/unet/diffusion_pytorch_model.safetensors"]

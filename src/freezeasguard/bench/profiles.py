@@ -190,6 +190,9 @@ PROFILES = {
                             curve_steps=[25, 50, 100, 200, 400], legal_curve_steps=[200, 400],
                             options=default_options(), attacks=list(_battery())),
 }
+# artstyle: the same methods and battery on the style scenario, which starts from the wider `embedded-style`
+# base (zoo.SCENARIO_BASES). Each setting's validity cells run first, so a void seed costs only those.
+PROFILES["artstyle"] = replace(PROFILES["attacks"], name="artstyle", scenarios=["artstyle"])
 
 # Names the protections had before the composite grammar (`A+B`, left to right): results files written then
 # are read under today's names.

@@ -66,10 +66,15 @@ def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = Non
 def scenario_base(name: str) -> dict[str, str] | None:
     """The shipped base a scenario's cells start from where it is not the default (None for the default, so
     that every cell recorded before there were two bases keeps its settings)."""
+    return _base_of(name)[1]
+
+
+def _base_of(name: str) -> tuple[str, dict[str, str] | None]:
+    """A scenario's shipped base: its name, and its identity as `scenario_base` gives it."""
     from .. import zoo
 
     base = zoo.base_for_scenario(*scenario_form(name))
-    return None if base == zoo.EMBEDDED else zoo.base_identity(base)
+    return base, None if base == zoo.EMBEDDED else zoo.base_identity(base)
 
 
 def _planned_keys(profile: BenchProfile, name: str, seed: int) -> dict[str, tuple[str, float | None, bool, str]]:
@@ -162,7 +167,7 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
     for seed in profile.seeds:
         for name in profile.scenarios:
             keys = _planned_keys(profile, name, seed)
-            base = None if model_loader is not None else scenario_base(name)
+            zoo_base, base = _base_of(name) if model_loader is None else (None, None)
             cached = {k: load_cell(cells_dir / f"{k}.json", cell_settings(profile, keys[k][0], keys[k][3], base))
                       for k in keys if (cells_dir / f"{k}.json").exists()}
             cells.update(cached)
@@ -181,7 +186,7 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
             if model_loader is not None:
                 setting = prepare_setting(name, seed, profile, out, model_loader)
             else:
-                loader = functools.partial(zoo.load_base, zoo.base_for_scenario(*scenario_form(name)))
+                loader = functools.partial(zoo.load_base, zoo_base)
                 setting = prepare_setting(name, seed, profile, out, loader, base)
             # the validity cells first (base, full fine-tuning), so a void setting is known before the rest
             # then the battery attack by attack (each attack's rows complete before the next starts), full

@@ -14,7 +14,7 @@ from .options import DebugOpt, OutOpt, OverwriteOpt
 @app.command()
 def bench(
     out: OutOpt = Path("runs/bench"),
-    profile: Annotated[str, typer.Option(help="quick, full or attacks (the battery; see docs/benchmark.md): the starting point that the options below change.")] = "quick",
+    profile: Annotated[str, typer.Option(help="quick, full, attacks (the battery on figures) or artstyle (the same on the style scenario); see docs/benchmark.md: the starting point that the options below change.")] = "quick",
     config: Annotated[Path | None, typer.Option("--config", help="A profile as JSON (every field of BenchProfile; see --print-config), checked in full before any work; replaces --profile.", exists=True, dir_okay=False)] = None,
     scenario: Annotated[list[str] | None, typer.Option(help="Replace the profile's scenarios (repeat): figures, artstyle, figures-scratch, artstyle-scratch.")] = None,
     method: Annotated[list[str] | None, typer.Option(help="Replace the profile's protections (repeat): NAME, A+B (composed left to right) or NAME@RATIO.")] = None,
