@@ -77,6 +77,16 @@ def test_a_style_recipe_shares_the_default_codec_and_pretrains_on_the_style_outs
         run(tmp_path / "other", ZooRecipe(**{**TINY, "shares_codec_with": "embedded"}))
 
 
+def test_the_card_prices_a_resumed_pretraining_by_its_step_time_not_its_last_sitting():
+    from freezeasguard.zoo.ship import _unet_wall
+
+    resumed = {"wall_seconds": 1980, "steps": 4000, "step_time_s": 0.72, "resumed_from": 1250, "threads": 2}
+    assert _unet_wall(resumed) == ("33.0 min for steps 1250-4000 (resumed, 2 threads); 0.72 s a step, "
+                                   "about 48 min for all 4000 at that rate")
+    assert _unet_wall({**resumed, "resumed_from": 0, "threads": 1}) == "33.0 min (1 thread)"
+    assert _unet_wall({"wall_seconds": 1980, "steps": 4000, "step_time_s": 0.5}) == "33.0 min"  # older records
+
+
 def test_every_caption_word_is_one_token_and_nothing_is_truncated():
     from freezeasguard.tiny import train_bpe
 

@@ -223,7 +223,9 @@ def stage_unet(model: DiffusionModel, recipe: ZooRecipe, work: Path) -> dict[str
     return {"steps": recipe.unet_steps, "images": len(items), "concepts": len({it.concept for it in items}),
             "openmoji_images": sum(it.style == "openmoji" for it in items),
             "final_loss": result.losses[-1] if result.losses else None,
-            "step_time_s": result.metrics["step_time_s"]["mean_after_warmup"]}
+            "step_time_s": result.metrics["step_time_s"]["mean_after_warmup"],
+            # a resumed stage's wall time is its last sitting's only: the card says so, with the thread count
+            "resumed_from": result.resumed_from, "threads": torch.get_num_threads()}
 
 
 def recogniser_items(recipe: ZooRecipe) -> tuple[list[emoji.Item], list[emoji.Item], list[str]]:

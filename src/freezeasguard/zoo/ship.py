@@ -25,6 +25,19 @@ def _wall(stage: dict[str, Any]) -> str:
     return f"{stage.get('wall_seconds', 0) / 60:.1f} min"
 
 
+def _unet_wall(unet: dict[str, Any]) -> str:
+    """The UNet stage's wall time; a resumed stage measured only its last sitting, so that is said, with the
+    mean step time that prices the whole stage (records made before resumes were noted give the time alone)."""
+    wall = f"{unet['wall_seconds'] / 60:.1f} min"
+    n = unet.get("threads")
+    threads = f", {n} thread{'s' if n != 1 else ''}" if n else ""
+    if not unet.get("resumed_from"):
+        return wall + (f" ({threads[2:]})" if threads else "")
+    step = unet["step_time_s"]
+    return (f"{wall} for steps {unet['resumed_from']}-{unet['steps']} (resumed{threads}); {step:.2f} s a step, "
+            f"about {step * unet['steps'] / 60:.0f} min for all {unet['steps']} at that rate")
+
+
 def model_card(record: dict[str, Any], files: dict[str, str], name: str = "embedded") -> str:
     st = record["stages"]
     r = record["recipe"]
@@ -75,7 +88,7 @@ def model_card(record: dict[str, Any], files: dict[str, str], name: str = "embed
         f"| VAE | {r['vae_steps']} | {r['vae_batch']} | {r['vae_lr']} | {_wall(st['vae'])} | "
         f"recon MSE {st['vae']['recon_mse']:.4f} (pixels in [-1, 1]); scaling factor {st['vae']['scaling_factor']:.4f} |",
         f"| UNet + text encoder | {r['unet_steps']} | {r['unet_batch']} | {r['unet_lr']} (cosine, EMA {r['ema_decay']}) | "
-        f"{st['unet']['wall_seconds'] / 60:.1f} min | final loss {st['unet']['final_loss']:.4f} |",
+        f"{_unet_wall(st['unet'])} | final loss {st['unet']['final_loss']:.4f} |",
         f"| recogniser | {r['rec_steps']} | {r['rec_batch']} | {r['rec_lr']} | {_wall(rec)} | "
         f"held-out identity {_fmt(held.get('identity'))}, style {_fmt(held.get('style'))} |",
         "",
