@@ -69,6 +69,7 @@ def test_a_scenario_on_another_base_names_it_in_its_caches_and_cells():
 
     assert zoo.base_for_scenario("figures") == zoo.EMBEDDED == zoo.base_for_scenario("artstyle", "scratch")
     assert set(zoo.SCENARIO_BASES.values()) <= set(zoo.BASES)
+    assert zoo.base_for_scenario("artstyle") == zoo.EMBEDDED_STYLE
     cfg, profile = RelearnConfig(), _profile()
     style = {"name": zoo.EMBEDDED_STYLE, "unet": "ab" * 32}
     # the default base is not named, so every cache and cell recorded before there were two bases stays valid
