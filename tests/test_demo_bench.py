@@ -77,6 +77,11 @@ def test_a_scenario_on_another_base_names_it_in_its_caches_and_cells():
     assert "base" not in recipe_of("figures", 0, cfg) and "artstyle_reserve" not in recipe_of("figures", 0, cfg)
     assert recipe_of("artstyle", 0, cfg, style)["base"] == style
     assert recipe_of("artstyle", 0, cfg)["artstyle_reserve"] == emoji.ARTSTYLE_RESERVE_SHARE
+    assert recipe_of("artstyle", 0, cfg)["artstyle_concepts"] == emoji.ARTSTYLE_CONCEPTS_PER_SIDE
+    # a cell made under another artstyle split is not this one's
+    split = emoji.split_identity("artstyle")
+    assert emoji.split_identity("figures") is None
+    assert cell_settings(profile, "random", split=split)["split"] == split != {**split, "artstyle_concepts": 64}
     assert cell_settings(profile, "random") == {k: v for k, v in cell_settings(profile, "random", base=style).items()
                                                 if k != "base"}
     assert cell_settings(profile, "random", base=style)["base"] == style

@@ -155,6 +155,14 @@ def test_artstyle_users_draw_from_a_reserve_that_style_pretraining_never_sees():
         assert not _keys(art.items("illegal", "user")) & _keys(pretraining)
 
 
+def test_stratified_quota_spreads_evenly_and_gives_a_small_category_s_share_to_the_rest():
+    assert E.stratified_quota({"a": 9, "b": 9, "c": 9}, 7) == {"a": 3, "b": 2, "c": 2}
+    assert E.stratified_quota({"a": 1, "b": 9, "c": 9}, 9) == {"a": 1, "b": 4, "c": 4}
+    assert E.stratified_quota({"a": 0, "b": 3}, 3) == {"a": 0, "b": 3}
+    with pytest.raises(ValueError, match="4 concepts asked of categories holding 3"):
+        E.stratified_quota({"a": 1, "b": 2}, 4)
+
+
 def test_eval_prompts_manifest_and_labels():
     s = E.scenario("figures", 0)
     for domain in E.DOMAINS:

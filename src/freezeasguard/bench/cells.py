@@ -113,12 +113,13 @@ PUBLISHER_SETTINGS = ("publisher_legal_far_repeat",)
 
 
 def cell_settings(profile: BenchProfile, method: str | None = None, attack: str = "default",
-                  base: dict[str, str] | None = None) -> dict[str, Any]:
+                  base: dict[str, str] | None = None, split: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a cached cell depends on besides its key: a rerun with other settings must not reuse it. Every
     cell depends on the users, the evaluation and the release recipe; a protection's cell also on the config
     of each of its stages (`protection`), so a new learner config reruns the guard's cells and reuses the
     baselines'; a cell of a scenario that starts from another shipped base than the default on that base
-    (`zoo.base_identity`). Without `method`: the settings every cell shares."""
+    (`zoo.base_identity`); a cell of a scenario whose split changed once, on its split (`emoji.split_identity`).
+    Without `method`: the settings every cell shares."""
     from ..protections import config_dict, configs_for
 
     d = json.loads(json.dumps(profile.to_dict()))  # as it will read back from a cell
@@ -132,6 +133,8 @@ def cell_settings(profile: BenchProfile, method: str | None = None, attack: str 
         out["attack"] = profile_attack(profile, attack).to_dict()
     if base is not None:
         out["base"] = dict(base)
+    if split is not None:
+        out["split"] = dict(split)
     return out
 
 

@@ -187,8 +187,10 @@ _BASE_EXCLUDED_SUBCATEGORIES = frozenset({
 })
 #: Tones that go to the publisher in the figures split (drawn by seed from the five modifiers).
 PUBLISHER_TONE_COUNT = 2
-#: artstyle: OpenMoji concepts per side (publisher, user), stratified over the base's categories.
-ARTSTYLE_CONCEPTS_PER_SIDE = 64
+#: artstyle: OpenMoji concepts per side (publisher, user), stratified over the base's categories. A style is
+#: copied from a body of work: with 64 images the default attacker overfits them and loses the style by its
+#: budget (67-70% at 400 steps after 82% at 50); with 192 it keeps 78% (docs/results.md, artstyle).
+ARTSTYLE_CONCEPTS_PER_SIDE = 192
 #: artstyle: share of every category's eligible concepts kept for the user side of every seed. No pre-training
 #: ever sees them in OpenMoji, so a base may know the style from pre-training (as a real base knows an artist)
 #: and every seed's user still has concepts it never saw in that style.
@@ -978,21 +980,36 @@ def style_pretraining_items() -> tuple[Item, ...]:
     return tuple(Item(it.record, "openmoji") for it in _base_items() if it.concept not in reserve)
 
 
+def stratified_quota(available: dict[str, int], total: int) -> dict[str, int]:
+    """`total` drawn as evenly as possible over the categories (in their order), none beyond what it holds: a
+    category too small for its share gives the rest to the others."""
+    if total > sum(available.values()):
+        raise ValueError(f"{total} concepts asked of categories holding {sum(available.values())}")
+    quota = dict.fromkeys(available, 0)
+    while sum(quota.values()) < total:
+        for c in available:
+            if quota[c] < available[c] and sum(quota.values()) < total:
+                quota[c] += 1
+    return quota
+
+
+def split_identity(scenario: str) -> dict[str, Any] | None:
+    """What a scenario's split depends on beyond its seed, where it ever changed (None for figures): recorded
+    with its relearn models and cells, so that none made under another split is reused."""
+    if scenario != "artstyle":
+        return None
+    return {"artstyle_reserve": ARTSTYLE_RESERVE_SHARE, "artstyle_concepts": ARTSTYLE_CONCEPTS_PER_SIDE}
+
+
 def _artstyle(seed: int) -> Scenario:
     pool = _artstyle_pool()
     reserve = artstyle_reserve()
     cats = list(pool)
-    quota = {c: ARTSTYLE_CONCEPTS_PER_SIDE // len(cats) for c in cats}
-    for c in cats[: ARTSTYLE_CONCEPTS_PER_SIDE % len(cats)]:
-        quota[c] += 1
-    pub_c: list[str] = []
-    user_c: list[str] = []
-    for c in cats:
-        users = _shuffled([x for x in pool[c] if x in reserve], seed, f"artstyle:{c}")
-        publishers = _shuffled([x for x in pool[c] if x not in reserve], seed, f"artstyle:{c}")
-        q = min(quota[c], len(users), len(publishers))
-        pub_c += publishers[:q]
-        user_c += users[:q]
+    users = {c: _shuffled([x for x in pool[c] if x in reserve], seed, f"artstyle:{c}") for c in cats}
+    publishers = {c: _shuffled([x for x in pool[c] if x not in reserve], seed, f"artstyle:{c}") for c in cats}
+    quota = stratified_quota({c: min(len(users[c]), len(publishers[c])) for c in cats}, ARTSTYLE_CONCEPTS_PER_SIDE)
+    pub_c = [x for c in cats for x in publishers[c][: quota[c]]]
+    user_c = [x for c in cats for x in users[c][: quota[c]]]
     by_concept = {r.concept: r for r in catalogue() if r.tone == "none" and r.gender is None and r.family is None}
     ill_pub = tuple(Item(by_concept[c], "openmoji") for c in sorted(pub_c))
     ill_user = tuple(Item(by_concept[c], "openmoji") for c in sorted(user_c))

@@ -109,10 +109,9 @@ def recipe_of(scenario: str, seed: int, config: RelearnConfig, base: dict[str, s
     recipe = {"scenario": scenario, "seed": seed, "config": config.to_dict(), "version": RECIPE_VERSION}
     if base is not None and base.get("name") != "embedded":
         recipe["base"] = dict(base)
-    if scenario == "artstyle":
-        from .emoji import ARTSTYLE_RESERVE_SHARE
+    from .emoji import split_identity
 
-        recipe["artstyle_reserve"] = ARTSTYLE_RESERVE_SHARE
+    recipe.update(split_identity(scenario) or {})
     return recipe
 
 

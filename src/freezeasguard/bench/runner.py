@@ -69,6 +69,13 @@ def scenario_base(name: str) -> dict[str, str] | None:
     return _base_of(name)[1]
 
 
+def _split(name: str) -> dict[str, object] | None:
+    """The scenario's split identity (`emoji.split_identity`), which its cells record."""
+    from .emoji import split_identity
+
+    return split_identity(scenario_form(name)[0])
+
+
 def _base_of(name: str) -> tuple[str, dict[str, str] | None]:
     """A scenario's shipped base: its name, and its identity as `scenario_base` gives it."""
     from .. import zoo
@@ -116,7 +123,7 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
                     if mine.exists() or not theirs.exists():
                         continue
                     try:
-                        cell = load_cell(theirs, cell_settings(profile, method, attack, scenario_base(name)))
+                        cell = load_cell(theirs, cell_settings(profile, method, attack, scenario_base(name), _split(name)))
                     except ValueError as e:
                         log.info("bench: not reusing %s: %s", key, e)
                         continue
@@ -142,7 +149,8 @@ def _reuse_recorded_cells(cells_dir: Path, profile: BenchProfile, results: Path)
                 if mine.exists() or key not in theirs:
                     continue
                 recorded = theirs[key].get("settings") or {}
-                if not recorded or settings_differ(recorded, cell_settings(profile, method, attack, scenario_base(name))):
+                if not recorded or settings_differ(recorded, cell_settings(profile, method, attack, scenario_base(name),
+                                                                    _split(name))):
                     log.info("bench: not reusing %s from %s: recorded with other settings", key, results)
                     continue
                 atomic_write_json(mine, theirs[key])
@@ -168,7 +176,8 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
         for name in profile.scenarios:
             keys = _planned_keys(profile, name, seed)
             zoo_base, base = _base_of(name) if model_loader is None else (None, None)
-            cached = {k: load_cell(cells_dir / f"{k}.json", cell_settings(profile, keys[k][0], keys[k][3], base))
+            split = _split(name)
+            cached = {k: load_cell(cells_dir / f"{k}.json", cell_settings(profile, keys[k][0], keys[k][3], base, split))
                       for k in keys if (cells_dir / f"{k}.json").exists()}
             cells.update(cached)
             done += len(cached)
@@ -211,7 +220,7 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
                                     keep_images=profile.keep_images)
                 else:
                     cell = run_attack_cell(setting, profile, method, ratio, attack, rec, work)
-                cell["settings"] = cell_settings(profile, method, attack, base)
+                cell["settings"] = cell_settings(profile, method, attack, base, split)
                 atomic_write_json(cells_dir / f"{key}.json", cell)
                 cells[key] = cell
                 log.info("bench: %s done: %s", key, describe_cell(cell))
