@@ -98,10 +98,15 @@ def test_every_builtin_profile_validates_and_round_trips_as_json():
     for name, profile in PROFILES.items():
         profile.validate()
         assert BenchProfile.from_dict(json.loads(profile_json(profile))) == profile, name
-    # the style scenario's profile is the battery's, moved to that scenario and nothing else
+    # the style scenario's profile is the battery's, moved to that scenario, with a curve for every method
     art, fig = PROFILES["artstyle"].to_dict(), PROFILES["attacks"].to_dict()
     assert art.pop("scenarios") == ["artstyle"] and fig.pop("scenarios") == ["figures"]
+    assert art.pop("curve_cells") == art["methods"] and set(fig.pop("curve_cells")) < set(fig["methods"])
     assert {k: v for k, v in art.items() if k != "name"} == {k: v for k, v in fig.items() if k != "name"}
+    # its default-attacker file is the same profile without the battery, so the cells of one serve the other
+    shipped = json.loads((Path(__file__).parents[1] / "docs" / "profiles" / "artstyle-default-attacker.json").read_text())
+    assert {k: v for k, v in shipped.items() if k not in ("name", "attacks")} == \
+        {k: v for k, v in PROFILES["artstyle"].to_dict().items() if k not in ("name", "attacks")}
 
 
 def test_scenario_names_and_cells_parse():

@@ -191,8 +191,10 @@ PROFILES = {
                             options=default_options(), attacks=list(_battery())),
 }
 # artstyle: the same methods and battery on the style scenario, which starts from the wider `embedded-style`
-# base (zoo.SCENARIO_BASES). Each setting's validity cells run first, so a void seed costs only those.
-PROFILES["artstyle"] = replace(PROFILES["attacks"], name="artstyle", scenarios=["artstyle"])
+# base (zoo.SCENARIO_BASES). Each setting's validity cells run first, so a void seed costs only those. Random
+# freezing and the guard get curves too: figures has theirs from the quick profile, artstyle only from this one.
+PROFILES["artstyle"] = replace(PROFILES["attacks"], name="artstyle", scenarios=["artstyle"],
+                              curve_cells=["none", "random@0.3", "guard@0.3", STRONGEST_RELEASE])
 
 # Names the protections had before the composite grammar (`A+B`, left to right): results files written then
 # are read under today's names.
