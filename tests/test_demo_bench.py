@@ -555,6 +555,19 @@ def test_cells_of_another_run_are_reused_only_under_the_same_settings(tmp_path):
     assert not (tmp_path / "e" / "relearn").exists()
     assert (json.loads((tmp_path / "e" / "cells" / "figures-seed0-base.json").read_text())
             == results["cells"]["figures-seed0-base"])
+    # a plan that wants a learning curve a cell was run without: the cell is not reused from anywhere, and
+    # the run that made it recomputes exactly that cell, now with its curve
+    curved = _profile(methods=["none", "freeze-time-embedding"], curve_cells=["none", "freeze-time-embedding"])
+    assert sorted(reuse_cells(tmp_path / "f", curved, [tmp_path / "a"])) == ["figures-seed0-base", "figures-seed0-none"]
+    assert sorted(reuse_cells(tmp_path / "g", curved, [tmp_path / "a" / "results.json"])) == \
+        ["figures-seed0-base", "figures-seed0-none"]
+    cells = tmp_path / "a" / "cells"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cells.iterdir()}
+    run_bench(tmp_path / "a", curved, model_loader=_loader(), recogniser=_recogniser())
+    now = {p.name: p.stat().st_mtime_ns for p in cells.iterdir()}
+    assert {k for k in now if now[k] != mtimes[k]} == {"figures-seed0-freeze-time-embedding.json"}
+    cell = json.loads((cells / "figures-seed0-freeze-time-embedding.json").read_text())
+    assert cell["curve"] and [p["step"] for p in cell["curves"]["illegal"]] == curved.curve_steps
 
 
 def test_a_report_over_several_runs_reads_former_names_and_computes_nothing(tmp_path):

@@ -91,6 +91,12 @@ def _planned_keys(profile: BenchProfile, name: str, seed: int) -> dict[str, tupl
     return {cell_key(name, seed, m, r, a): (m, r, c, a) for m, r, c, a in plan}
 
 
+def _serves(cell: dict[str, Any], curve: bool) -> bool:
+    """Whether a measured cell serves a plan: not when the plan asks for a learning curve that the cell was run
+    without (its settings match, as the curve adds points and changes none)."""
+    return bool(cell.get("curve")) or not curve
+
+
 def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tuple[str | Path, ...]) -> list[str]:
     """Copy into `out` the cells of `sources` (bench output directories) that this profile plans, that `out`
     lacks, and whose recorded settings are this profile's; returns their keys. A cell with other settings is
@@ -118,7 +124,7 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
                     if recorded == json.loads(json.dumps(wanted)):
                         shutil.copytree(src / cache, out / cache)
                         log.info("bench: reused the relearn models of %s seed %d from %s", base_name, seed, src)
-                for key, (method, _, _, attack) in _planned_keys(profile, name, seed).items():
+                for key, (method, _, curve, attack) in _planned_keys(profile, name, seed).items():
                     theirs, mine = src / "cells" / f"{key}.json", cells_dir / f"{key}.json"
                     if mine.exists() or not theirs.exists():
                         continue
@@ -126,6 +132,9 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
                         cell = load_cell(theirs, cell_settings(profile, method, attack, scenario_base(name), _split(name)))
                     except ValueError as e:
                         log.info("bench: not reusing %s: %s", key, e)
+                        continue
+                    if not _serves(cell, curve):
+                        log.info("bench: not reusing %s from %s: run without the learning curve asked for", key, src)
                         continue
                     if (src / "work" / key).is_dir() and not (out / "work" / key).exists():
                         shutil.copytree(src / "work" / key, out / "work" / key)
@@ -144,7 +153,7 @@ def _reuse_recorded_cells(cells_dir: Path, profile: BenchProfile, results: Path)
     copied = []
     for seed in profile.seeds:
         for name in profile.scenarios:
-            for key, (method, _, _, attack) in _planned_keys(profile, name, seed).items():
+            for key, (method, _, curve, attack) in _planned_keys(profile, name, seed).items():
                 mine = cells_dir / f"{key}.json"
                 if mine.exists() or key not in theirs:
                     continue
@@ -152,6 +161,9 @@ def _reuse_recorded_cells(cells_dir: Path, profile: BenchProfile, results: Path)
                 if not recorded or settings_differ(recorded, cell_settings(profile, method, attack, scenario_base(name),
                                                                     _split(name))):
                     log.info("bench: not reusing %s from %s: recorded with other settings", key, results)
+                    continue
+                if not _serves(theirs[key], curve):
+                    log.info("bench: not reusing %s from %s: run without the learning curve asked for", key, results)
                     continue
                 atomic_write_json(mine, theirs[key])
                 copied.append(key)
@@ -179,6 +191,11 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
             split = _split(name)
             cached = {k: load_cell(cells_dir / f"{k}.json", cell_settings(profile, keys[k][0], keys[k][3], base, split))
                       for k in keys if (cells_dir / f"{k}.json").exists()}
+            if not report_only:
+                for k in [k for k, cell in cached.items() if not _serves(cell, keys[k][2])]:
+                    log.info("bench: %s was run without the learning curve this profile asks for; recomputing its "
+                             "users (its release is kept)", k)
+                    del cached[k]
             cells.update(cached)
             done += len(cached)
             todo = [k for k in keys if k not in cached]
