@@ -91,6 +91,11 @@ def _planned_keys(profile: BenchProfile, name: str, seed: int) -> dict[str, tupl
     return {cell_key(name, seed, m, r, a): (m, r, c, a) for m, r, c, a in plan}
 
 
+def _shipped_settings(profile: BenchProfile, name: str, method: str, attack: str) -> dict[str, Any]:
+    """The settings of a cell of scenario `name` made on the shipped bases (what another run's cells must match)."""
+    return cell_settings(profile, method, attack, scenario_base(name), _split(name))
+
+
 def _serves(cell: dict[str, Any], curve: bool) -> bool:
     """Whether a measured cell serves a plan: not when the plan asks for a learning curve that the cell was run
     without (its settings match, as the curve adds points and changes none)."""
@@ -129,7 +134,7 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
                     if mine.exists() or not theirs.exists():
                         continue
                     try:
-                        cell = load_cell(theirs, cell_settings(profile, method, attack, scenario_base(name), _split(name)))
+                        cell = load_cell(theirs, _shipped_settings(profile, name, method, attack))
                     except ValueError as e:
                         log.info("bench: not reusing %s: %s", key, e)
                         continue
@@ -158,8 +163,7 @@ def _reuse_recorded_cells(cells_dir: Path, profile: BenchProfile, results: Path)
                 if mine.exists() or key not in theirs:
                     continue
                 recorded = theirs[key].get("settings") or {}
-                if not recorded or settings_differ(recorded, cell_settings(profile, method, attack, scenario_base(name),
-                                                                    _split(name))):
+                if not recorded or settings_differ(recorded, _shipped_settings(profile, name, method, attack)):
                     log.info("bench: not reusing %s from %s: recorded with other settings", key, results)
                     continue
                 if not _serves(theirs[key], curve):
