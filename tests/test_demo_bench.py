@@ -109,6 +109,13 @@ def test_every_builtin_profile_validates_and_round_trips_as_json():
         {k: v for k, v in PROFILES["artstyle"].to_dict().items() if k not in ("name", "attacks")}
 
 
+def test_every_shipped_profile_file_loads():
+    files = sorted((Path(__file__).parents[1] / "docs" / "profiles").glob("*.json"))
+    assert len(files) >= 5
+    for path in files:
+        assert BenchProfile.load(path).name == path.stem, path
+
+
 def test_scenario_names_and_cells_parse():
     assert scenario_form("figures") == ("figures", "relearn")
     assert scenario_form("artstyle-scratch") == ("artstyle", "scratch")
