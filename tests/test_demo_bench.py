@@ -360,6 +360,19 @@ def test_bench_relearn_grid_runs_caches_and_reports(tmp_path):
     comp = data["figures-seed0-freeze-time-embedding"]["guard"]
     assert comp["frozen_tensors"] > 0 and comp["ratio_by_params"] < 0.5
     assert (tmp_path / "work" / "figures-seed0-guard-r0.3" / "samples-illegal.safetensors").is_file()
+    # the sample grids: one per domain, a row per default-attacker cell (the base cell has none), full
+    # fine-tuning first; each row the images the cell kept
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == [f"samples-figures-seed0-{d}.png" for d in ("illegal", "legal_far", "legal_near")]
+    kept = load_file(str(tmp_path / "work" / "figures-seed0-none" / "samples-illegal.safetensors"))["images"]
+    side = kept.shape[-1]
+    with Image.open(tmp_path / "samples" / "samples-figures-seed0-illegal.png") as img:
+        assert img.height == 3 * (4 * (side + 1) + 1)  # 4 cells, 1-pixel borders, scale 3
+        assert img.width == 110 + 3 * (len(kept) * (side + 1) + 1)
+    assert "(samples/samples-figures-seed0-illegal.png)" in (tmp_path / "results.md").read_text()
     # with rates that pass the checks, the derived figures follow docs/benchmark.md's formulas, rate and prob
     models = data["figures-seed0-base"]["models"]
     for which, d, r in (("taught", "base_families", 0.9), ("taught", "illegal", 0.9), ("release", "illegal", 0.1),

@@ -46,6 +46,42 @@ def _cell_label(row: dict[str, Any]) -> str:
     return name + ("" if row["ratio"] is None else f"@{row['ratio']:g}")
 
 
+SAMPLE_DOMAINS = ("illegal", "legal_near", "legal_far")
+
+
+def plot_samples(cells: dict[str, Any], folders: dict[str, Path], out: Path, *, columns: int = 8) -> list[str]:
+    """A PNG per setting and domain, `samples-<scenario>-seed<N>-<domain>.png`, a row per default-attacker cell
+    (full fine-tuning first): the first images each cell kept of its evaluation at the user's budget
+    (`keep_images`, in `folders[key]`, the cell's work folder). Returns the files written; a cell that kept
+    none has no row."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..utils.images import save_grid
+
+    settings: dict[tuple[str, int], list[tuple[str, dict[str, Any]]]] = {}
+    for key, cell in cells.items():
+        if cell.get("method") != "base" and cell.get("attack", "default") == "default":
+            settings.setdefault((cell["scenario"], cell["seed"]), []).append((key, cell))
+    written = []
+    for (scenario, seed), members in sorted(settings.items()):
+        members.sort(key=lambda kc: (kc[1]["method"] != "none", kc[0]))
+        for domain in SAMPLE_DOMAINS:
+            rows, labels = [], []
+            for key, cell in members:
+                path = folders[key] / f"samples-{domain}.safetensors" if key in folders else None
+                if path is not None and path.is_file():
+                    rows.append(load_file(str(path))["images"][:columns])
+                    labels.append(_cell_label(cell))
+            if rows:
+                out.mkdir(parents=True, exist_ok=True)
+                width = min(len(r) for r in rows)
+                name = f"samples-{scenario}-seed{seed}-{domain}.png"
+                save_grid(torch.cat([r[:width] for r in rows]), out / name, nrow=width, scale=3, row_labels=labels)
+                written.append(name)
+    return written
+
+
 def plot_curves(summary: dict[str, Any], path: Path) -> None:
     """Recognition vs user steps for every curve cell (illegal user; legal users beside), one row per scenario."""
     scenarios = sorted({r["scenario"] for r in summary["curves"]}) or ["(no curve cells)"]

@@ -29,13 +29,13 @@ from .cells import (
     settings_differ,
 )
 from .profiles import FORMER_NAMES, BenchProfile, cell_key, planned_attack_cells, planned_cells, scenario_form
-from .report import markdown, plot_curves, plot_frontier
+from .report import markdown, plot_curves, plot_frontier, plot_samples
 from .summary import VALIDITY_METHODS, setting_is_void, summarise
 
 log = logging.getLogger(__name__)
 
 BENCH_PRODUCTS = ("cells", "work", "relearn", "results.json", "results.md", "frontier.png", "curves.png",
-                  "attacks.png", "worst-case.png")
+                  "attacks.png", "worst-case.png", "samples")
 
 
 def run_bench(out: str | Path, profile: BenchProfile, *, model_loader: Any = None, recogniser: Any = None,
@@ -248,19 +248,26 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
     summary = summarise(cells, profile)
     summary["missing_cells"] = missing_cells
     summary["skipped_void"] = skipped_void
-    write_report(out, profile, cells, summary, command)
+    write_report(out, profile, cells, summary, command, {k: out / "work" / k for k in cells})
     return summary
 
 
 def write_report(out: Path, profile: BenchProfile, cells: dict[str, Any], summary: dict[str, Any],
-                 command: str | None) -> None:
+                 command: str | None, folders: dict[str, Path] | None = None) -> None:
+    """results.json, results.md and the plots; with `folders` (cell key -> its work folder) also the sample
+    grids of the images the cells kept."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", {"profile": profile.to_dict(), "cells": cells, "summary": summary})
     plot_frontier(summary, out / "frontier.png")
     plot_curves(summary, out / "curves.png")
     plot_battery(summary["battery"], out / "attacks.png")
     plot_worst_case_frontier(summary, out / "worst-case.png")
-    atomic_write_text(out / "results.md", markdown(summary, cells, profile, command))
+    grids = plot_samples(cells, folders or {}, out / "samples")
+    text = markdown(summary, cells, profile, command)
+    if grids:
+        text += ("\n## Samples\n\nThe first images of each cell's evaluation at the user's budget, a row per "
+                 "cell (default attacker):\n\n" + "".join(f"![{g[:-4]}](samples/{g})\n" for g in grids))
+    atomic_write_text(out / "results.md", text)
 
 
 def read_cells(source: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -300,12 +307,14 @@ def report_runs(sources: list[str | Path], out: str | Path, *, profile: BenchPro
     otherwise). The profile of the report (its methods' order and text) is `profile`, else the first source's
     recorded one."""
     cells: dict[str, Any] = {}
+    folders: dict[str, Path] = {}
     first_profile = None
     for spec in sources:
         src, label = _source_and_label(spec)
         theirs, recorded = read_cells(src)
         first_profile = first_profile or recorded
         for key, cell in theirs.items():
+            folder = src / "work" / key
             if label and cell["method"] not in VALIDITY_METHODS:
                 cell = {**cell, "method": label, "ratio": cell.get("ratio")}
                 key = cell_key(cell["scenario"], cell["seed"], label, cell["ratio"], cell.get("attack", "default"))
@@ -313,6 +322,8 @@ def report_runs(sources: list[str | Path], out: str | Path, *, profile: BenchPro
                 raise ValueError(f"{src}: cell {key} differs from the one already read, with other settings; "
                                  "report these runs separately, or label the source (PATH=LABEL)")
             cells.setdefault(key, cell)
+            if src.is_dir() and folder.is_dir():
+                folders.setdefault(key, folder)
     if profile is None:
         if first_profile is None:
             raise ValueError("no source recorded its profile: pass one (--config)")
@@ -321,7 +332,7 @@ def report_runs(sources: list[str | Path], out: str | Path, *, profile: BenchPro
     profile = profile_with_methods(profile, methods)
     summary = summarise(cells, profile)
     summary["missing_cells"], summary["skipped_void"] = [], []
-    write_report(Path(out), profile, cells, summary, command)
+    write_report(Path(out), profile, cells, summary, command, folders)
     return summary
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,10 @@ def labelled(img: Image.Image, labels: list[str], *, width: int = 110) -> Image.
     draw = ImageDraw.Draw(out)
     step = img.height / max(len(labels), 1)
     for i, text in enumerate(labels):
-        draw.text((4, int(i * step + step / 2) - 5), text[:18], fill="black")
+        lines = textwrap.wrap(text.replace("+", "+ "), 18)[: max(1, int(step // 11))] or [""]
+        top = int(i * step + step / 2) - 6 * len(lines)
+        for j, line in enumerate(lines):
+            draw.text((4, top + 11 * j), line, fill="black")
     return out
 
 
