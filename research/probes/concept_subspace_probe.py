@@ -5,6 +5,7 @@ A research script, run from the repository root. usage: concept_subspace_probe.p
 (RELEASE_DIR: a bench run's relearn release, e.g. runs/attacks/relearn/figures-seed0/release).
 Figures seed 0: the rank-8 subspace holds 4% of the between-concept energy (0.7% of the illegal energy); the 8
 directions that hold 92% of it also hold 67% of the legal energy and 78% of the empty prompt's."""
+
 import sys
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from freezeasguard.bench import emoji
 from freezeasguard.model import DiffusionModel
 from freezeasguard.protections.immunise import illegal_text_subspace
+
 torch.set_num_threads(1)
 sc = emoji.scenario("figures", 0)
 m = DiffusionModel.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
@@ -33,15 +35,21 @@ for rank in (4, 8, 12, 16, 20):
     try:
         P, info = illegal_text_subspace(ei, el, rank, keep=e0)
     except ValueError as e:
-        print(rank, e); continue
+        print(rank, e)
+        continue
     P = P.double()
-    print(f"rank {rank}: between-concept energy in P {float((diff @ P).pow(2).sum() / total_between):.3f}; "
-          f"illegal share {info['illegal_energy_share']:.4f} legal share {info['legal_energy_share']:.4f}")
+    print(
+        f"rank {rank}: between-concept energy in P {float((diff @ P).pow(2).sum() / total_between):.3f}; "
+        f"illegal share {info['illegal_energy_share']:.4f} legal share {info['legal_energy_share']:.4f}"
+    )
 # the between-concept subspace itself (PCA of diff), and the legal energy it would hold
 _, s, vh = torch.linalg.svd(diff, full_matrices=False)
-el2 = el.reshape(-1, D).double(); ei2 = ei.reshape(-1, D).double()
+el2 = el.reshape(-1, D).double()
+ei2 = ei.reshape(-1, D).double()
 for r in (2, 4, 8, 12, 16):
     P = vh[:r].T @ vh[:r]
-    print(f"between-concept PCA rank {r}: between energy {float((diff @ P).pow(2).sum()/total_between):.3f}, "
-          f"legal share {float((el2@P).pow(2).sum()/el2.pow(2).sum()):.4f}, illegal share {float((ei2@P).pow(2).sum()/ei2.pow(2).sum()):.4f}, "
-          f"empty share {float((e0.reshape(-1,D).double()@P).pow(2).sum()/e0.double().pow(2).sum()):.5f}")
+    print(
+        f"between-concept PCA rank {r}: between energy {float((diff @ P).pow(2).sum() / total_between):.3f}, "
+        f"legal share {float((el2 @ P).pow(2).sum() / el2.pow(2).sum()):.4f}, illegal share {float((ei2 @ P).pow(2).sum() / ei2.pow(2).sum()):.4f}, "
+        f"empty share {float((e0.reshape(-1, D).double() @ P).pow(2).sum() / e0.double().pow(2).sum()):.5f}"
+    )
