@@ -101,7 +101,8 @@ def test_every_builtin_profile_validates_and_round_trips_as_json():
     # the style scenario's profile is the battery's, moved to that scenario, with a curve for every method
     art, fig = PROFILES["artstyle"].to_dict(), PROFILES["attacks"].to_dict()
     assert art.pop("scenarios") == ["artstyle"] and fig.pop("scenarios") == ["figures"]
-    assert art.pop("curve_cells") == art["methods"] and set(fig.pop("curve_cells")) < set(fig["methods"])
+    assert art.pop("curve_cells") == art["methods"]
+    fig.pop("curve_cells")
     assert {k: v for k, v in art.items() if k != "name"} == {k: v for k, v in fig.items() if k != "name"}
     # its default-attacker file is the same profile without the battery, so the cells of one serve the other
     shipped = json.loads((Path(__file__).parents[1] / "docs" / "profiles" / "artstyle-default-attacker.json").read_text())
@@ -109,9 +110,19 @@ def test_every_builtin_profile_validates_and_round_trips_as_json():
         {k: v for k, v in PROFILES["artstyle"].to_dict().items() if k not in ("name", "attacks")}
 
 
+def test_grid_row_labels_wrap_after_plus_and_say_when_cut():
+    from freezeasguard.utils.images import label_lines
+
+    assert label_lines("uce+guard", 3) == ["uce+guard"]
+    assert label_lines("guard+freeze-cross-attention+immunise@0.3", 9) == \
+        ["guard+freeze-", "cross-attention+", "immunise@0.3"]
+    cut = label_lines("guard+freeze-cross-attention+immunise@0.3", 2)
+    assert cut == ["guard+freeze-", "cross-attention+…"] and all(len(line) <= 18 for line in cut)
+
+
 def test_every_shipped_profile_file_loads():
     files = sorted((Path(__file__).parents[1] / "docs" / "profiles").glob("*.json"))
-    assert len(files) >= 5
+    assert {"artstyle-default-attacker.json", "attacks-best-release.json"} <= {p.name for p in files}
     for path in files:
         assert BenchProfile.load(path).name == path.stem, path
 
@@ -362,6 +373,7 @@ def test_bench_relearn_grid_runs_caches_and_reports(tmp_path):
     assert (tmp_path / "work" / "figures-seed0-guard-r0.3" / "samples-illegal.safetensors").is_file()
     # the sample grids: one per domain, a row per default-attacker cell (the base cell has none), full
     # fine-tuning first; each row the images the cell kept
+    import numpy as np
     from PIL import Image
     from safetensors.torch import load_file
 
@@ -372,6 +384,9 @@ def test_bench_relearn_grid_runs_caches_and_reports(tmp_path):
     with Image.open(tmp_path / "samples" / "samples-figures-seed0-illegal.png") as img:
         assert img.height == 3 * (4 * (side + 1) + 1)  # 4 cells, 1-pixel borders, scale 3
         assert img.width == 110 + 3 * (len(kept) * (side + 1) + 1)
+        # the top row is full fine-tuning's images, pixel for pixel (each pixel drawn 3x3 after the labels)
+        top = torch.from_numpy(np.array(img.convert("RGB")))[3 : 3 + 3 * side : 3, 113 : 113 + 3 * side : 3]
+    assert torch.equal(top.permute(2, 0, 1), (kept[0].clamp(0, 1) * 255 + 0.5).to(torch.uint8))
     assert "(samples/samples-figures-seed0-illegal.png)" in (tmp_path / "results.md").read_text()
     # with rates that pass the checks, the derived figures follow docs/benchmark.md's formulas, rate and prob
     models = data["figures-seed0-base"]["models"]
@@ -581,13 +596,22 @@ def test_cells_of_another_run_are_reused_only_under_the_same_settings(tmp_path):
     assert sorted(reuse_cells(tmp_path / "f", curved, [tmp_path / "a"])) == ["figures-seed0-base", "figures-seed0-none"]
     assert sorted(reuse_cells(tmp_path / "g", curved, [tmp_path / "a" / "results.json"])) == \
         ["figures-seed0-base", "figures-seed0-none"]
+    # ... but its release is copied, so the recompute there starts from it
+    assert (tmp_path / "f" / "work" / "figures-seed0-freeze-time-embedding" / "release").is_dir()
     cells = tmp_path / "a" / "cells"
-    mtimes = {p.name: p.stat().st_mtime_ns for p in cells.iterdir()}
+    curveless = json.loads((cells / "figures-seed0-freeze-time-embedding.json").read_text())
+    release = tmp_path / "a" / "work" / "figures-seed0-freeze-time-embedding" / "release" / "info.json"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cells.iterdir()} | {"release": release.stat().st_mtime_ns}
     run_bench(tmp_path / "a", curved, model_loader=_loader(), recogniser=_recogniser())
-    now = {p.name: p.stat().st_mtime_ns for p in cells.iterdir()}
+    now = {p.name: p.stat().st_mtime_ns for p in cells.iterdir()} | {"release": release.stat().st_mtime_ns}
     assert {k for k in now if now[k] != mtimes[k]} == {"figures-seed0-freeze-time-embedding.json"}
     cell = json.loads((cells / "figures-seed0-freeze-time-embedding.json").read_text())
     assert cell["curve"] and [p["step"] for p in cell["curves"]["illegal"]] == curved.curve_steps
+    # a run holding the curveless cell takes the curved one from a run that has it
+    (tmp_path / "h" / "cells").mkdir(parents=True)
+    (tmp_path / "h" / "cells" / "figures-seed0-freeze-time-embedding.json").write_text(json.dumps(curveless))
+    assert "figures-seed0-freeze-time-embedding" in reuse_cells(tmp_path / "h", curved, [tmp_path / "a"])
+    assert json.loads((tmp_path / "h" / "cells" / "figures-seed0-freeze-time-embedding.json").read_text()) == cell
 
 
 def test_a_report_over_several_runs_reads_former_names_and_computes_nothing(tmp_path):
@@ -619,6 +643,21 @@ def test_a_report_over_several_runs_reads_former_names_and_computes_nothing(tmp_
     cells = json.loads((tmp_path / "r3" / "results.json").read_text())["cells"]
     assert {"figures-seed0-variant", "figures-seed0-variant--lr-x5", "figures-seed0-freeze-time-embedding",
             "figures-seed0-none"} <= set(cells)
+    # the sample grids take each cell's images from its own run, under its label or its former name: a row each
+    from PIL import Image
+
+    with Image.open(tmp_path / "a" / "samples" / "samples-figures-seed0-illegal.png") as two:
+        row = (two.height - 3) // 2  # run a's grid: full fine-tuning and freeze-time-embedding
+    with Image.open(tmp_path / "r3" / "samples" / "samples-figures-seed0-illegal.png") as three:
+        assert three.height == 3 * row + 3
+    legacy = tmp_path / "legacy"
+    (legacy / "cells").mkdir(parents=True)
+    (legacy / "cells" / "figures-seed0-guard+xattn+immunise-r0.3.json").write_text(json.dumps(old))
+    shutil.copytree(tmp_path / "a" / "work" / "figures-seed0-freeze-time-embedding",
+                    legacy / "work" / "figures-seed0-guard+xattn+immunise-r0.3")
+    report_runs([tmp_path / "a", legacy], tmp_path / "r4")
+    with Image.open(tmp_path / "r4" / "samples" / "samples-figures-seed0-illegal.png") as img:
+        assert img.height == 3 * row + 3
 
 
 def test_the_battery_runs_every_attack_on_one_release_per_protection(tmp_path):

@@ -17,17 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..configs import RATIO_BY_DEFAULT
 from ..learn import LearnConfig
 from ..utils.files import atomic_write_json, atomic_write_text
-from ..utils.images import save_grid
 from .battery import recorded_battery, recorded_lines
 from .evaluate import SamplingConfig
 from .profiles import STRONGEST_RELEASE, BenchProfile, cell_key
 from .relearn import RelearnConfig
-from .report import plot_curves
+from .report import SAMPLE_DOMAINS, plot_curves, sample_grid
 from .runner import run_bench
 
 
@@ -124,22 +121,14 @@ def _derived(row: dict[str, Any] | None) -> dict[str, float | None]:
 def _grids(out: Path, cfg: DemoConfig, key: Any) -> dict[str, Any]:
     """Sample grids per domain, a row per model (full, guarded fine-tune): the first images each bench cell
     kept of its evaluation at the user's budget."""
-    from safetensors.torch import load_file
-
+    models = {"full": key("none"), "guarded": key("guard", cfg.ratio)}
     grids = {}
-    for domain in ("illegal", "legal_near", "legal_far"):
-        rows, names = [], []
-        for label, m in (("full", "none"), ("guarded", "guard")):
-            path = out / "work" / (key(m) if m == "none" else key(m, cfg.ratio)) / f"samples-{domain}.safetensors"
-            if path.exists():
-                rows.append(load_file(str(path))["images"][: cfg.grid_columns])
-                names.append(label)
-        if rows:
-            width = min(len(r) for r in rows)
-            name = f"grid-{domain}.png"
-            save_grid(torch.cat([r[:width] for r in rows]), out / "report" / name, nrow=width, scale=3,
-                      row_labels=[f"{n} fine-tune" for n in names])
-            grids[domain] = {"file": name, "rows": names}
+    for domain in SAMPLE_DOMAINS:
+        files = {label: out / "work" / cell / f"samples-{domain}.safetensors" for label, cell in models.items()}
+        name = f"grid-{domain}.png"
+        if sample_grid([(f"{label} fine-tune", f) for label, f in files.items()], out / "report" / name,
+                       columns=cfg.grid_columns):
+            grids[domain] = {"file": name, "rows": [label for label, f in files.items() if f.is_file()]}
     return grids
 
 

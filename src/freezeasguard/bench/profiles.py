@@ -156,14 +156,15 @@ STRONGEST_RELEASE = "freeze-cross-attention+immunise"
 
 PROFILES = {
     # quick: the figures relearn scenario sized for a 2-core CPU's 3 hours (each setting: the taught base and its
-    # release, then up to 12 cells of 400 illegal + 800 legal user steps). artstyle, valid only on its four-times
-    # wider base (11-17 min a cell at two threads), would add about 4 h: it runs in its own profile, `artstyle`. the frontier at 0.3 and 0.5 for the guard, random and
-    # importance freezing, two component baselines, all cross-attention released with immunised values
-    # (token-selective by default, ImmuniseConfig), and the learned set at 0.3 plus every cross-attention
-    # projection released that way; curves for full fine-tuning, random freezing, the guard at 0.3 and the
+    # release, then up to 12 cells of 400 illegal + 800 legal user steps): the frontier at 0.3 and 0.5 for the
+    # guard, random and importance freezing, two component baselines, all cross-attention released with
+    # immunised values (token-selective by default, ImmuniseConfig), and the learned set at 0.3 plus every
+    # cross-attention projection released that way; curves for full fine-tuning, random freezing, the guard at 0.3 and the
     # immunised releases. A void setting stops after its validity cells (skip_void). 200 samples per domain at
     # the budgets, as docs/benchmark.md asks. Legal users run 800 steps: on figures seed 0, full fine-tuning's
-    # legal-near rate was 79 / 90 / 94% at 400 / 800 / 1600 steps and legal-far 96 / 92 / 97%.
+    # legal-near rate was 79 / 90 / 94% at 400 / 800 / 1600 steps and legal-far 96 / 92 / 97%. artstyle is valid
+    # only on its four-times wider base (11-17 min a cell at two threads), where these cells would add about 4 h:
+    # it runs in its own profile, `artstyle`.
     "quick": BenchProfile("quick", ["figures"],
                           ["none", "random", "importance-ratio", "freeze-cross-attention", "freeze-resnets", "guard",
                            "freeze-cross-attention+immunise", "guard+freeze-cross-attention+immunise@0.3"],

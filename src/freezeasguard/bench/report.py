@@ -3,12 +3,15 @@ cell), frontier.png and curves.png."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..utils.plots import axes_grid, goal_panel
 from .goals import GOALS
 from .profiles import FORMS, BenchProfile
+
+log = logging.getLogger(__name__)
 
 
 def plot_frontier(summary: dict[str, Any], path: Path) -> None:
@@ -49,35 +52,53 @@ def _cell_label(row: dict[str, Any]) -> str:
 SAMPLE_DOMAINS = ("illegal", "legal_near", "legal_far")
 
 
-def plot_samples(cells: dict[str, Any], folders: dict[str, Path], out: Path, *, columns: int = 8) -> list[str]:
-    """A PNG per setting and domain, `samples-<scenario>-seed<N>-<domain>.png`, a row per default-attacker cell
-    (full fine-tuning first): the first images each cell kept of its evaluation at the user's budget
-    (`keep_images`, in `folders[key]`, the cell's work folder). Returns the files written; a cell that kept
-    none has no row."""
+def sample_grid(rows: list[tuple[str, Path]], path: Path, *, columns: int = 8) -> bool:
+    """A PNG of kept samples, a row per (label, samples file) that exists. A row that cannot be read, or whose
+    images differ in size from the first row's, is left out with a warning: a damaged file must not cost the
+    report it belongs to. Returns whether a grid was written."""
     import torch
     from safetensors.torch import load_file
 
     from ..utils.images import save_grid
 
+    images, labels = [], []
+    for label, file in rows:
+        if not file.is_file():
+            continue
+        try:
+            kept = load_file(str(file))["images"][:columns]
+        except Exception as e:  # noqa: BLE001 - any unreadable file: skip its row, say which
+            log.warning("sample grid %s: left out %s (%s)", path.name, file, e)
+            continue
+        if images and kept.shape[1:] != images[0].shape[1:]:
+            log.warning("sample grid %s: left out %s (images %s, not %s)", path.name, file,
+                        tuple(kept.shape[1:]), tuple(images[0].shape[1:]))
+            continue
+        images.append(kept)
+        labels.append(label)
+    if not images:
+        return False
+    width = min(len(r) for r in images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(torch.cat([r[:width] for r in images]), path, nrow=width, scale=3, row_labels=labels)
+    return True
+
+
+def plot_samples(cells: dict[str, Any], folders: dict[str, Path], out: Path, *, columns: int = 8) -> list[str]:
+    """A PNG per setting and domain, `samples-<scenario>-seed<N>-<domain>.png`, a row per default-attacker cell
+    (full fine-tuning first, then by cell key): the first images each cell kept of its evaluation at the
+    user's budget (`keep_images`, in `folders[key]`, the cell's work folder). Returns the files written."""
     settings: dict[tuple[str, int], list[tuple[str, dict[str, Any]]]] = {}
     for key, cell in cells.items():
-        if cell.get("method") != "base" and cell.get("attack", "default") == "default":
+        if cell.get("method") != "base" and cell.get("attack", "default") == "default" and key in folders:
             settings.setdefault((cell["scenario"], cell["seed"]), []).append((key, cell))
     written = []
     for (scenario, seed), members in sorted(settings.items()):
         members.sort(key=lambda kc: (kc[1]["method"] != "none", kc[0]))
         for domain in SAMPLE_DOMAINS:
-            rows, labels = [], []
-            for key, cell in members:
-                path = folders[key] / f"samples-{domain}.safetensors" if key in folders else None
-                if path is not None and path.is_file():
-                    rows.append(load_file(str(path))["images"][:columns])
-                    labels.append(_cell_label(cell))
-            if rows:
-                out.mkdir(parents=True, exist_ok=True)
-                width = min(len(r) for r in rows)
-                name = f"samples-{scenario}-seed{seed}-{domain}.png"
-                save_grid(torch.cat([r[:width] for r in rows]), out / name, nrow=width, scale=3, row_labels=labels)
+            name = f"samples-{scenario}-seed{seed}-{domain}.png"
+            rows = [(_cell_label(cell), folders[key] / f"samples-{domain}.safetensors") for key, cell in members]
+            if sample_grid(rows, out / name, columns=columns):
                 written.append(name)
     return written
 

@@ -131,18 +131,21 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
                         log.info("bench: reused the relearn models of %s seed %d from %s", base_name, seed, src)
                 for key, (method, _, curve, attack) in _planned_keys(profile, name, seed).items():
                     theirs, mine = src / "cells" / f"{key}.json", cells_dir / f"{key}.json"
-                    if mine.exists() or not theirs.exists():
+                    # a cell of ours that lacks the curve asked for is as good as absent
+                    if (mine.exists() and _serves(json.loads(mine.read_text()), curve)) or not theirs.exists():
                         continue
                     try:
                         cell = load_cell(theirs, _shipped_settings(profile, name, method, attack))
                     except ValueError as e:
                         log.info("bench: not reusing %s: %s", key, e)
                         continue
-                    if not _serves(cell, curve):
-                        log.info("bench: not reusing %s from %s: run without the learning curve asked for", key, src)
-                        continue
+                    # the release (work/) serves whatever the cell lacks: the recompute of a curve starts from it
                     if (src / "work" / key).is_dir() and not (out / "work" / key).exists():
                         shutil.copytree(src / "work" / key, out / "work" / key)
+                    if not _serves(cell, curve):
+                        log.info("bench: not reusing %s from %s: run without the learning curve asked for (its "
+                                 "release is)", key, src)
+                        continue
                     atomic_write_json(mine, cell)
                     copied.append(key)
                     log.info("bench: reused %s from %s", key, src)
@@ -198,7 +201,7 @@ def _run_bench(out: Path, profile: BenchProfile, *, model_loader: Any, recognise
             if not report_only:
                 for k in [k for k, cell in cached.items() if not _serves(cell, keys[k][2])]:
                     log.info("bench: %s was run without the learning curve this profile asks for; recomputing its "
-                             "users (its release is kept)", k)
+                             "users (from its release, where work/ kept it)", k)
                     del cached[k]
             cells.update(cached)
             done += len(cached)
@@ -314,16 +317,17 @@ def report_runs(sources: list[str | Path], out: str | Path, *, profile: BenchPro
         theirs, recorded = read_cells(src)
         first_profile = first_profile or recorded
         for key, cell in theirs.items():
-            folder = src / "work" / key
+            folder = _work_folder(src, key, cell)
             if label and cell["method"] not in VALIDITY_METHODS:
                 cell = {**cell, "method": label, "ratio": cell.get("ratio")}
                 key = cell_key(cell["scenario"], cell["seed"], label, cell["ratio"], cell.get("attack", "default"))
             if key in cells and cells[key].get("settings") != cell.get("settings"):
                 raise ValueError(f"{src}: cell {key} differs from the one already read, with other settings; "
                                  "report these runs separately, or label the source (PATH=LABEL)")
-            cells.setdefault(key, cell)
-            if src.is_dir() and folder.is_dir():
-                folders.setdefault(key, folder)
+            if key not in cells:  # the images of a cell come from the run its numbers come from
+                cells[key] = cell
+                if folder is not None:
+                    folders[key] = folder
     if profile is None:
         if first_profile is None:
             raise ValueError("no source recorded its profile: pass one (--config)")
@@ -334,6 +338,14 @@ def report_runs(sources: list[str | Path], out: str | Path, *, profile: BenchPro
     summary["missing_cells"], summary["skipped_void"] = [], []
     write_report(Path(out), profile, cells, summary, command, folders)
     return summary
+
+
+def _work_folder(src: Path, key: str, cell: dict[str, Any]) -> Path | None:
+    """The work folder of a source's cell (its release and kept images), if the source is a run directory that
+    has it; a run from before a protection was renamed keeps it under the former name."""
+    former = [cell_key(cell["scenario"], cell["seed"], old, cell.get("ratio"), cell.get("attack", "default"))
+              for old, new in FORMER_NAMES.items() if new == cell["method"]]
+    return next((src / "work" / k for k in [key, *former] if (src / "work" / k).is_dir()), None)
 
 
 def _source_and_label(spec: str | Path) -> tuple[Path, str | None]:

@@ -31,6 +31,15 @@ def grid_image(images: torch.Tensor, nrow: int, *, scale: int = 1, pad: int = 1)
     return img
 
 
+def label_lines(text: str, fits: int, width: int = 18) -> list[str]:
+    """`text` in lines of at most `width` characters, at most `fits` of them, a cut one ending in "…".
+    Composite protection names break after their "+" (the space added there only marks the break)."""
+    lines = [line.replace("+ ", "+") for line in textwrap.wrap(text.replace("+", "+ "), width)] or [""]
+    if len(lines) > fits:
+        lines = lines[: fits - 1] + [lines[fits - 1][: width - 1] + "…"]
+    return lines
+
+
 def labelled(img: Image.Image, labels: list[str], *, width: int = 110) -> Image.Image:
     """`img` with a white margin on the left naming each of its rows (equal-height rows, top to bottom), so a
     grid says what its rows are without the report beside it."""
@@ -40,8 +49,9 @@ def labelled(img: Image.Image, labels: list[str], *, width: int = 110) -> Image.
     out.paste(img, (width, 0))
     draw = ImageDraw.Draw(out)
     step = img.height / max(len(labels), 1)
+    fits = max(1, int(step // 11))  # lines of the default font a row has room for
     for i, text in enumerate(labels):
-        lines = textwrap.wrap(text.replace("+", "+ "), 18)[: max(1, int(step // 11))] or [""]
+        lines = label_lines(text, fits)
         top = int(i * step + step / 2) - 6 * len(lines)
         for j, line in enumerate(lines):
             draw.text((4, top + 11 * j), line, fill="black")
