@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..utils.images import label_lines
 from .evaluate import VALID_LEARNED
 from .goals import GOALS
 
@@ -118,10 +119,11 @@ def plot_battery(battery: dict[str, Any], path: Path) -> None:
     ax.axhline(GOALS.worst_case_mitigation, color="green", lw=0.8, ls=":",
                label=f"worst-case goal ({GOALS.worst_case_mitigation:.0%})")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_xticks(range(len(methods)), [f"{sc}\n{_label(m, q)}" for sc, m, q in methods], fontsize=7)
+    ax.set_xticks(range(len(methods)), ["\n".join([sc, *label_lines(_label(m, q), 3)]) for sc, m, q in methods],
+                  fontsize=7)
     ax.set_ylabel("mitigation (vs full fine-tuning, same attack)")
     ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1.0)
-    ax.set_title("Mitigation per attack ('v': void, full fine-tuning did not relearn)")
+    ax.set_title("Mitigation per attack\n('v': void, full fine-tuning did not relearn)", fontsize=10)
     ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
