@@ -102,6 +102,12 @@ def _serves(cell: dict[str, Any], curve: bool) -> bool:
     return bool(cell.get("curve")) or not curve
 
 
+def _holds(path: Path, curve: bool) -> bool:
+    """Whether a run already holds a cell that serves the plan (one lacking the curve asked for is as good as
+    absent: a source's curved cell may replace it)."""
+    return path.exists() and _serves(json.loads(path.read_text()), curve)
+
+
 def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tuple[str | Path, ...]) -> list[str]:
     """Copy into `out` the cells of `sources` (bench output directories) that this profile plans, that `out`
     lacks, and whose recorded settings are this profile's; returns their keys. A cell with other settings is
@@ -131,8 +137,7 @@ def reuse_cells(out: Path, profile: BenchProfile, sources: list[str | Path] | tu
                         log.info("bench: reused the relearn models of %s seed %d from %s", base_name, seed, src)
                 for key, (method, _, curve, attack) in _planned_keys(profile, name, seed).items():
                     theirs, mine = src / "cells" / f"{key}.json", cells_dir / f"{key}.json"
-                    # a cell of ours that lacks the curve asked for is as good as absent
-                    if (mine.exists() and _serves(json.loads(mine.read_text()), curve)) or not theirs.exists():
+                    if _holds(mine, curve) or not theirs.exists():
                         continue
                     try:
                         cell = load_cell(theirs, _shipped_settings(profile, name, method, attack))
@@ -163,7 +168,7 @@ def _reuse_recorded_cells(cells_dir: Path, profile: BenchProfile, results: Path)
         for name in profile.scenarios:
             for key, (method, _, curve, attack) in _planned_keys(profile, name, seed).items():
                 mine = cells_dir / f"{key}.json"
-                if mine.exists() or key not in theirs:
+                if _holds(mine, curve) or key not in theirs:
                     continue
                 recorded = theirs[key].get("settings") or {}
                 if not recorded or settings_differ(recorded, _shipped_settings(profile, name, method, attack)):
